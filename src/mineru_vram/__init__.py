@@ -1,0 +1,74 @@
+"""mineru-vram: GPU memory as a managed resource for MinerU.
+
+Importing this package touches no device, starts nothing and reads no
+environment variable; MinerU and torch are imported when a session opens.
+"""
+
+from ._documents import Document
+from ._exceptions import (
+    AdmissionTimeoutError,
+    BackendNotAvailableError,
+    ConfigurationError,
+    DocumentNotFoundError,
+    DocumentTooLargeError,
+    EmptyDocumentError,
+    EncryptedDocumentError,
+    EngineCrashedError,
+    EngineError,
+    EngineStartError,
+    EngineStateError,
+    InvalidDocumentError,
+    MineruVramError,
+    NotAPdfError,
+    OutOfMemoryError,
+    ParseError,
+    ParseTimeoutError,
+    SessionStateError,
+    TruncatedDocumentError,
+    VramLeakError,
+    WorkerCrashedError,
+    WorkerError,
+    WorkerStartError,
+)
+from ._probe import VramSnapshot, measure_context_floor, vram_snapshot
+from ._release import ReleaseReport
+from ._result import BatchItem, BatchResult, ParseResult
+from ._session import ModelSession, SessionState
+from ._version import __version__
+
+__all__ = [
+    "AdmissionTimeoutError",
+    "BackendNotAvailableError",
+    "BatchItem",
+    "BatchResult",
+    "ConfigurationError",
+    "Document",
+    "DocumentNotFoundError",
+    "DocumentTooLargeError",
+    "EmptyDocumentError",
+    "EncryptedDocumentError",
+    "EngineCrashedError",
+    "EngineError",
+    "EngineStartError",
+    "EngineStateError",
+    "InvalidDocumentError",
+    "MineruVramError",
+    "ModelSession",
+    "NotAPdfError",
+    "OutOfMemoryError",
+    "ParseError",
+    "ParseResult",
+    "ParseTimeoutError",
+    "ReleaseReport",
+    "SessionState",
+    "SessionStateError",
+    "TruncatedDocumentError",
+    "VramLeakError",
+    "VramSnapshot",
+    "WorkerCrashedError",
+    "WorkerError",
+    "WorkerStartError",
+    "__version__",
+    "measure_context_floor",
+    "vram_snapshot",
+]

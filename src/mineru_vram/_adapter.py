@@ -1,0 +1,401 @@
+"""Everything that touches MinerU's internals lives here.
+
+A MinerU upgrade should be a change to this module alone. What it relies on
+(checked against MinerU 4.0.12):
+
+* ``mineru.config.config``: the config object MinerU reads once at import; the
+  fields ``model.base_dir``, ``model.source`` and ``model.small_backend`` are read
+  again on every model load, so patching them on the object takes effect.
+* ``MINERU_HOME`` / ``MINERU_CONFIG``: read at import; pointed at a folder the
+  session owns so MinerU never reads or writes ``~/.mineru`` for us.
+* ``MINERU_DEVICE_MODE``: read by ``get_device()`` on every call.
+* The two process-wide model caches in ``mineru.model.runtime.hybrid``:
+  ``AtomModelSingleton._models`` and ``HybridLocalModelContextSingleton._models``.
+  MinerU never evicts from them; this module does, for the entries a session
+  created, tracked in an ownership registry so concurrent sessions sharing a
+  device share the models and user-created entries are never touched.
+* Class-level ``functools`` caches in transformers' PP-DocLayoutV2 that keep small
+  CUDA tensors alive (found by measurement, see MINERU_FACTS).
+* ``MinerUParser``'s private steps, called with bytes instead of a path so a parse
+  never writes the input to disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ._documents import Document
+from ._exceptions import ConfigurationError, OutOfMemoryError, ParseError
+from ._release import AliveTracker
+from ._result import ParseResult
+
+__all__ = [
+    "MINERU_TIERS",
+    "MineruRuntime",
+    "is_oom",
+    "mineru_version",
+]
+
+MINERU_TIERS = ("flash", "basic", "standard", "advanced")
+
+# Lazily loaded models that MinerU keeps on HybridLocalModelContext as cached properties.
+_LAZY_MODELS = ("mfr_model", "wireless_table_model", "wired_table_model", "table_cls_model", "table_orientation_cls_model")
+
+# Environment variables MinerU sets for itself while loading or parsing; restored with ours.
+_MINERU_SIDE_EFFECT_ENV = ("PYTORCH_ENABLE_MPS_FALLBACK", "TORCH_CUDNN_V8_API_DISABLED")
+
+
+def mineru_version() -> str | None:
+    """The installed MinerU version, read from package metadata (no import)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("mineru")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause chain) is a device out-of-memory error.
+
+    By type first (``torch.cuda.OutOfMemoryError``); the message test covers
+    libraries that re-raise OOM as a plain ``RuntimeError`` (onnxruntime, cuDNN).
+    """
+    torch = sys.modules.get("torch")
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OutOfMemoryError):
+            return True
+        if torch is not None and isinstance(cur, getattr(torch.cuda, "OutOfMemoryError", ())):
+            return True
+        text = str(cur)
+        if "CUDA out of memory" in text or "CUDNN_STATUS_ALLOC_FAILED" in text or "Failed to allocate memory" in text:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+# --- ownership of MinerU's cache entries, process-wide -------------------------------------
+
+_registry_lock = threading.RLock()
+# (cache name, key) -> ids of open runtimes that use the entry
+_owners: dict[tuple[str, Any], set[int]] = {}
+# device -> number of open runtimes patched onto it (MINERU_DEVICE_MODE is process-wide)
+_active_devices: dict[str, int] = {}
+
+
+def _caches() -> dict[str, dict[Any, Any]]:
+    from mineru.model.runtime.hybrid import AtomModelSingleton, HybridLocalModelContextSingleton
+
+    return {"atom": AtomModelSingleton._models, "context": HybridLocalModelContextSingleton._models}
+
+
+def _all_keys() -> set[tuple[str, Any]]:
+    if "mineru.model.runtime.hybrid" not in sys.modules:
+        return set()
+    return {(name, key) for name, cache in _caches().items() for key in list(cache)}
+
+
+def cache_summary() -> dict[str, list[str]]:
+    """What MinerU's model caches hold now, for probes and tests (no import if MinerU is not loaded)."""
+    if "mineru.model.runtime.hybrid" not in sys.modules:
+        return {"atom": [], "context": []}
+    return {name: [repr(k) for k in cache] for name, cache in _caches().items()}
+
+
+class MineruRuntime:
+    """MinerU set up for one session: environment, config, models, parse, release.
+
+    Args:
+        device: ``"cpu"`` or ``"cuda:N"``.
+        models_dir: MinerU's ``model.base_dir``; ``None`` keeps MinerU's configured one.
+        model_source: MinerU's ``model.source`` (``"local"`` when ``models_dir`` is given).
+        small_backend: MinerU's small-model backend (``"torch"`` runs the torch models on CPU too).
+    """
+
+    def __init__(
+        self,
+        *,
+        device: str,
+        models_dir: Path | None,
+        model_source: str | None = None,
+        small_backend: str = "torch",
+    ) -> None:
+        self.device = device
+        self.models_dir = models_dir
+        self.model_source = model_source or ("local" if models_dir is not None else None)
+        self.small_backend = small_backend
+        self._home: tempfile.TemporaryDirectory[str] | None = None
+        self._env_stack: contextlib.ExitStack | None = None
+        self._user_keys: set[tuple[str, Any]] = set()
+        self._id = id(self)
+        self._active = False
+
+    # -- environment -------------------------------------------------------------------------
+
+    def activate(self) -> None:
+        """Point MinerU at this runtime's home, config, models and device.
+
+        Raises:
+            ConfigurationError: another in-process session is active on a different
+                device (MinerU's device choice is process-wide).
+        """
+        with _registry_lock:
+            others = {d for d, n in _active_devices.items() if n > 0 and d != self.device}
+            if others:
+                raise ConfigurationError(
+                    f"an in-process session is already open on {sorted(others)[0]}; MinerU picks its device "
+                    f"process-wide, so a second in-process session on {self.device} cannot run beside it. "
+                    "Use isolation='process' for sessions on several devices in one process.",
+                    device=self.device,
+                )
+            _active_devices[self.device] = _active_devices.get(self.device, 0) + 1
+        stack = contextlib.ExitStack()
+        try:
+            self._home = tempfile.TemporaryDirectory(prefix="mineru-vram-home-")
+            stack.callback(self._home.cleanup)
+            home = Path(self._home.name)
+            config_file = home / "config.yaml"
+            config_file.write_text(self._config_yaml(), encoding="utf-8")
+            env = {
+                "MINERU_HOME": str(home),
+                "MINERU_CONFIG": str(config_file),
+                "MINERU_DEVICE_MODE": self.device,
+                "MINERU_MODEL_SMALL_BACKEND": self.small_backend,
+            }
+            if self.models_dir is not None:
+                env["MINERU_MODEL_BASE_DIR"] = str(self.models_dir)
+            if self.model_source is not None:
+                env["MINERU_MODEL_SOURCE"] = self.model_source
+            from ._config import patched_environ
+
+            stack.enter_context(patched_environ(env, also_restore=_MINERU_SIDE_EFFECT_ENV))
+            stack.enter_context(self._patched_config())
+        except BaseException:
+            stack.close()
+            self._release_device_slot()
+            raise
+        self._env_stack = stack
+        self._active = True
+        with _registry_lock:
+            keys = _all_keys()
+            self._user_keys = {k for k in keys if k not in _owners}
+            for k in keys - self._user_keys:
+                _owners[k].add(self._id)
+
+    def deactivate(self) -> None:
+        """Restore environment and config. Idempotent."""
+        if not self._active:
+            return
+        self._active = False
+        try:
+            if self._env_stack is not None:
+                self._env_stack.close()
+        finally:
+            self._env_stack = None
+            self._release_device_slot()
+
+    def _release_device_slot(self) -> None:
+        with _registry_lock:
+            n = _active_devices.get(self.device, 0) - 1
+            if n > 0:
+                _active_devices[self.device] = n
+            else:
+                _active_devices.pop(self.device, None)
+
+    def _config_yaml(self) -> str:
+        import json
+
+        model: dict[str, Any] = {"small_backend": self.small_backend}
+        if self.models_dir is not None:
+            model["base_dir"] = str(self.models_dir)
+        if self.model_source is not None:
+            model["source"] = self.model_source
+        # JSON is valid YAML, and needs no YAML writer here.
+        return json.dumps({"model": model})
+
+    @contextlib.contextmanager
+    def _patched_config(self) -> Iterator[None]:
+        import mineru.config as mconf  # first import reads the env set just before
+
+        cfg = mconf.config.model
+        saved = {"base_dir": cfg.base_dir, "source": cfg.source, "small_backend": cfg.small_backend}
+        try:
+            if self.models_dir is not None:
+                cfg.base_dir = str(self.models_dir)
+            if self.model_source is not None:
+                cfg.source = self.model_source
+            cfg.small_backend = self.small_backend  # type: ignore[assignment]
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(cfg, name, value)
+
+    # -- models --------------------------------------------------------------------------------
+
+    def load(self, *, tier: str, preload: str) -> None:
+        """Load the models ``tier`` needs now, instead of on the first document."""
+        if tier == "flash":
+            return
+        from mineru.model.runtime.hybrid import HybridLocalModelContextSingleton
+
+        ctx = HybridLocalModelContextSingleton().get_model()  # OCR + layout load here
+        if preload == "all":
+            for name in _LAZY_MODELS:
+                getattr(ctx, name)
+        self.claim_new()
+
+    def claim_new(self) -> None:
+        """Record cache entries that appeared since activation as (co-)owned by this runtime."""
+        with _registry_lock:
+            for k in _all_keys() - self._user_keys:
+                _owners.setdefault(k, set()).add(self._id)
+
+    def owned_keys(self) -> list[tuple[str, Any]]:
+        with _registry_lock:
+            return [k for k, ids in _owners.items() if self._id in ids]
+
+    def release_models(self, tracker: AliveTracker) -> int:
+        """Drop from MinerU's caches every entry no other open runtime uses.
+
+        Returns:
+            The number of model objects dropped; each is tracked by weak reference.
+        """
+        if "mineru.model.runtime.hybrid" not in sys.modules:
+            return 0
+        from mineru.model.runtime.hybrid import LOCAL_MODEL_INIT_LOCK
+
+        released = 0
+        caches = _caches()
+        with LOCAL_MODEL_INIT_LOCK, _registry_lock:
+            self.claim_new()
+            for k in self.owned_keys():
+                owners = _owners[k]
+                owners.discard(self._id)
+                if owners:
+                    continue
+                del _owners[k]
+                cache_name, key = k
+                obj = caches[cache_name].pop(key, None)
+                if obj is not None:
+                    tracker.track(f"{cache_name}:{key!r}", obj)
+                    released += 1
+                del obj
+        _clear_transformers_caches()
+        return released
+
+    # -- parse ---------------------------------------------------------------------------------
+
+    def parse(
+        self,
+        doc: Document,
+        *,
+        tier: str,
+        ocr_mode: str,
+        page_range: str,
+        backend: str,
+        keep_model_output: bool = False,
+        vlm_config: Any = None,
+    ) -> ParseResult:
+        """Run MinerU on a validated document and return plain data.
+
+        Raises:
+            OutOfMemoryError: the device ran out of memory.
+            ParseError: MinerU raised for any other reason.
+        """
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            mres = self._run_mineru(doc, tier=tier, ocr_mode=ocr_mode, page_range=page_range, vlm_config=vlm_config)
+            t1 = time.perf_counter()
+            result = _to_result(mres, doc, backend=backend, device=self.device, keep_model_output=keep_model_output)
+        except Exception as exc:
+            if is_oom(exc):
+                raise OutOfMemoryError(
+                    f"{doc.name}: the device {self.device} ran out of memory while parsing",
+                    document=doc.name,
+                    device=self.device,
+                ) from exc
+            raise ParseError(f"{doc.name}: MinerU failed: {type(exc).__name__}: {exc}", document=doc.name) from exc
+        finally:
+            self.claim_new()
+        t2 = time.perf_counter()
+        return _replace_timing(result, {"mineru": t1 - t0, "convert": t2 - t1})
+
+    def _run_mineru(self, doc: Document, *, tier: str, ocr_mode: str, page_range: str, vlm_config: Any) -> Any:
+        from mineru.integrations.docvortex import read_source_properties
+        from mineru.parser.mineru_parser import MinerUParser, _PreparedInput
+        from mineru.parser.page_range import normalize_page_range_input
+
+        parser = MinerUParser(tier=tier, parse_mode=ocr_mode, vlm_config=vlm_config)  # type: ignore[arg-type]
+        properties = read_source_properties(doc.data, "pdf", None)
+        data, retained, broken = parser._maybe_adjust_pdf_bytes(doc.data, "pdf", normalize_page_range_input(page_range))
+        prepared = _PreparedInput(
+            file_name=Path(doc.name).stem,
+            file_bytes=data,
+            file_suffix="pdf",
+            retained_page_indices=retained,
+            broken_page_indices=broken,
+            source_properties=properties,
+        )
+        middle_json, model_output = parser._run_analysis(prepared)
+        parser._insert_broken_pages(middle_json.pages, retained, broken)
+        return parser._build_result(middle_json, model_output)
+
+
+def _to_result(mres: Any, doc: Document, *, backend: str, device: str, keep_model_output: bool) -> ParseResult:
+    from docvortex.export import materialize_middle, validate_materialized_assets
+    from mineru.parser.base import ParseResult as MineruParseResult
+
+    middle, assets = materialize_middle(mres.middle_json)
+    validate_materialized_assets(middle, assets)
+    exported = MineruParseResult(middle_json=middle)
+    model_output = None
+    if keep_model_output and mres._model_output is not None:
+        model_output = mres._model_output.to_dict(skip_defaults=False)
+    return ParseResult(
+        document=doc.name,
+        markdown=exported.markdown(),
+        content_list=exported.structured_content(),
+        middle_json=exported.to_dict(),
+        images={str(k): bytes(v) for k, v in assets.items()},
+        page_count=len(middle.pages),
+        backend=backend,
+        device=device,
+        model_output=model_output,
+    )
+
+
+def _replace_timing(result: ParseResult, timings: dict[str, float]) -> ParseResult:
+    import dataclasses
+
+    return dataclasses.replace(result, timings={**result.timings, **timings})
+
+
+def _clear_transformers_caches() -> None:
+    """Clear class-level functools caches in transformers' PP-DocLayoutV2.
+
+    They memoise position embeddings and anchors as CUDA tensors, which keeps a
+    little device memory allocated after every model is gone. Clearing them only
+    costs a recomputation for any other live layout model.
+    """
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("transformers.models.pp_doclayout_v2") or module is None:
+            continue
+        for cls in list(vars(module).values()):
+            if not isinstance(cls, type):
+                continue
+            for attr in list(vars(cls).values()):
+                target = getattr(attr, "__func__", attr)
+                clear = getattr(target, "cache_clear", None)
+                if callable(clear):
+                    clear()

@@ -1,0 +1,149 @@
+"""Settings: backends, environment variables and scoped environment changes.
+
+Precedence is always argument > ``MINERU_VRAM_*`` environment variable > default,
+and environment variables are read late, in :func:`env_settings`, never at import.
+``trust_env=False`` ignores them (as httpx's ``trust_env``).
+
+Variables (see docs/configuration.md):
+
+=============================== ==================================================
+``MINERU_VRAM_DEVICE``          default device (``cpu``, ``cuda``, ``cuda:N``)
+``MINERU_VRAM_MODELS_DIR``      default ``models_dir``
+``MINERU_VRAM_ISOLATION``       default isolation (``none`` or ``process``)
+``MINERU_VRAM_STRICT``          ``1`` makes release raise on leaks
+``MINERU_VRAM_LEAK_TOLERANCE_MIB`` residual allowed by ``strict`` (default 32)
+``MINERU_VRAM_RUNTIME_DIR``     folder for the cross-process ledger and worker files
+=============================== ==================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._exceptions import BackendNotAvailableError, ConfigurationError
+
+__all__ = ["BACKENDS", "BackendSpec", "env_settings", "patched_environ", "resolve_backend"]
+
+ENV_PREFIX = "MINERU_VRAM_"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a backend name means.
+
+    Attributes:
+        name: the canonical name (``pipeline``, ``flash``, ``vlm``, ``hybrid``).
+        tier: the MinerU 4 tier that runs it.
+        engine: the VLM engine an alias implies (``sglang``, ``transformers``), if any.
+        needs_engine: whether parsing needs a VLM engine.
+    """
+
+    name: str
+    tier: str
+    engine: str | None = None
+    needs_engine: bool = False
+
+
+BACKENDS: Mapping[str, BackendSpec] = {
+    "pipeline": BackendSpec("pipeline", "basic"),
+    "basic": BackendSpec("pipeline", "basic"),
+    "flash": BackendSpec("flash", "flash"),
+    # MinerU 4's standard tier is layout + VLM; advanced is the VLM two-step with image analysis.
+    "hybrid": BackendSpec("hybrid", "standard", needs_engine=True),
+    "standard": BackendSpec("hybrid", "standard", needs_engine=True),
+    "vlm": BackendSpec("vlm", "advanced", needs_engine=True),
+    "advanced": BackendSpec("vlm", "advanced", needs_engine=True),
+    # MinerU 2.x names from older guides.
+    "vlm-transformers": BackendSpec("vlm", "advanced", engine="transformers", needs_engine=True),
+    "vlm-sglang-engine": BackendSpec("vlm", "advanced", engine="sglang", needs_engine=True),
+    "vlm-sglang-client": BackendSpec("vlm", "advanced", engine="sglang", needs_engine=True),
+    "vlm-http-client": BackendSpec("vlm", "advanced", engine="attach", needs_engine=True),
+}
+
+
+def resolve_backend(name: str, *, engine: Any = None) -> BackendSpec:
+    """Map a user's backend name (current or MinerU 2.x) to a :class:`BackendSpec`.
+
+    Raises:
+        ConfigurationError: an unknown name.
+        BackendNotAvailableError: a VLM backend without an ``engine=``.
+    """
+    key = str(name).strip().lower()
+    spec = BACKENDS.get(key)
+    if spec is None:
+        known = ", ".join(sorted(BACKENDS))
+        raise ConfigurationError(f"unknown backend {name!r}; known backends: {known}", backend=name)
+    if spec.needs_engine and engine is None:
+        hint = f" (the {spec.engine} engine)" if spec.engine else ""
+        raise BackendNotAvailableError(
+            f"backend {name!r} parses through a VLM engine{hint}: pass engine=ResidentEngine.get(...) "
+            "to ModelSession",
+            backend=name,
+        )
+    return spec
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigurationError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off", variable=name)
+
+
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r}: expected a number", variable=name) from None
+
+
+def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read the ``MINERU_VRAM_*`` variables that are set, parsed and checked.
+
+    Raises:
+        ConfigurationError: a variable with a value that cannot be used.
+    """
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key, field, parse in (
+        ("DEVICE", "device", None),
+        ("MODELS_DIR", "models_dir", None),
+        ("ISOLATION", "isolation", None),
+        ("STRICT", "strict", _parse_bool),
+        ("LEAK_TOLERANCE_MIB", "leak_tolerance_mib", _parse_float),
+        ("RUNTIME_DIR", "runtime_dir", None),
+    ):
+        name = ENV_PREFIX + key
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        out[field] = parse(name, raw) if parse is not None else raw
+    return out
+
+
+@contextlib.contextmanager
+def patched_environ(values: Mapping[str, str], *, also_restore: Iterable[str] = ()) -> Iterator[None]:
+    """Set environment variables for the ``with`` body and restore them after.
+
+    Args:
+        values: variables to set.
+        also_restore: variables that code inside the body may set; they are put
+            back to their value before the body as well.
+    """
+    keys = set(values) | set(also_restore)
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        os.environ.update(values)
+        yield
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old

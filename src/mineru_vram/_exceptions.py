@@ -1,0 +1,185 @@
+"""The exception tree of mineru_vram.
+
+Every error the library raises on purpose derives from :class:`MineruVramError`,
+so ``except MineruVramError`` catches all of them. Where the meaning matches a
+standard exception, that base is mixed in, so ``except FileNotFoundError`` keeps
+working in code that does not know about this library::
+
+    MineruVramError
+    ├── ConfigurationError (ValueError)         bad argument or environment value
+    │   └── BackendNotAvailableError            a backend that is not built or not installed
+    ├── SessionStateError (RuntimeError)        used before open, after close, or re-entered
+    ├── InvalidDocumentError (ValueError)       input that is not a parseable PDF
+    │   ├── DocumentNotFoundError (FileNotFoundError)
+    │   ├── EmptyDocumentError
+    │   ├── NotAPdfError
+    │   ├── TruncatedDocumentError
+    │   ├── EncryptedDocumentError
+    │   └── DocumentTooLargeError
+    ├── ParseError                              MinerU failed on a valid-looking document
+    │   └── ParseTimeoutError (TimeoutError)
+    ├── VramLeakError                           strict release left more than the tolerance
+    ├── OutOfMemoryError                        a CUDA OOM, kept typed across process boundaries
+    ├── AdmissionTimeoutError (TimeoutError)    the device never had the free memory the work needs
+    ├── WorkerError                             the isolated worker process failed
+    │   ├── WorkerCrashedError                  it died (signal, OOM kill, CUDA error)
+    │   └── WorkerStartError                    it could not be started
+    └── EngineError                             the resident VLM engine failed
+        ├── EngineStartError                    it did not become ready
+        ├── EngineCrashedError                  it died while serving
+        └── EngineStateError (RuntimeError)     an operation the engine's state forbids
+
+Each exception keeps its attributes when pickled (they cross the worker
+boundary), because ``__reduce__`` rebuilds it from its keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AdmissionTimeoutError",
+    "BackendNotAvailableError",
+    "ConfigurationError",
+    "DocumentNotFoundError",
+    "DocumentTooLargeError",
+    "EmptyDocumentError",
+    "EncryptedDocumentError",
+    "EngineCrashedError",
+    "EngineError",
+    "EngineStartError",
+    "EngineStateError",
+    "InvalidDocumentError",
+    "MineruVramError",
+    "NotAPdfError",
+    "OutOfMemoryError",
+    "ParseError",
+    "ParseTimeoutError",
+    "SessionStateError",
+    "TruncatedDocumentError",
+    "VramLeakError",
+    "WorkerCrashedError",
+    "WorkerError",
+    "WorkerStartError",
+]
+
+
+class MineruVramError(Exception):
+    """Root of every error raised by mineru_vram.
+
+    Subclasses take a message plus keyword attributes; the attributes are stored
+    on the instance and survive pickling.
+    """
+
+    def __init__(self, message: str, **attrs: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self._attrs = attrs
+        for name, value in attrs.items():
+            setattr(self, name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild from (message, attrs) so keyword-only attributes survive pickling;
+        # the default reduce passes only ``args`` and would drop them.
+        return (_rebuild, (type(self), self.message, self._attrs))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[MineruVramError], message: str, attrs: dict[str, Any]) -> MineruVramError:
+    exc = cls.__new__(cls)
+    MineruVramError.__init__(exc, message, **attrs)
+    return exc
+
+
+class ConfigurationError(MineruVramError, ValueError):
+    """An argument or ``MINERU_VRAM_*`` variable has a value the library cannot use."""
+
+
+class BackendNotAvailableError(ConfigurationError):
+    """The requested backend is known but not built, or its dependencies are missing."""
+
+
+class SessionStateError(MineruVramError, RuntimeError):
+    """A session or other resource owner was used in a state that forbids the call."""
+
+
+class InvalidDocumentError(MineruVramError, ValueError):
+    """The input is not a document MinerU can parse. ``document`` names it."""
+
+    document: str
+
+
+class DocumentNotFoundError(InvalidDocumentError, FileNotFoundError):
+    """The path does not exist, or is a directory."""
+
+
+class EmptyDocumentError(InvalidDocumentError):
+    """The input has zero bytes, or a PDF with zero pages."""
+
+
+class NotAPdfError(InvalidDocumentError):
+    """The input does not start with a PDF header."""
+
+
+class TruncatedDocumentError(InvalidDocumentError):
+    """The input starts like a PDF but cannot be opened: cut short or corrupt."""
+
+
+class EncryptedDocumentError(InvalidDocumentError):
+    """The PDF is password protected."""
+
+
+class DocumentTooLargeError(InvalidDocumentError):
+    """The input exceeds the session's ``max_document_bytes`` or ``max_pages``."""
+
+
+class ParseError(MineruVramError):
+    """MinerU raised while parsing a document that passed validation."""
+
+    document: str
+
+
+class ParseTimeoutError(ParseError, TimeoutError):
+    """A parse did not finish within its ``timeout``."""
+
+
+class VramLeakError(MineruVramError):
+    """A strict release left more device memory than the tolerance. ``report`` has the receipt."""
+
+
+class OutOfMemoryError(MineruVramError):
+    """The device ran out of memory. The original torch error is the ``__cause__`` in-process."""
+
+
+class AdmissionTimeoutError(MineruVramError, TimeoutError):
+    """The device did not have the free memory the work needs before the timeout."""
+
+
+class WorkerError(MineruVramError):
+    """The worker process of an isolated session failed."""
+
+
+class WorkerCrashedError(WorkerError):
+    """The worker died. ``exitcode``, ``document`` and ``log_tail`` say how and where."""
+
+
+class WorkerStartError(WorkerError):
+    """The worker process could not be started or did not load its models."""
+
+
+class EngineError(MineruVramError):
+    """The resident VLM engine failed."""
+
+
+class EngineStartError(EngineError):
+    """The engine did not become ready. ``log_tail`` holds the end of its log."""
+
+
+class EngineCrashedError(EngineError):
+    """The engine process died while serving. ``exitcode`` and ``log_tail`` say more."""
+
+
+class EngineStateError(EngineError, RuntimeError):
+    """The engine's state forbids the operation (for example ``wake`` after ``stop``)."""

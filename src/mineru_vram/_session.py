@@ -1,0 +1,629 @@
+"""``ModelSession``: MinerU's models for the length of a ``with`` block.
+
+The session owns validation, state and the receipt; the work itself is done by a
+*runner*: :class:`InProcessRunner` loads MinerU's models into this process, and
+the worker runner (``_worker.py``) loads them into a child process that runs an
+``InProcessRunner`` of its own, so both modes share one code path for parsing and
+release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import enum
+import logging
+import os
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Protocol
+
+from ._config import BackendSpec, env_settings, resolve_backend
+from ._documents import Document, Source, load_document, parse_pages
+from ._exceptions import (
+    ConfigurationError,
+    MineruVramError,
+    SessionStateError,
+    VramLeakError,
+)
+from ._probe import VramSnapshot, resolve_device, vram_snapshot
+from ._release import AliveTracker, ReleaseReport, log_report, return_allocator_memory, settle
+from ._result import BatchItem, BatchResult, ParseResult
+
+__all__ = ["InProcessRunner", "ModelSession", "ParseOptions", "SessionSettings", "SessionState"]
+
+logger = logging.getLogger("mineru_vram")
+
+Isolation = Literal["none", "process"]
+
+
+class SessionState(enum.Enum):
+    """Lifecycle of a :class:`ModelSession`."""
+
+    UNOPENED = "unopened"  # constructed; nothing loaded, nothing touched
+    OPENING = "opening"  # loading models (or starting the worker)
+    OPENED = "opened"  # models resident; parse() allowed
+    CLOSING = "closing"  # releasing and measuring
+    CLOSED = "closed"  # released; the session cannot be reopened
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Everything a runner needs, resolved and picklable (it travels to the worker).
+
+    Attributes mirror :class:`ModelSession`'s arguments after defaults and
+    environment variables were applied.
+    """
+
+    backend: BackendSpec
+    device: str
+    models_dir: Path | None = None
+    model_source: str | None = None
+    small_backend: str = "torch"
+    preload: str = "core"
+    strict: bool = False
+    leak_tolerance_mib: float = 32.0
+    context_floor_mib: float | None = None
+    keep_model_output: bool = False
+    vlm_config: dict[str, Any] | None = None
+    isolation: str = "none"
+    recycle_after: int | None = None
+    recycle_above_mib: float | None = None
+    worker_start_timeout: float = 300.0
+    release_timeout: float = 10.0
+    runtime_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class ParseOptions:
+    """Per-call options that travel with a document to its runner."""
+
+    page_range: str = ""
+    ocr_mode: str = "auto"
+    timeout: float | None = None
+
+
+class Runner(Protocol):
+    """Where a session's models live. ``open`` loads, ``close`` releases and measures."""
+
+    baseline: VramSnapshot | None
+
+    def open(self) -> None: ...
+
+    def parse(self, doc: Document, options: ParseOptions) -> ParseResult: ...
+
+    def close(self) -> ReleaseReport: ...
+
+    def abandon(self) -> None:
+        """Best-effort cleanup from a finalizer: no measuring, no raising."""
+        ...
+
+
+class InProcessRunner:
+    """Loads MinerU's models into this process and releases them on close."""
+
+    def __init__(self, settings: SessionSettings) -> None:
+        from ._adapter import MineruRuntime
+
+        self.settings = settings
+        self.baseline: VramSnapshot | None = None
+        self.runtime = MineruRuntime(
+            device=settings.device,
+            models_dir=settings.models_dir,
+            model_source=settings.model_source,
+            small_backend=settings.small_backend,
+        )
+        self._vlm_config: Any = None
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        self.baseline = settle(self.settings.device)
+        self.runtime.activate()
+        try:
+            if self.settings.vlm_config is not None:
+                from mineru.config import VlmConfig
+
+                self._vlm_config = VlmConfig(**self.settings.vlm_config)
+            self.runtime.load(tier=self.settings.backend.tier, preload=self.settings.preload)
+        except BaseException:
+            self._release(AliveTracker())
+            raise
+
+    def parse(self, doc: Document, options: ParseOptions) -> ParseResult:
+        if options.timeout is not None:
+            raise ConfigurationError(
+                "parse(timeout=...) needs isolation='process': a parse running in this process "
+                "cannot be interrupted safely",
+                timeout=options.timeout,
+            )
+        with self._lock:  # MinerU's models are not safe to call from two threads at once
+            try:
+                return self.runtime.parse(
+                    doc,
+                    tier=self.settings.backend.tier,
+                    ocr_mode=options.ocr_mode,
+                    page_range=options.page_range,
+                    backend=self.settings.backend.name,
+                    keep_model_output=self.settings.keep_model_output,
+                    vlm_config=self._vlm_config,
+                )
+            except MineruVramError as exc:
+                # The traceback's frames hold the document's tensors; drop their locals so
+                # the error object the caller keeps does not keep device memory alive.
+                _clear_frames(exc)
+                raise
+
+    def _release(self, tracker: AliveTracker) -> tuple[int, list[tuple[str, float]]]:
+        t0 = time.perf_counter()
+        released = self.runtime.release_models(tracker)
+        steps = [("drop MinerU cache entries", time.perf_counter() - t0)]
+        self.runtime.deactivate()
+        steps += return_allocator_memory(self.settings.device)
+        return released, steps
+
+    def close(self) -> ReleaseReport:
+        device = self.settings.device
+        before = vram_snapshot(device)
+        t0 = time.perf_counter()
+        tracker = AliveTracker()
+        released, steps = self._release(tracker)
+        after = settle(device)
+        seconds = time.perf_counter() - t0
+        context_created = bool(
+            after.cuda_initialized and self.baseline is not None and not self.baseline.cuda_initialized
+        )
+        return ReleaseReport(
+            device=device,
+            isolation="none",
+            baseline=self.baseline,
+            before=before,
+            after=after,
+            seconds=seconds,
+            models_released=released,
+            models_alive=tracker.alive(),
+            steps=steps,
+            context_created=context_created,
+            context_floor_mib=self.settings.context_floor_mib,
+            tolerance_mib=self.settings.leak_tolerance_mib,
+        )
+
+    def abandon(self) -> None:
+        try:
+            self.runtime.release_models(AliveTracker())
+            self.runtime.deactivate()
+        except Exception:
+            pass
+
+
+def _clear_frames(exc: BaseException) -> None:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if cur.__traceback__ is not None:
+            traceback.clear_frames(cur.__traceback__)
+        cur = cur.__cause__ or cur.__context__
+
+
+def _make_runner(settings: SessionSettings) -> Runner:
+    if settings.isolation == "process":
+        from ._worker import WorkerRunner
+
+        return WorkerRunner(settings)
+    return InProcessRunner(settings)
+
+
+def _abandon(runner: Runner, pid: int) -> None:
+    # weakref.finalize safety net for a session that was never closed: only in the
+    # process that created it (a forked child must not release its parent's models).
+    if os.getpid() != pid:
+        return
+    try:
+        runner.abandon()
+    except Exception:
+        pass
+
+
+class ModelSession:
+    """MinerU's models, loaded on enter and released on exit, with a receipt.
+
+    Example::
+
+        with ModelSession(backend="pipeline") as s:
+            result = s.parse("paper.pdf")
+        print(s.release_report)
+
+    Args:
+        backend: ``"pipeline"`` (MinerU's basic tier: layout, OCR, formula and table
+            models), ``"flash"`` (no models for text PDFs), or ``"vlm"`` / ``"hybrid"``
+            with an ``engine``. MinerU 2.x names (``vlm-transformers``,
+            ``vlm-sglang-engine``, ``vlm-sglang-client``) are accepted.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``N``; default the first GPU, else CPU.
+        models_dir: a MinerU model tree (``base_dir``), e.g. one written by
+            :func:`mineru_vram.testing.write_random_models` or by MinerU's downloader.
+            ``None`` uses MinerU's own configured location and source.
+        isolation: ``"none"`` loads models into this process; ``"process"`` into a
+            worker whose exit returns everything, the CUDA context included.
+        engine: a :class:`ResidentEngine` for the VLM backends.
+        strict: raise :class:`VramLeakError` from ``close`` when the receipt is not clean.
+        leak_tolerance_mib: NVML residual allowed by ``strict`` (default 32).
+        preload: ``"core"`` loads what MinerU loads up front (OCR, layout);
+            ``"all"`` also the formula and table models MinerU loads lazily.
+        ocr_mode: default for ``parse``: ``"auto"``, ``"txt"`` or ``"ocr"``.
+        max_document_bytes: inputs larger than this are rejected before parsing.
+        max_pages: PDFs with more pages are rejected before parsing.
+        keep_model_output: keep MinerU's raw model output on each result.
+        context_floor_mib: the bare CUDA-context cost, for ``strict`` to tell a
+            context from a leak; measured once in a child process when ``strict``
+            needs it and it is not given.
+        recycle_after: (process isolation) replace the worker after N documents.
+        recycle_above_mib: (process isolation) replace the worker once its memory grew
+            by more than this since its first document.
+        trust_env: read ``MINERU_VRAM_*`` variables for unset arguments.
+    """
+
+    def __init__(
+        self,
+        backend: str = "pipeline",
+        *,
+        device: str | int | None = None,
+        models_dir: str | os.PathLike[str] | None = None,
+        isolation: Isolation | None = None,
+        engine: Any = None,
+        strict: bool | None = None,
+        leak_tolerance_mib: float | None = None,
+        preload: Literal["core", "all"] = "core",
+        ocr_mode: Literal["auto", "txt", "ocr"] = "auto",
+        max_document_bytes: int | None = 512 * 1024 * 1024,
+        max_pages: int | None = None,
+        keep_model_output: bool = False,
+        small_backend: Literal["torch", "onnx", "auto"] = "torch",
+        context_floor_mib: float | None = None,
+        recycle_after: int | None = None,
+        recycle_above_mib: float | None = None,
+        worker_start_timeout: float = 300.0,
+        trust_env: bool = True,
+    ) -> None:
+        env = env_settings() if trust_env else {}
+        spec = resolve_backend(backend, engine=engine)
+        if device is None and "device" in env:
+            device = env["device"]
+        if models_dir is None and "models_dir" in env:
+            models_dir = env["models_dir"]
+        if isolation is None:
+            isolation = env.get("isolation", "none")
+        if isolation not in ("none", "process"):
+            raise ConfigurationError(f"isolation={isolation!r}: expected 'none' or 'process'", isolation=isolation)
+        if strict is None:
+            strict = bool(env.get("strict", False))
+        if leak_tolerance_mib is None:
+            leak_tolerance_mib = float(env.get("leak_tolerance_mib", 32.0))
+        if preload not in ("core", "all"):
+            raise ConfigurationError(f"preload={preload!r}: expected 'core' or 'all'", preload=preload)
+        if ocr_mode not in ("auto", "txt", "ocr"):
+            raise ConfigurationError(f"ocr_mode={ocr_mode!r}: expected 'auto', 'txt' or 'ocr'", ocr_mode=ocr_mode)
+        for name, value in (("recycle_after", recycle_after), ("max_pages", max_pages)):
+            if value is not None and value < 1:
+                raise ConfigurationError(f"{name}={value!r}: must be at least 1", **{name: value})
+        if (recycle_after is not None or recycle_above_mib is not None) and isolation != "process":
+            raise ConfigurationError(
+                "recycle_after / recycle_above_mib replace a worker process: they need isolation='process'"
+            )
+        models_path = None if models_dir is None else Path(models_dir).expanduser().resolve()
+        if models_path is not None and not models_path.is_dir():
+            raise ConfigurationError(f"models_dir={str(models_dir)!r} is not a directory", models_dir=str(models_dir))
+        self._engine = engine
+        vlm_config = None
+        if engine is not None:
+            vlm_config = engine.vlm_config()
+        self.settings = SessionSettings(
+            backend=spec,
+            device=resolve_device(device),
+            models_dir=models_path,
+            small_backend=small_backend,
+            preload=preload,
+            strict=strict,
+            leak_tolerance_mib=leak_tolerance_mib,
+            context_floor_mib=context_floor_mib,
+            keep_model_output=keep_model_output,
+            vlm_config=vlm_config,
+            isolation=isolation,
+            recycle_after=recycle_after,
+            recycle_above_mib=recycle_above_mib,
+            worker_start_timeout=worker_start_timeout,
+            runtime_dir=env.get("runtime_dir"),
+        )
+        self.ocr_mode = ocr_mode
+        self.max_document_bytes = max_document_bytes
+        self.max_pages = max_pages
+        self._state = SessionState.UNOPENED
+        self._state_lock = threading.RLock()
+        self._runner: Runner | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.release_report: ReleaseReport | None = None
+        self.documents_parsed = 0
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def backend(self) -> str:
+        return self.settings.backend.name
+
+    @property
+    def device(self) -> str:
+        return self.settings.device
+
+    @property
+    def baseline(self) -> VramSnapshot | None:
+        """This process's memory before the session loaded anything."""
+        return None if self._runner is None else self._runner.baseline
+
+    @property
+    def runner(self) -> Runner | None:
+        """The runner that holds the models (for diagnostics and tests)."""
+        return self._runner
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelSession(backend={self.backend!r}, device={self.device!r}, "
+            f"isolation={self.settings.isolation!r}, state={self._state.value})"
+        )
+
+    def _require_open(self, what: str) -> Runner:
+        state = self._state
+        if state is SessionState.OPENED and self._runner is not None:
+            return self._runner
+        if state is SessionState.UNOPENED:
+            raise SessionStateError(
+                f"cannot {what}: the session is not open; use `with ModelSession(...) as s:` or call open() first"
+            )
+        if state in (SessionState.CLOSING, SessionState.CLOSED):
+            raise SessionStateError(f"cannot {what}: the session is closed; create a new ModelSession")
+        raise SessionStateError(f"cannot {what}: the session is {state.value}")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def open(self) -> ModelSession:
+        """Load the models. Called by ``with``; a session opens once.
+
+        Raises:
+            SessionStateError: the session was opened before.
+        """
+        with self._state_lock:
+            if self._state is not SessionState.UNOPENED:
+                if self._state is SessionState.CLOSED:
+                    raise SessionStateError("this ModelSession is closed; a session cannot be reopened")
+                raise SessionStateError(
+                    f"this ModelSession is already {self._state.value}; a session can be entered only once"
+                )
+            self._state = SessionState.OPENING
+        runner = _make_runner(self.settings)
+        try:
+            runner.open()
+        except BaseException:
+            self._state = SessionState.CLOSED
+            raise
+        self._runner = runner
+        self._finalizer = weakref.finalize(self, _abandon, runner, os.getpid())
+        self._state = SessionState.OPENED
+        return self
+
+    def close(self) -> ReleaseReport | None:
+        """Release the models and measure. Idempotent; returns the receipt.
+
+        Raises:
+            VramLeakError: with ``strict=True``, when the receipt is not clean.
+        """
+        with self._state_lock:
+            if self._state in (SessionState.CLOSED, SessionState.CLOSING, SessionState.UNOPENED):
+                if self._state is SessionState.UNOPENED:
+                    self._state = SessionState.CLOSED
+                return self.release_report
+            self._state = SessionState.CLOSING
+        runner = self._runner
+        assert runner is not None  # OPENED implies a runner
+        try:
+            report = runner.close()
+        finally:
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            self._state = SessionState.CLOSED
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+        if self.settings.strict and self.settings.context_floor_mib is None and report.context_created:
+            from ._probe import measure_context_floor
+
+            report.context_floor_mib = measure_context_floor(self.settings.device)
+        self.release_report = report
+        log_report(report)
+        if self.settings.strict and not report.ok:
+            raise VramLeakError(f"VRAM not fully released: {'; '.join(report.problems())}", report=report)
+        return report
+
+    def __enter__(self) -> ModelSession:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.close()
+        except VramLeakError:
+            if exc is None:
+                raise
+            # Never hide the body's own exception behind a leak report; log the leak instead.
+            logger.error("VRAM leak while handling %s: %s", type(exc).__name__, self.release_report)
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    def load(self, source: Source, *, name: str | None = None) -> Document:
+        """Validate a document the way ``parse`` does, without parsing it."""
+        return load_document(source, name=name, max_bytes=self.max_document_bytes, max_pages=self.max_pages)
+
+    def parse(
+        self,
+        source: Source,
+        *,
+        pages: str | int | Sequence[int] | range | None = None,
+        ocr_mode: Literal["auto", "txt", "ocr"] | None = None,
+        name: str | None = None,
+        timeout: float | None = None,
+    ) -> ParseResult:
+        """Parse one PDF.
+
+        Args:
+            source: a path, the PDF's bytes, or a binary file object.
+            pages: 1-based pages to parse (``"1-3,7"``, ``5``, ``range(1, 4)``); default all.
+            ocr_mode: ``"auto"``, ``"txt"`` or ``"ocr"``; default the session's.
+            name: the document's name in results and errors (default its path).
+            timeout: seconds before a hung parse is killed (process isolation only).
+
+        Raises:
+            InvalidDocumentError: (and subclasses) the input is not a parseable PDF;
+                raised before any model runs.
+            ParseError: MinerU failed on the document.
+            OutOfMemoryError: the device ran out of memory.
+            WorkerCrashedError: (process isolation) the worker died.
+            SessionStateError: the session is not open.
+        """
+        runner = self._require_open("parse")
+        t0 = time.perf_counter()
+        doc = self.load(source, name=name)
+        mode = ocr_mode or self.ocr_mode
+        if mode not in ("auto", "txt", "ocr"):
+            raise ConfigurationError(f"ocr_mode={mode!r}: expected 'auto', 'txt' or 'ocr'", ocr_mode=mode)
+        options = ParseOptions(page_range=parse_pages(pages, doc.page_count), ocr_mode=mode, timeout=timeout)
+        result = runner.parse(doc, options)
+        self.documents_parsed += 1
+        return dataclasses.replace(result, seconds=time.perf_counter() - t0)
+
+    def parse_many(
+        self,
+        sources: Iterable[Source],
+        *,
+        progress: bool = True,
+        pages: str | int | Sequence[int] | range | None = None,
+        ocr_mode: Literal["auto", "txt", "ocr"] | None = None,
+        timeout: float | None = None,
+    ) -> BatchResult:
+        """Parse documents one after another; a bad one does not stop the batch.
+
+        Each document's error is kept with its name in the result (see
+        :attr:`BatchResult.failures`). Errors that are not about a document
+        (a closed session, Ctrl-C) still propagate.
+        """
+        self._require_open("parse_many")
+        items = list(sources)
+        bar = _progress_bar(len(items), enabled=progress)
+        out: list[BatchItem] = []
+        t0 = time.perf_counter()
+        try:
+            for source in items:
+                doc_name = _display_name(source)
+                try:
+                    result = self.parse(source, pages=pages, ocr_mode=ocr_mode, timeout=timeout)
+                except SessionStateError:
+                    raise
+                except MineruVramError as exc:
+                    logger.warning("%s failed: %s", doc_name, exc)
+                    out.append(BatchItem(document=getattr(exc, "document", doc_name), error=exc))
+                else:
+                    out.append(BatchItem(document=result.document, result=result))
+                if bar is not None:
+                    bar.set_postfix_str(Path(doc_name).name[:30], refresh=False)
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return BatchResult(items=tuple(out), seconds=time.perf_counter() - t0)
+
+    def snapshot(self) -> VramSnapshot:
+        """A :func:`vram_snapshot` of this session's device (this process's view)."""
+        return vram_snapshot(self.settings.device)
+
+    # -- async ---------------------------------------------------------------------------------
+
+    def _executor_for_async(self) -> concurrent.futures.ThreadPoolExecutor:
+        # One thread, owned by the session: MinerU's models are used from one thread at a
+        # time, and the event loop never blocks on GPU work.
+        with self._state_lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="mineru-vram-session"
+                )
+            return self._executor
+
+    async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor_for_async(), lambda: fn(*args, **kwargs))
+
+    async def aopen(self) -> ModelSession:
+        """``open`` on the session's executor."""
+        await self._run(self.open)
+        return self
+
+    async def aparse(self, source: Source, **kwargs: Any) -> ParseResult:
+        """``parse`` on the session's executor; takes the same arguments."""
+        return await self._run(self.parse, source, **kwargs)  # type: ignore[no-any-return]
+
+    async def aparse_many(self, sources: Iterable[Source], **kwargs: Any) -> BatchResult:
+        """``parse_many`` on the session's executor; takes the same arguments."""
+        return await self._run(self.parse_many, list(sources), **kwargs)  # type: ignore[no-any-return]
+
+    async def aclose(self) -> ReleaseReport | None:
+        """``close`` on the session's executor."""
+        if self._state is SessionState.UNOPENED or self._executor is None:
+            return self.close()
+        executor = self._executor
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, self.close)  # type: ignore[no-any-return]
+
+    async def __aenter__(self) -> ModelSession:
+        return await self.aopen()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.aclose()
+        except VramLeakError:
+            if exc is None:
+                raise
+            logger.error("VRAM leak while handling %s: %s", type(exc).__name__, self.release_report)
+
+
+def _display_name(source: object) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    return str(getattr(source, "name", "<stream>"))
+
+
+def _progress_bar(total: int, *, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a MinerU dependency, but the session must not need it
+        return None
+    return tqdm(total=total, unit="doc", desc="mineru-vram")
+
