@@ -88,9 +88,7 @@ class MineruVramError(Exception):
 
 
 def _rebuild(cls: type[MineruVramError], message: str, attrs: dict[str, Any]) -> MineruVramError:
-    exc = cls.__new__(cls)
-    MineruVramError.__init__(exc, message, **attrs)
-    return exc
+    return cls(message, **attrs)
 
 
 class ConfigurationError(MineruVramError, ValueError):
