@@ -1,0 +1,298 @@
+"""ModelSession through real MinerU code on CPU, with random-weight models."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import mineru_vram as mv
+from mineru_vram import _adapter
+from mineru_vram.testing import make_pdf
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+@pytest.fixture
+def session(random_models_dir: Path) -> mv.ModelSession:
+    return mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir)
+
+
+def _model_caches() -> dict[str, dict[object, object]]:
+    from mineru.model.runtime.hybrid import AtomModelSingleton, HybridLocalModelContextSingleton
+
+    return {"atom": AtomModelSingleton._models, "context": HybridLocalModelContextSingleton._models}
+
+
+def test_parse_generated_pdf_and_release(session: mv.ModelSession) -> None:
+    with session as s:
+        assert s.state is mv.SessionState.OPENED
+        loaded = _adapter.cache_summary()
+        assert loaded["context"], "entering must load MinerU's models"
+        result = s.parse(make_pdf(2), name="generated.pdf")
+    assert result.document == "generated.pdf"
+    assert result.page_count == 2
+    assert result.backend == "pipeline"
+    assert result.device == "cpu"
+    assert isinstance(result.markdown, str)
+    assert result.markdown
+    assert result.middle_json["pages"]
+    assert result.content_list["pages"]
+    assert result.seconds > 0
+    report = s.release_report
+    assert report is not None
+    assert report.models_released >= 2  # OCR + layout at least
+    assert report.models_alive == []
+    assert report.ok
+    assert _adapter.cache_summary() == {"atom": [], "context": []}
+    assert s.state is mv.SessionState.CLOSED
+
+
+def test_parse_corpus_test_pdf(session: mv.ModelSession, corpus_dir: Path, tmp_path: Path) -> None:
+    with session as s:
+        result = s.parse(corpus_dir / "test.pdf")
+    assert result.page_count == 1
+    assert result.document.endswith("test.pdf")
+    out = result.save(tmp_path / "out")
+    assert (out / "test.md").read_text(encoding="utf-8") == result.markdown
+    assert (out / "test_content_list.json").is_file()
+    assert (out / "test_middle.json").is_file()
+    for name in result.images:
+        assert (out / name).is_file()
+    assert s.release_report is not None
+    assert s.release_report.models_alive == []
+
+
+def test_nothing_is_written_to_disk_unless_asked(session: mv.ModelSession, tmp_path: Path) -> None:
+    before = set(os.listdir(tmp_path))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with session as s:
+            s.parse(make_pdf(1))
+    finally:
+        os.chdir(cwd)
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_environment_and_mineru_config_are_restored(session: mv.ModelSession) -> None:
+    keys = ("MINERU_HOME", "MINERU_CONFIG", "MINERU_DEVICE_MODE", "MINERU_MODEL_BASE_DIR", "MINERU_MODEL_SOURCE")
+    before_env = {k: os.environ.get(k) for k in keys}
+    import mineru.config as mconf
+
+    before_cfg = mconf.config.model.model_dump()
+    with session as s:
+        home = os.environ["MINERU_HOME"]
+        assert Path(home).is_dir()
+        assert os.environ["MINERU_DEVICE_MODE"] == "cpu"
+        assert mconf.config.model.source == "local"
+        assert not home.startswith(str(Path.home() / ".mineru"))
+        s.parse(make_pdf(1))
+    assert {k: os.environ.get(k) for k in keys} == before_env
+    assert mconf.config.model.model_dump() == before_cfg
+    assert not Path(home).exists(), "the session's MinerU home is removed on exit"
+
+
+def test_bad_inputs_raise_typed_errors_and_the_session_stays_usable(session: mv.ModelSession, tmp_path: Path) -> None:
+    good = make_pdf(1)
+    encrypted = _encrypt(good)
+    empty = tmp_path / "empty.pdf"
+    empty.write_bytes(b"")
+    cases = [
+        (tmp_path / "missing.pdf", mv.DocumentNotFoundError),
+        (tmp_path, mv.DocumentNotFoundError),
+        (empty, mv.EmptyDocumentError),
+        (b"not a pdf at all", mv.NotAPdfError),
+        (good[: len(good) // 2], mv.TruncatedDocumentError),
+        (encrypted, mv.EncryptedDocumentError),
+    ]
+    with session as s:
+        for source, error in cases:
+            with pytest.raises(error) as info:
+                s.parse(source)
+            assert info.value.document
+            assert s.state is mv.SessionState.OPENED
+        assert s.parse(good).page_count == 1
+    assert s.release_report is not None
+    assert s.release_report.models_alive == []
+
+
+def test_too_large_documents_are_refused_before_parsing(random_models_dir: Path) -> None:
+    with mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir, max_pages=1) as s:
+        with pytest.raises(mv.DocumentTooLargeError):
+            s.parse(make_pdf(2))
+        assert s.parse(make_pdf(1)).page_count == 1
+
+
+def test_pages_selects_a_subset(session: mv.ModelSession) -> None:
+    with session as s:
+        result = s.parse(make_pdf(3), pages="2")
+        assert result.page_count >= 1
+        with pytest.raises(mv.ConfigurationError, match="outside"):
+            s.parse(make_pdf(3), pages=9)
+
+
+def test_parse_many_reports_bad_documents_by_name(session: mv.ModelSession, tmp_path: Path) -> None:
+    good = tmp_path / "good.pdf"
+    good.write_bytes(make_pdf(1))
+    bad = tmp_path / "bad.pdf"
+    bad.write_bytes(b"<html>not a pdf</html>")
+    with session as s:
+        batch = s.parse_many([good, bad, good], progress=False)
+    assert len(batch) == 3
+    assert [item.ok for item in batch] == [True, False, True]
+    assert batch.failures[0].document == str(bad)
+    assert isinstance(batch.failures[0].error, mv.NotAPdfError)
+    assert len(batch.results) == 2
+    assert "1 failed" in repr(batch) or "bad.pdf" in repr(batch)
+
+
+def test_state_machine(session: mv.ModelSession) -> None:
+    with pytest.raises(mv.SessionStateError, match="not open"):
+        session.parse(make_pdf(1))
+    with session as s, pytest.raises(mv.SessionStateError, match="only once"):
+        s.open()
+    with pytest.raises(mv.SessionStateError, match="closed"):
+        s.parse(make_pdf(1))
+    with pytest.raises(mv.SessionStateError, match="cannot be reopened"), s:
+        pass
+    first = s.release_report
+    assert s.close() is first, "close() is idempotent"
+
+
+def test_models_kept_alive_by_user_code_are_reported_and_strict_raises(random_models_dir: Path) -> None:
+    s = mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir, strict=True)
+    s.open()
+    held = list(_model_caches()["context"].values())  # user code keeps a model reference
+    with pytest.raises(mv.VramLeakError) as info:
+        s.close()
+    report = info.value.report
+    assert report.models_alive, "the surviving model must be named"
+    assert not report.ok
+    assert s.state is mv.SessionState.CLOSED
+    del held
+    gc.collect()
+
+
+def test_user_entries_in_mineru_caches_are_left_alone(session: mv.ModelSession) -> None:
+    caches = _model_caches()
+    user_key = ("torch", "cpu", "users-own-model")
+    sentinel = object()  # stand-in for a model the user's own code loaded through MinerU
+    caches["atom"][user_key] = sentinel
+    try:
+        with session as s:
+            s.parse(make_pdf(1))
+        assert caches["atom"].get(user_key) is sentinel
+        assert [k for k in caches["atom"] if k != user_key] == []
+    finally:
+        caches["atom"].pop(user_key, None)
+
+
+def test_second_in_process_session_on_another_device_is_refused(session: mv.ModelSession) -> None:
+    with session:
+        other = mv.ModelSession("flash", device="cuda:0")
+        with pytest.raises(mv.ConfigurationError, match="isolation='process'"):
+            other.open()
+        assert other.state is mv.SessionState.CLOSED
+
+
+def test_two_sessions_on_one_device_share_models_until_the_last_closes(random_models_dir: Path) -> None:
+    a = mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir).open()
+    b = mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir).open()
+    a.close()
+    assert a.release_report is not None
+    assert a.release_report.models_released == 0, "b still uses the models"
+    assert _adapter.cache_summary()["context"], "models stay for b"
+    b.parse(make_pdf(1))
+    b.close()
+    assert b.release_report is not None
+    assert b.release_report.models_released >= 2
+    assert _adapter.cache_summary() == {"atom": [], "context": []}
+
+
+def test_async_session(random_models_dir: Path) -> None:
+    async def main() -> tuple[mv.ParseResult, mv.BatchResult, mv.ModelSession]:
+        async with mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir) as s:
+            one = await s.aparse(make_pdf(1), name="a.pdf")
+            many = await s.aparse_many([make_pdf(1), b"junk"], progress=False)
+        return one, many, s
+
+    one, many, s = asyncio.run(main())
+    assert one.document == "a.pdf"
+    assert [i.ok for i in many] == [True, False]
+    assert s.state is mv.SessionState.CLOSED
+    assert s.release_report is not None
+    assert s.release_report.models_alive == []
+
+
+def test_timeout_needs_process_isolation(session: mv.ModelSession) -> None:
+    with session as s, pytest.raises(mv.ConfigurationError, match="isolation='process'"):
+        s.parse(make_pdf(1), timeout=5)
+
+
+def test_release_report_renders(session: mv.ModelSession) -> None:
+    with session as s:
+        s.parse(make_pdf(1))
+    report = s.release_report
+    assert report is not None
+    text = str(report)
+    assert "models released" in text
+    assert "ok" in text
+    assert "<table>" in report._repr_html_()
+    assert report.to_dict()["ok"] is True
+
+
+@pytest.mark.slow
+def test_twenty_cycles_do_not_grow_live_tensors_or_rss(random_models_dir: Path) -> None:
+    torch = pytest.importorskip("torch")
+    doc = make_pdf(1)
+
+    def census() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    def rss_mib() -> float:
+        snap = mv.vram_snapshot("cpu")
+        assert snap.rss_mib is not None
+        return snap.rss_mib
+
+    # Two warm-up cycles: first-use imports and allocator pools are not leaks.
+    for _ in range(2):
+        with mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir) as s:
+            s.parse(doc)
+    tensors0, rss0 = census(), rss_mib()
+    for _ in range(20):
+        with mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir) as s:
+            s.parse(doc)
+        assert s.release_report is not None
+        assert s.release_report.models_alive == []
+    tensors1, rss1 = census(), rss_mib()
+    assert tensors1 - tensors0 <= 0, f"live tensors grew from {tensors0} to {tensors1}"
+    # RSS tolerance: glibc keeps freed arenas; 20 loads of ~200 MB of weights must not accumulate.
+    assert rss1 - rss0 < 300, f"RSS grew {rss1 - rss0:.0f} MiB over 20 cycles"
+
+
+def _encrypt(data: bytes) -> bytes:
+    import io
+
+    pypdf = pytest.importorskip("pypdf")
+    reader = pypdf.PdfReader(io.BytesIO(data))
+    writer = pypdf.PdfWriter()
+    for page in reader.pages:
+        writer.add_page(page)
+    writer.encrypt(user_password="pw", owner_password="owner")
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+def test_no_torch_cuda_initialised_by_cpu_session(session: mv.ModelSession) -> None:
+    with session as s:
+        s.parse(make_pdf(1))
+    torch = sys.modules.get("torch")
+    assert torch is not None
+    assert not torch.cuda.is_initialized()
