@@ -60,7 +60,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ._documents import Document
 from ._exceptions import (
@@ -74,13 +74,19 @@ from ._exceptions import (
 from ._probe import VramSnapshot, poll_until, vram_snapshot
 from ._release import ReleaseReport, settle
 
+if TYPE_CHECKING:
+    from ._result import ParseResult
+    from ._session import ParseOptions, SessionSettings
+
 __all__ = ["RunnerState", "WorkerRunner", "worker_main"]
 
 logger = logging.getLogger("mineru_vram")
 
 MIB = 1024 * 1024
 # Payloads larger than this go through a file in the runner's folder instead of the pipe.
-INLINE_LIMIT = 1 * MIB
+# Kept under a socket buffer, so sending a document to a hung worker cannot block past
+# the parse timeout.
+INLINE_LIMIT = 64 * 1024
 # A worker's log is cut back to its tail once it grows past this (a long-lived worker
 # parsing thousands of documents must not fill the disk with MinerU's progress lines).
 LOG_LIMIT = 8 * MIB
@@ -91,6 +97,8 @@ PARENT_POLL_SECONDS = 0.1
 STOP_GRACE_SECONDS = 5.0
 # Per-document memory samples kept on the runner (a deque: a long session stays bounded).
 MAX_SAMPLES = 10_000
+# Events (starts, crashes, recycles...) and per-worker histories kept likewise.
+MAX_EVENTS = 1000
 
 _PR_SET_PDEATHSIG = 1
 # Runner folders carry the parent's pid in their name (for people reading /tmp) and an
@@ -374,10 +382,12 @@ class WorkerRunner:
         samples: memory after each document: worker pid, RSS, device MiB.
     """
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: SessionSettings) -> None:
         self.settings = settings
         self.baseline: VramSnapshot | None = None
-        self.events: list[str] = []
+        # Bounded, like the samples: a session recycling after every document for weeks
+        # must not grow without limit. Counters below stay exact.
+        self.events: collections.deque[str] = collections.deque(maxlen=MAX_EVENTS)
         self.samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_SAMPLES)
         self.restarts = 0
         self.recycles = 0
@@ -390,7 +400,7 @@ class WorkerRunner:
         self._folder_lock: IO[bytes] | None = None
         self._worker: _Worker | None = None
         self._retired: list[_Worker] = []  # asked to exit between documents, not yet reaped
-        self._history: list[dict[str, Any]] = []
+        self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_EVENTS)
         self._started = 0
         self._restart_reason: str | None = None  # set when the next start replaces a failed worker
         self._last_snapshot: VramSnapshot | None = None
@@ -602,7 +612,7 @@ class WorkerRunner:
 
     # -- parsing -------------------------------------------------------------------------------
 
-    def parse(self, doc: Document, options: Any) -> Any:
+    def parse(self, doc: Document, options: ParseOptions) -> ParseResult:
         """Parse ``doc`` in the worker; start one first if none is running.
 
         Raises:
@@ -644,7 +654,7 @@ class WorkerRunner:
             if kind == "result":
                 _, result_ref, stats = reply
                 try:
-                    result = _unpack(result_ref)
+                    result: ParseResult = _unpack(result_ref)
                 finally:
                     self._after_document(worker, doc.name, stats, ok=True)
                 return result
@@ -1060,7 +1070,7 @@ def _malloc_trim() -> bool:
 class _WorkerLoop:
     """The worker's side: one InProcessRunner, driven by messages from the parent."""
 
-    def __init__(self, conn: Connection, settings: Any, folder: Path, inline_limit: int) -> None:
+    def __init__(self, conn: Connection, settings: SessionSettings, folder: Path, inline_limit: int) -> None:
         from ._session import InProcessRunner
 
         self.inline_limit = inline_limit
@@ -1129,7 +1139,7 @@ class _WorkerLoop:
             else:  # pragma: no cover - protocol bug
                 self._send_error(ParseError(f"unknown request {kind!r}", document="<worker>"), None, None)
 
-    def _parse(self, ref: Mapping[str, Any], options: Any) -> None:
+    def _parse(self, ref: Mapping[str, Any], options: ParseOptions) -> None:
         t0 = time.perf_counter()
         name = ref["name"]
         try:
