@@ -1,0 +1,1968 @@
+"""``ResidentEngine``: one process-wide VLM engine, shared, sleepable, supervised.
+
+MinerU's VLM path parses through a VLM engine. This module keeps one loaded for
+the life of the process, shared by every :class:`ModelSession` and thread, with
+its memory under control:
+
+* ``sglang``: an SGLang server subprocess on 127.0.0.1, a free port, a random API
+  key (passed in a private ``--config`` file, not on the command line), started
+  with ``--enable-memory-saver`` so ``sleep()`` really returns its memory, and
+  ``--mem-fraction-static`` computed from ``vram_budget_gib`` and the card's total.
+  MinerU 4 dropped its SGLang engine, but its http-client speaks the OpenAI API,
+  which SGLang serves.
+* ``transformers``: MinerU's in-process transformers VLM engine, served on a
+  loopback OpenAI-compatible endpoint (``_loopback.py``), so that MinerU's
+  http-client is the one parse path for every engine (MinerU's ``parse()``
+  configuration cannot select the transformers engine at all).
+* ``attach``: a server someone else runs; never started or stopped here.
+
+The supervisor runs the server under a small *keeper* process that is the
+leader of its own process group and dies, taking the group with it, when this
+process dies (``PR_SET_PDEATHSIG`` plus a parent-pid watch); ``stop()`` kills the
+whole group and waits until NVML shows the memory returned. A monitor thread
+restarts a crashed or hung server with exponential backoff (callers get
+:class:`EngineCrashedError`, never a hang) and applies ``keep_alive``.
+
+SGLang facts this relies on (sglang 0.5.23, ``sglang/srt/server_args.py`` and
+``sglang/srt/entrypoints/http_server.py``): the flags ``--model-path``, ``--host``,
+``--port``, ``--mem-fraction-static``, ``--enable-memory-saver``, ``--device``,
+``--base-gpu-id``, ``--served-model-name`` and ``--config`` (a YAML file, whose
+keys become flags; JSON is valid YAML); ``/health`` needs no key, every other
+endpoint needs the key; ``/release_memory_occupation`` asserts the server is
+idle and does nothing without ``--enable-memory-saver``; ``/v1/loads`` reports
+``num_running_reqs`` and ``num_waiting_reqs``. SGLang sizes its static pool as
+``mem_fraction_static`` times the memory it finds free before loading weights,
+so on a card shared with others the pool is smaller than the budget, never larger.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from ._exceptions import (
+    BackendNotAvailableError,
+    ConfigurationError,
+    EngineCrashedError,
+    EngineError,
+    EngineStartError,
+    EngineStateError,
+    MineruVramError,
+)
+from ._probe import DeviceMemory, resolve_device, vram_snapshot
+
+__all__ = [
+    "EngineState",
+    "EngineStatus",
+    "Launcher",
+    "MemoryReport",
+    "ResidentEngine",
+    "ServerProcess",
+    "build_sglang_argv",
+    "launch_process",
+    "parse_keep_alive",
+]
+
+logger = logging.getLogger("mineru_vram")
+
+EngineKind = Literal["sglang", "transformers", "attach"]
+ENGINES = ("sglang", "transformers", "attach")
+MIB = 1024 * 1024
+
+
+class EngineState(enum.Enum):
+    """Lifecycle of a :class:`ResidentEngine`."""
+
+    NEW = "new"  # constructed; nothing started, no memory held
+    STARTING = "starting"  # launching (or restarting after a crash) and waiting for readiness
+    READY = "ready"  # serving; sessions parse through it
+    SLEEPING = "sleeping"  # process alive, device memory released; the next request wakes it
+    UNLOADED = "unloaded"  # stopped by keep_alive (action "stop"); the next request starts it again
+    CRASHED = "crashed"  # died and could not be restarted (or failed to start); start() tries again
+    STOPPED = "stopped"  # stop() was called; final, nothing held
+
+
+# --- keep_alive ------------------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_keep_alive(value: str | float | timedelta | None) -> float | None:
+    """Turn a keep-alive spec into seconds; ``None`` means "never expire".
+
+    Accepts seconds as a number, a :class:`~datetime.timedelta`, or a string such
+    as ``"10m"``, ``"30s"``, ``"1h30m"``, ``"250ms"``, ``"90"``. A negative value,
+    ``"never"`` or ``None`` never expires (as Ollama's ``keep_alive=-1``); ``0``
+    expires as soon as the engine is idle.
+
+    Raises:
+        ConfigurationError: anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigurationError(f"keep_alive={value!r}: expected seconds or a duration like '10m'", keep_alive=value)
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+        return None if seconds < 0 else seconds
+    if isinstance(value, (int, float)):
+        if math.isnan(value):
+            raise ConfigurationError("keep_alive=nan is not a duration", keep_alive=value)
+        return None if value < 0 or math.isinf(value) else float(value)
+    text = str(value).strip().lower()
+    if text in ("", "never", "inf", "none", "forever"):
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        pass
+    else:
+        return parse_keep_alive(number)
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or pos == 0:
+        raise ConfigurationError(
+            f"keep_alive={value!r}: expected seconds or a duration like '30s', '10m', '1h30m', or 'never'",
+            keep_alive=value,
+        )
+    return total
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+# The keeper: leader of the server's process group. It starts the server, waits
+# for it, and kills the whole group when this (its parent) process dies, even by
+# SIGKILL. PR_SET_PDEATHSIG fires when the *thread* that started the keeper exits,
+# so on that signal the keeper checks whether its parent process is really gone;
+# a parent-pid poll covers the signal being missed.
+_KEEPER = r"""
+import os, signal, subprocess, sys
+parent = int(sys.argv[1])
+argv = sys.argv[2:]
+
+def others():
+    me, group, out = os.getpid(), os.getpgid(0), []
+    for name in os.listdir('/proc'):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open('/proc/%s/stat' % name, 'rb') as fh:
+                stat = fh.read()
+            if int(stat[stat.rindex(b')') + 2:].split()[2]) == group:
+                out.append(int(name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+def kill_others():
+    for pid in others():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+def orphaned():
+    return os.getppid() != parent
+
+def on_term(signum, frame):
+    if orphaned():
+        kill_others()
+        os._exit(128 + signum)
+    # Otherwise: the engine's stop() signalled the group (the server exits, we follow),
+    # or the thread that started us exited (the parent process lives on).
+
+signal.signal(signal.SIGTERM, on_term)
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except Exception:
+    pass
+if orphaned():
+    sys.exit(137)
+child = subprocess.Popen(argv)
+while True:
+    try:
+        code = child.wait(timeout=0.25)
+        break
+    except subprocess.TimeoutExpired:
+        if orphaned():
+            kill_others()
+            os._exit(137)
+kill_others()
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+class ServerProcess:
+    """A server running under the keeper, in its own process group.
+
+    Attributes:
+        pid: the keeper's pid, which is also the process group id.
+        log_path: where the server's stdout and stderr go.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.pgid = popen.pid
+        self.log_path = log_path
+
+    def poll(self) -> int | None:
+        """The exit code once the server (and so the keeper) has exited, else ``None``."""
+        return self.popen.poll()
+
+    def server_pid(self) -> int | None:
+        """The server's own pid (the keeper's child), while it runs."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.Error:
+            return None
+        return children[0].pid if children else None
+
+    def pids(self) -> list[int]:
+        """The keeper and every live descendant."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            return [self.pid, *(p.pid for p in root.children(recursive=True))]
+        except psutil.Error:
+            return []
+
+    def terminate(self, *, grace: float = 10.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it after ``grace`` seconds, and reap.
+
+        Also kills any descendant that left the group. Returns the exit code.
+        """
+        import psutil
+
+        procs: list[psutil.Process] = []
+        for pid in self.pids():
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.Error:
+                continue
+        _signal_group(self.pgid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=grace)
+        _signal_group(self.pgid, signal.SIGKILL)
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL
+            logger.error("server process group %s did not exit after SIGKILL", self.pgid)
+        psutil.wait_procs(procs, timeout=5)
+        return self.popen.poll()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log_path, lines)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _tail(path: Path | None, lines: int) -> str:
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            data = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def launch_process(argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> ServerProcess:
+    """The default launcher: start ``argv`` under the keeper, output appended to ``log_path``.
+
+    The keeper is started with ``start_new_session`` (its own session and process
+    group), stdin closed, and is exec'd at once (no fork of this process's CUDA state).
+    """
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            [sys.executable, "-c", _KEEPER, str(os.getpid()), *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            start_new_session=True,
+            close_fds=True,
+        )
+    return ServerProcess(popen, log_path)
+
+
+class Launcher(Protocol):
+    """Starts a server command line; the seam tests use to run a stand-in instead of SGLang."""
+
+    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> ServerProcess: ...
+
+
+MemoryProbe = Callable[[str], "DeviceMemory | None"]
+
+
+def _nvml_device(device: str) -> DeviceMemory | None:
+    return vram_snapshot(device).device_info if device.startswith("cuda") else None
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+# --- HTTP to the server ---------------------------------------------------------------------------
+
+
+def _http(
+    method: str, url: str, *, api_key: str | None = None, body: Any = None, timeout: float = 5.0
+) -> tuple[int, Any]:
+    """One request with urllib, never through a proxy (these are loopback servers).
+
+    Returns:
+        ``(status, parsed body)``; raises ``OSError`` (``URLError``, timeouts) when no answer came.
+    """
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 - http:// only
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        parsed: Any = json.loads(raw) if raw else None
+    except ValueError:
+        parsed = raw.decode("utf-8", "replace")
+    return status, parsed
+
+
+def _find_key(data: Any, key: str) -> Any:
+    """The first value of ``key`` anywhere in nested dicts (SGLang may nest server args)."""
+    if isinstance(data, dict):
+        if key in data:
+            return data[key]
+        for value in data.values():
+            found = _find_key(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What :meth:`ResidentEngine.get` compares: everything but injected collaborators."""
+
+    engine: str
+    model_path: str | None
+    device: str
+    vram_budget_gib: float | None
+    mem_fraction: float | None
+    keep_alive: float | None
+    keep_alive_action: str
+    url: str | None
+    model_name: str | None
+    extra_args: tuple[str, ...]
+    start_timeout: float
+    stop_timeout: float
+    idle_timeout: float
+    health_interval: float
+    health_timeout: float
+    health_failures: int
+    max_restarts: int
+    restart_backoff: float
+    http_timeout: int
+    max_concurrency: int
+    headroom_gib: float
+    max_new_tokens: int | None
+    python: str | None
+    runtime_dir: str | None
+
+
+def build_sglang_argv(
+    *,
+    model_path: str,
+    port: int,
+    config_path: Path,
+    device: str,
+    mem_fraction: float | None,
+    served_model_name: str | None = None,
+    extra_args: Sequence[str] = (),
+    python: str | None = None,
+    host: str = "127.0.0.1",
+) -> list[str]:
+    """The ``sglang.launch_server`` command line for sglang 0.5.23's ``server_args``.
+
+    The API key is not on it: it is in ``config_path`` (SGLang's ``--config`` YAML),
+    so other users of the machine cannot read it from the process list.
+    """
+    argv = [
+        python or sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        model_path,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--config",
+        str(config_path),
+        "--enable-memory-saver",
+    ]
+    if mem_fraction is not None:
+        argv += ["--mem-fraction-static", f"{mem_fraction:.3f}"]
+    if device == "cpu":
+        argv += ["--device", "cpu"]
+    else:
+        argv += ["--device", "cuda", "--base-gpu-id", device.partition(":")[2] or "0"]
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    argv += list(extra_args)
+    return argv
+
+
+def _weights_mib(model_path: str | None) -> float | None:
+    if not model_path:
+        return None
+    root = Path(model_path)
+    if not root.is_dir():
+        return None
+    total = sum(p.stat().st_size for p in root.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    return total / MIB if total else None
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """What NVML saw around a sleep, wake, unload or stop.
+
+    Attributes:
+        action: ``"sleep"``, ``"wake"``, ``"unload"`` or ``"stop"``.
+        seconds: from the call until NVML showed the change (or gave up).
+        before_mib: the engine's processes on its device before (``None``: NVML cannot tell).
+        after_mib: the same after.
+        device_free_before_mib: the device's free memory before.
+        device_free_after_mib: the same after.
+        confirmed: whether NVML saw the memory move the expected way (``None`` without NVML).
+        note: anything worth knowing (for instance a release that did nothing).
+    """
+
+    action: str
+    seconds: float
+    before_mib: float | None
+    after_mib: float | None
+    device_free_before_mib: float | None = None
+    device_free_after_mib: float | None = None
+    confirmed: bool | None = None
+    note: str = ""
+
+    @property
+    def freed_mib(self) -> float | None:
+        if self.before_mib is None or self.after_mib is None:
+            return None
+        return self.before_mib - self.after_mib
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "freed_mib": self.freed_mib}
+
+    def __str__(self) -> str:
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.0f} MiB"
+
+        verdict = {True: "confirmed by NVML", False: "NOT confirmed by NVML", None: "no NVML"}[self.confirmed]
+        note = f"; {self.note}" if self.note else ""
+        return (
+            f"{self.action}: {fmt(self.before_mib)} -> {fmt(self.after_mib)} in {self.seconds * 1000:.0f} ms "
+            f"({verdict}){note}"
+        )
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """A snapshot of :meth:`ResidentEngine.status`.
+
+    Attributes:
+        engine: ``sglang``, ``transformers`` or ``attach``.
+        state: the :class:`EngineState`.
+        url: the server's base URL.
+        pid: the server process (this process for ``transformers``; ``None`` for ``attach``).
+        restarts: restarts after crashes so far.
+        memory_mib: the engine's processes on its device by NVML (``None``: NVML cannot tell).
+        device: the engine's device.
+        device_free_mib: the device's free memory by NVML.
+        device_total_mib: the device's total memory by NVML.
+        idle_seconds: since the last request ended (or the engine became ready).
+        in_flight: parses running through the engine now.
+        model: the served model name.
+        mem_fraction_static: what SGLang was started with.
+        keep_alive: seconds of idleness before ``keep_alive_action``; ``None`` never.
+        last_error: the last crash or start failure, with the log's tail.
+        log_path: the server's log file while it runs.
+    """
+
+    engine: str
+    state: EngineState
+    url: str
+    pid: int | None
+    restarts: int
+    memory_mib: float | None
+    device: str
+    device_free_mib: float | None
+    device_total_mib: float | None
+    idle_seconds: float
+    in_flight: int
+    model: str
+    mem_fraction_static: float | None
+    keep_alive: float | None
+    last_error: str | None
+    log_path: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["state"] = self.state.value
+        return data
+
+
+# --- backends ------------------------------------------------------------------------------------
+
+
+class _Backend:
+    """One way to run the engine. The supervisor owns the state; a backend only acts."""
+
+    supervised = True  # ours to start, restart and stop
+    url = ""
+    api_key = ""
+    model_id = ""
+    info: dict[str, Any]
+
+    def launch(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self, deadline: float, stop: threading.Event) -> None:
+        raise NotImplementedError
+
+    def exitcode(self) -> int | None:
+        return None
+
+    def alive(self) -> bool:
+        """Whether the server is still there (as far as this process can tell)."""
+        return self.exitcode() is None
+
+    def healthy(self, timeout: float) -> bool:
+        try:
+            status, _ = _http("GET", f"{self.url}/health", timeout=timeout)
+        except OSError:
+            return False
+        return status == 200
+
+    def busy(self, timeout: float) -> bool:
+        """Whether the server reports running or waiting requests (ours or anyone's)."""
+        try:
+            status, body = _http("GET", f"{self.url}/v1/loads?include=core", api_key=self.api_key, timeout=timeout)
+        except OSError:
+            return False
+        if status != 200 or not isinstance(body, dict):
+            return False  # a server without /v1/loads: rely on our own in-flight count
+        loads = body.get("loads") or []
+        return any((load.get("num_running_reqs") or 0) + (load.get("num_waiting_reqs") or 0) for load in loads)
+
+    def release(self) -> str:
+        raise EngineStateError(f"the {type(self).__name__} cannot release memory")
+
+    def resume(self) -> None:
+        raise EngineStateError(f"the {type(self).__name__} cannot resume memory")
+
+    def shutdown(self, grace: float) -> None:
+        return None
+
+    def pid(self) -> int | None:
+        return None
+
+    def pids(self) -> list[int]:
+        return []
+
+    def log_path(self) -> Path | None:
+        return None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return ""
+
+    def memory_mib(self, info: DeviceMemory | None) -> float | None:
+        """This engine's processes on the device, from one NVML reading of the device."""
+        if info is None:
+            return None
+        pids = set(self.pids())
+        if not pids:
+            return None
+        if not info.processes and info.used_mib > 0:
+            return None  # NVML lists no processes here (a PID namespace hides them)
+        return sum(p.used_mib for p in info.processes if p.pid in pids)
+
+
+class _HttpServerBackend(_Backend):
+    """Shared by servers reached over HTTP: readiness by /health, then /v1/models."""
+
+    def _check_ready(self) -> bool:
+        try:
+            status, _ = _http("GET", f"{self.url}/health", timeout=2.0)
+            if status != 200:
+                return False
+            status, body = _http("GET", f"{self.url}/v1/models", api_key=self.api_key, timeout=5.0)
+        except OSError:
+            return False
+        if status == 401:
+            raise EngineStartError(f"{self.url} refused the API key (401 on /v1/models)", url=self.url)
+        if status != 200 or not isinstance(body, dict) or not body.get("data"):
+            return False
+        self.model_id = str(body["data"][0].get("id", "")) or self.model_id
+        with contextlib.suppress(OSError):
+            status, info = _http("GET", f"{self.url}/server_info", api_key=self.api_key, timeout=5.0)
+            if status == 200 and isinstance(info, dict):
+                self.info = info
+        return True
+
+    def _post(self, path: str, body: Any, timeout: float) -> Any:
+        try:
+            status, answer = _http("POST", f"{self.url}{path}", api_key=self.api_key, body=body, timeout=timeout)
+        except OSError as exc:
+            raise EngineError(f"POST {path} to {self.url} failed: {exc}", url=self.url) from exc
+        if status != 200:
+            message = _find_key(answer, "message") or answer
+            raise EngineError(f"POST {path} to {self.url} answered {status}: {message}", url=self.url, status=status)
+        return answer
+
+
+class _SGLangBackend(_HttpServerBackend):
+    def __init__(self, engine: ResidentEngine) -> None:
+        self.engine = engine
+        self.process: ServerProcess | None = None
+        self._server_pid: int | None = None
+        self.info = {}
+        self.api_key = secrets.token_urlsafe(24)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model_id = engine.settings.model_name or ""
+
+    def argv(self) -> list[str]:
+        s = self.engine.settings
+        assert s.model_path is not None  # checked by the engine
+        return build_sglang_argv(
+            model_path=s.model_path,
+            port=self.port,
+            config_path=self.engine._runtime_path() / "sglang-config.yaml",
+            device=s.device,
+            mem_fraction=self.engine.mem_fraction_static,
+            served_model_name=s.model_name,
+            extra_args=s.extra_args,
+            python=s.python,
+        )
+
+    def launch(self) -> None:
+        runtime = self.engine._runtime_path()
+        config = runtime / "sglang-config.yaml"
+        # The key in a file only this user can read; JSON is valid YAML for SGLang's --config.
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({"api-key": self.api_key}, fh)
+        if not _port_free(self.port):
+            self.port = _free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+        argv = self.argv()
+        self._server_pid = None
+        log = runtime / "server.log"
+        with open(log, "ab") as fh:
+            fh.write(f"\n--- mineru-vram: {' '.join(argv)}\n".encode())
+        self.process = self.engine._launcher(argv, env=dict(os.environ), log_path=log)
+
+    def wait_ready(self, deadline: float, stop: threading.Event) -> None:
+        interval = 0.05
+        while True:
+            code = self.exitcode()
+            if code is not None:
+                raise EngineStartError(
+                    f"the sglang server exited with code {code} while starting. Log tail:\n{self.log_tail()}",
+                    exitcode=code,
+                    log_tail=self.log_tail(),
+                )
+            if self._check_ready():
+                assert self.process is not None
+                self._server_pid = self.process.server_pid()
+                return
+            if stop.is_set():
+                raise EngineStateError("the engine was stopped while it was starting")
+            if time.monotonic() >= deadline:
+                raise EngineStartError(
+                    f"the sglang server at {self.url} did not become ready within "
+                    f"{self.engine.settings.start_timeout:.0f} s. Log tail:\n{self.log_tail()}",
+                    log_tail=self.log_tail(),
+                )
+            stop.wait(interval)
+            interval = min(interval * 1.5, 1.0)
+
+    def exitcode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def alive(self) -> bool:
+        # A client sees its connection reset only after the server process is gone (a zombie
+        # at least), while the keeper may not have reaped it yet: look at the server itself.
+        if self.exitcode() is not None:
+            return False
+        pid = self._server_pid
+        if pid is None:
+            return True
+        import psutil
+
+        try:
+            return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
+
+    def release(self) -> str:
+        self._post("/release_memory_occupation", {}, timeout=120)
+        if not _truthy(_find_key(self.info, "enable_memory_saver")) and self.info:
+            return "the server reports enable_memory_saver off: SGLang's release does nothing without it"
+        return ""
+
+    def resume(self) -> None:
+        self._post("/resume_memory_occupation", {}, timeout=300)
+
+    def shutdown(self, grace: float) -> None:
+        if self.process is not None:
+            self.process.terminate(grace=grace)
+
+    def pid(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None
+        return self.process.server_pid() or self.process.pid
+
+    def pids(self) -> list[int]:
+        return [] if self.process is None else self.process.pids()
+
+    def log_path(self) -> Path | None:
+        return None if self.process is None else self.process.log_path
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "" if self.process is None else self.process.log_tail(lines)
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).lower() in ("1", "true", "yes")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class _AttachBackend(_HttpServerBackend):
+    supervised = False
+
+    def __init__(self, engine: ResidentEngine) -> None:
+        s = engine.settings
+        assert s.url is not None
+        self.engine = engine
+        self.info = {}
+        self.url = s.url.rstrip("/")
+        if self.url.endswith("/v1"):
+            self.url = self.url[:-3]
+        self.api_key = engine._attach_key or ""
+        self.model_id = s.model_name or ""
+
+    def launch(self) -> None:
+        return None
+
+    def wait_ready(self, deadline: float, stop: threading.Event) -> None:
+        while not self._check_ready():
+            if stop.is_set():
+                raise EngineStateError("the engine was stopped while attaching")
+            if time.monotonic() >= deadline:
+                raise EngineStartError(f"no OpenAI-compatible VLM server answered at {self.url}", url=self.url)
+            stop.wait(0.2)
+
+    def release(self) -> str:
+        self._post("/release_memory_occupation", {}, timeout=120)
+        return ""
+
+    def resume(self) -> None:
+        self._post("/resume_memory_occupation", {}, timeout=300)
+
+
+class _Batcher:
+    """Feeds concurrent chat requests to the in-process model in batches, one batch at a time."""
+
+    def __init__(self, vlm: Any, *, max_batch: int, window: float = 0.005) -> None:
+        import queue
+
+        self.vlm = vlm
+        self.max_batch = max(1, max_batch)
+        self.window = window
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.model_lock = threading.Lock()  # held while the model runs; sleep takes it to move weights
+        self._thread = threading.Thread(target=self._run, name="mineru-vram-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, image: bytes | None, prompt: str, sampling: dict[str, Any]) -> str:
+        import concurrent.futures
+
+        future: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self.queue.put((image, prompt, sampling, future))
+        return future.result()
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            batch = [item]
+            deadline = time.monotonic() + self.window
+            while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                try:
+                    nxt = self.queue.get(timeout=max(0.0, remaining)) if remaining > 0 else self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.queue.put(None)
+                    break
+                batch.append(nxt)
+            try:
+                with self.model_lock:
+                    texts = self.vlm.predict([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch])
+            except BaseException as exc:
+                for b in batch:
+                    b[3].set_exception(exc)
+            else:
+                for b, text in zip(batch, texts, strict=True):
+                    b[3].set_result(text)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self._thread.join(timeout=30)
+
+
+class _TransformersBackend(_HttpServerBackend):
+    """MinerU's in-process transformers VLM behind a loopback OpenAI endpoint."""
+
+    def __init__(self, engine: ResidentEngine) -> None:
+        s = engine.settings
+        assert s.model_path is not None
+        self.engine = engine
+        self.info = {}
+        self.api_key = secrets.token_urlsafe(24)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model_id = s.model_name or Path(s.model_path).name or "mineru-vlm"
+        self.vlm: Any = None
+        self.batcher: _Batcher | None = None
+        self.server: Any = None
+        self.on_device = False
+
+    def launch(self) -> None:
+        from ._adapter import TransformersVlm
+        from ._loopback import LoopbackServer
+
+        s = self.engine.settings
+        assert s.model_path is not None
+        self.vlm = TransformersVlm(s.model_path, device=s.device)
+        self.on_device = True
+        self.batcher = _Batcher(self.vlm, max_batch=self.vlm.batch_size)
+        port = self.port if _port_free(self.port) else 0
+        self.server = LoopbackServer(
+            self,
+            model_id=self.model_id,
+            api_key=self.api_key,
+            port=port,
+            info={"model_path": s.model_path, "device": s.device, "engine": "transformers"},
+        ).start()
+        self.port = self.server.port
+        self.url = self.server.url
+
+    def complete(self, request: Any) -> str:
+        sampling = dict(request.sampling)
+        cap = self.engine.settings.max_new_tokens
+        if cap is not None:
+            sampling["max_new_tokens"] = min(int(sampling.get("max_new_tokens") or cap), cap)
+        batcher = self.batcher
+        if batcher is None:
+            from ._loopback import HttpError
+
+            raise HttpError(503, "the engine is stopping")
+        return batcher.submit(request.image, request.prompt, sampling)
+
+    def wait_ready(self, deadline: float, stop: threading.Event) -> None:
+        if not self._check_ready():
+            raise EngineStartError(f"the transformers engine's loopback server at {self.url} did not answer")
+
+    def exitcode(self) -> int | None:
+        if self.server is None:
+            return None
+        return None if self.server.alive() else 1
+
+    def healthy(self, timeout: float) -> bool:
+        return self.server is not None and self.server.alive()
+
+    def busy(self, timeout: float) -> bool:
+        return self.server is not None and self.server.running > 0
+
+    def release(self) -> str:
+        from ._release import return_allocator_memory
+
+        device = self.engine.settings.device
+        if device == "cpu":
+            return "the transformers engine runs on CPU: nothing to release on a device"
+        assert self.batcher is not None
+        with self.batcher.model_lock:
+            self.vlm.to("cpu")
+            self.on_device = False
+        return_allocator_memory(device)
+        return ""
+
+    def resume(self) -> None:
+        device = self.engine.settings.device
+        if device == "cpu" or self.on_device:
+            return
+        assert self.batcher is not None
+        with self.batcher.model_lock:
+            self.vlm.to(device)
+            self.on_device = True
+
+    def shutdown(self, grace: float) -> None:
+        import gc
+
+        from ._release import AliveTracker, return_allocator_memory
+
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
+        tracker = AliveTracker()
+        if self.vlm is not None:
+            model = self.vlm.model_object()
+            if model is not None:
+                tracker.track("transformers VLM", model)
+            del model
+            self.vlm.close()
+            self.vlm = None
+        gc.collect()
+        return_allocator_memory(self.engine.settings.device)
+        if tracker.alive():
+            logger.warning("the transformers VLM is still referenced after stop: %s", tracker.alive())
+
+    def pid(self) -> int | None:
+        return os.getpid() if self.server is not None else None
+
+    def memory_mib(self, info: DeviceMemory | None) -> float | None:
+        # In-process: this process's memory, which also holds the sessions' small models
+        # when they share the device. Read even after shutdown, to confirm the release.
+        if info is None or (not info.processes and info.used_mib > 0):
+            return None
+        return sum(p.used_mib for p in info.processes if p.pid == os.getpid())
+
+    def pids(self) -> list[int]:
+        return [os.getpid()] if self.server is not None else []
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
+
+_global_lock = threading.Lock()
+_global_engine: ResidentEngine | None = None
+_live: weakref.WeakSet[ResidentEngine] = weakref.WeakSet()
+
+
+class ResidentEngine:
+    """One VLM engine that stays loaded, shared by every session and thread.
+
+    Example::
+
+        engine = ResidentEngine.get(engine="sglang", model_path="/models/MinerU2.5-Pro-2605-1.2B",
+                                    vram_budget_gib=8, keep_alive="10m")
+        with ModelSession(backend="vlm", engine=engine) as s:
+            s.parse("paper.pdf")
+        engine.sleep(); engine.wake(); engine.stop()
+
+    :meth:`get` returns the process-wide instance; the class is also constructible
+    directly (tests, or several engines on several devices).
+
+    Args:
+        engine: ``"sglang"``, ``"transformers"`` or ``"attach"``.
+        model_path: the MinerU 2.5 VLM directory (``sglang``, ``transformers``).
+        device: ``"cuda:N"``, ``"cpu"``, ``N``; default the first GPU, else CPU.
+        vram_budget_gib: the GPU memory SGLang may take for weights and KV cache;
+            becomes ``--mem-fraction-static`` = budget / the card's total (SGLang applies the
+            fraction to the memory it finds free, so a shared card gets less, never more).
+        mem_fraction: ``--mem-fraction-static`` given directly (instead of a budget).
+        keep_alive: idle time before ``keep_alive_action`` (``"10m"``, ``"30s"``, seconds;
+            ``None`` never). The next request wakes or restarts the engine.
+        keep_alive_action: ``"sleep"`` (release memory, keep the process) or ``"stop"``.
+        url: the server to use (``attach``).
+        api_key: the key of an attached server.
+        model_name: the served model name (``--served-model-name`` for SGLang).
+        extra_args: more ``sglang.launch_server`` flags.
+        start_timeout: seconds to wait for readiness.
+        stop_timeout: seconds between SIGTERM and SIGKILL on stop.
+        idle_timeout: seconds ``sleep``/``stop`` wait for running requests to finish.
+        health_interval: seconds between health checks while ready.
+        health_timeout: seconds one health check may take.
+        health_failures: consecutive failed checks that count as a hang (the server is killed).
+        max_restarts: restarts in a row after crashes before giving up (state ``crashed``).
+        restart_backoff: first restart delay in seconds; doubles per failure (at most 30 s).
+        http_timeout: MinerU's http-client read timeout, passed in :meth:`vlm_config`.
+        max_concurrency: MinerU's concurrent requests to the engine.
+        headroom_gib: memory beyond the budget that must be free before SGLang starts
+            (CUDA context, activations, CUDA graphs).
+        max_new_tokens: (transformers) cap on generated tokens per request.
+        python: the interpreter that runs ``sglang.launch_server`` (default this one).
+        runtime_dir: where the server's log and key file go (default a private temp dir).
+        launcher: starts the server command line (default :func:`launch_process`).
+        probe: reads a device's memory (default NVML through :func:`vram_snapshot`).
+    """
+
+    def __init__(
+        self,
+        engine: EngineKind = "sglang",
+        *,
+        model_path: str | os.PathLike[str] | None = None,
+        device: str | int | None = None,
+        vram_budget_gib: float | None = None,
+        mem_fraction: float | None = None,
+        keep_alive: str | float | timedelta | None = None,
+        keep_alive_action: Literal["sleep", "stop"] = "sleep",
+        url: str | None = None,
+        api_key: str | None = None,
+        model_name: str | None = None,
+        extra_args: Sequence[str] = (),
+        start_timeout: float = 600.0,
+        stop_timeout: float = 30.0,
+        idle_timeout: float = 120.0,
+        health_interval: float = 10.0,
+        health_timeout: float = 20.0,
+        health_failures: int = 3,
+        max_restarts: int = 3,
+        restart_backoff: float = 1.0,
+        http_timeout: int = 600,
+        max_concurrency: int = 100,
+        headroom_gib: float = 1.0,
+        max_new_tokens: int | None = None,
+        python: str | None = None,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        launcher: Launcher | None = None,
+        probe: MemoryProbe | None = None,
+    ) -> None:
+        self.settings = _resolve_settings(
+            engine=engine,
+            model_path=model_path,
+            device=device,
+            vram_budget_gib=vram_budget_gib,
+            mem_fraction=mem_fraction,
+            keep_alive=keep_alive,
+            keep_alive_action=keep_alive_action,
+            url=url,
+            model_name=model_name,
+            extra_args=extra_args,
+            start_timeout=start_timeout,
+            stop_timeout=stop_timeout,
+            idle_timeout=idle_timeout,
+            health_interval=health_interval,
+            health_timeout=health_timeout,
+            health_failures=health_failures,
+            max_restarts=max_restarts,
+            restart_backoff=restart_backoff,
+            http_timeout=http_timeout,
+            max_concurrency=max_concurrency,
+            headroom_gib=headroom_gib,
+            max_new_tokens=max_new_tokens,
+            python=python,
+            runtime_dir=runtime_dir,
+        )
+        self._launcher: Launcher = launcher or launch_process
+        self._probe: MemoryProbe = probe or _nvml_device
+        self._attach_key = api_key
+        self.mem_fraction_static: float | None = self.settings.mem_fraction
+        self._state = EngineState.NEW
+        self._lifecycle = threading.RLock()  # start, restart, sleep, wake, unload, stop
+        self._cond = threading.Condition()  # in-flight count and activity
+        self._in_flight = 0
+        self._last_activity = time.monotonic()
+        self._generation = 0  # bumped on every crash; a lease compares it
+        self._restarts = 0
+        self._crash_streak = 0
+        self._last_error: str | None = None
+        self._failed_at = -math.inf
+        self._stop_event = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._atexit_registered = False
+        self._runtime: Path | None = None
+        self._runtime_finalizer: Any = None  # weakref.finalize
+        self.last_report: MemoryReport | None = None
+        self._backend: _Backend = self._make_backend()
+
+    # -- construction helpers ------------------------------------------------------------------
+
+    def _make_backend(self) -> _Backend:
+        kind = self.settings.engine
+        if kind == "sglang":
+            return _SGLangBackend(self)
+        if kind == "transformers":
+            return _TransformersBackend(self)
+        return _AttachBackend(self)
+
+    def _runtime_path(self) -> Path:
+        if self._runtime is None:
+            parent = self.settings.runtime_dir
+            if parent is not None:
+                Path(parent).mkdir(parents=True, exist_ok=True)
+            # mkdtemp makes it 0700: the key file and the log are this user's only. Removed by
+            # stop(), or when the engine is collected without ever having been stopped.
+            self._runtime = Path(tempfile.mkdtemp(prefix="mineru-vram-engine-", dir=parent))
+            self._runtime_finalizer = weakref.finalize(self, _remove_dir, str(self._runtime), os.getpid())
+        return self._runtime
+
+    # -- the process-wide instance -------------------------------------------------------------
+
+    @classmethod
+    def get(cls, engine: EngineKind | None = None, **settings: Any) -> ResidentEngine:
+        """The process-wide engine for these settings, started on first use.
+
+        32 threads asking at once start exactly one engine. Asking again with
+        settings that differ from the running engine's raises; settings not
+        passed are not compared, so ``ResidentEngine.get()`` returns the running one.
+
+        Raises:
+            ConfigurationError: (a ``ValueError``) the settings differ from the running
+                engine's; the message names each difference.
+            EngineStartError: the engine could not start.
+        """
+        global _global_engine
+        asked = dict(settings)
+        if engine is not None:
+            asked["engine"] = engine
+        with _global_lock:
+            current = _global_engine
+            if current is not None and current.state in (EngineState.STOPPED, EngineState.CRASHED):
+                if current.state is EngineState.CRASHED:
+                    current.stop()
+                current = _global_engine = None
+            if current is None:
+                current = _global_engine = cls(**asked)
+            else:
+                differences = current._differences(asked)
+                if differences:
+                    raise ConfigurationError(
+                        "ResidentEngine.get(): the process-wide engine is running with other settings: "
+                        + "; ".join(differences)
+                        + ". Use the same settings, or stop it first (ResidentEngine.get().stop()).",
+                        differences=differences,
+                    )
+        current.start()
+        return current
+
+    @classmethod
+    def current(cls) -> ResidentEngine | None:
+        """The process-wide engine if one was created and not stopped, else ``None``."""
+        engine = _global_engine
+        return engine if engine is not None and engine.state is not EngineState.STOPPED else None
+
+    @classmethod
+    def attach(
+        cls, url: str, *, api_key: str | None = None, model_name: str | None = None, **settings: Any
+    ) -> ResidentEngine:
+        """Use an OpenAI-compatible VLM server someone else runs (never started or stopped here).
+
+        Raises:
+            EngineStartError: nothing answered at ``url`` within ``start_timeout``.
+        """
+        settings.setdefault("start_timeout", 30.0)
+        engine = cls("attach", url=url, api_key=api_key, model_name=model_name, **settings)
+        return engine.start()
+
+    def _differences(self, asked: Mapping[str, Any]) -> list[str]:
+        ignored = {"launcher", "probe", "api_key"}
+        norm = _resolve_settings(**{**dataclasses.asdict(self.settings), **_user_keys(asked, ignored)})
+        out = []
+        for key in sorted(_user_keys(asked, ignored)):
+            mine, theirs = getattr(self.settings, key), getattr(norm, key)
+            if mine != theirs:
+                out.append(f"{key}: running {mine!r}, asked {theirs!r}")
+        return out
+
+    # -- state and queries ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def url(self) -> str:
+        return self._backend.url
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    def is_running(self) -> bool:
+        """Whether the engine is up (ready or asleep)."""
+        return self._state in (EngineState.READY, EngineState.SLEEPING)
+
+    def vlm_config(self) -> dict[str, Any]:
+        """The fields of MinerU's ``VlmConfig`` that point its http-client at this engine."""
+        s = self.settings
+        return {
+            "server_url": self._backend.url + "/",
+            "api_key": self._backend.api_key,
+            "model": self._backend.model_id,
+            "http_timeout": int(s.http_timeout),
+            "max_concurrency": int(s.max_concurrency),
+        }
+
+    def status(self) -> EngineStatus:
+        """State, URL, pid, restarts, memory by NVML and idle time."""
+        info = self._probe(self.settings.device) if self.settings.device != "cpu" else None
+        with self._cond:
+            idle = time.monotonic() - self._last_activity
+            in_flight = self._in_flight
+        log = self._backend.log_path()
+        return EngineStatus(
+            engine=self.settings.engine,
+            state=self._state,
+            url=self._backend.url,
+            pid=self._backend.pid(),
+            restarts=self._restarts,
+            memory_mib=self._backend.memory_mib(info),
+            device=self.settings.device,
+            device_free_mib=None if info is None else info.free_mib,
+            device_total_mib=None if info is None else info.total_mib,
+            idle_seconds=idle,
+            in_flight=in_flight,
+            model=self._backend.model_id,
+            mem_fraction_static=self.mem_fraction_static,
+            keep_alive=self.settings.keep_alive,
+            last_error=self._last_error,
+            log_path=None if log is None else str(log),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ResidentEngine(engine={self.settings.engine!r}, device={self.settings.device!r}, "
+            f"url={self._backend.url!r}, state={self._state.value})"
+        )
+
+    def __enter__(self) -> ResidentEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> ResidentEngine:
+        """Start the engine and wait until it serves. Idempotent while it runs.
+
+        Raises:
+            EngineStartError: it did not become ready (the message has the log's tail),
+                or the device lacks the memory it needs (checked before starting).
+            EngineStateError: the engine was stopped.
+        """
+        called = time.monotonic()
+        with self._lifecycle:
+            state = self._state
+            if state in (EngineState.READY, EngineState.SLEEPING):
+                return self
+            if state is EngineState.STOPPED:
+                raise EngineStateError("this engine was stopped; create a new one or call ResidentEngine.get()")
+            if state is EngineState.CRASHED and self._failed_at >= called:
+                # Another thread's start failed while this one waited: do not try again at once.
+                raise EngineStartError(self._last_error or "the engine failed to start", log_tail=self._last_error)
+            self._crash_streak = 0
+            self._start_locked()
+        return self
+
+    def _start_locked(self) -> None:
+        self._stop_event.clear()
+        self._state = EngineState.STARTING
+        try:
+            self._preflight()
+            self._launch_and_wait()
+        except BaseException as exc:
+            self._state = EngineState.CRASHED
+            self._failed_at = time.monotonic()
+            self._last_error = str(exc)
+            raise
+        self._became_ready()
+
+    def _became_ready(self) -> None:
+        with self._cond:
+            self._last_activity = time.monotonic()
+            self._state = EngineState.READY
+            self._cond.notify_all()
+        self._ensure_monitor()
+        if not self._atexit_registered:
+            atexit.register(self._atexit)
+            self._atexit_registered = True
+        _live.add(self)
+        s = self.settings
+        logger.info("resident %s engine ready at %s (%s)", s.engine, self._backend.url, s.device)
+
+    def _launch_and_wait(self) -> None:
+        deadline = time.monotonic() + self.settings.start_timeout
+        try:
+            self._backend.launch()
+            self._backend.wait_ready(deadline, self._stop_event)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._backend.shutdown(grace=min(5.0, self.settings.stop_timeout))
+            raise
+
+    def _preflight(self) -> None:
+        """Turn the budget into a fraction, and check the device has the memory free."""
+        s = self.settings
+        if s.engine == "attach":
+            return
+        weights = _weights_mib(s.model_path)
+        if s.device == "cpu":
+            return  # nothing to size or check on a device
+        info = self._probe(s.device)
+        need_mib: float | None = None
+        if s.engine == "sglang":
+            if s.vram_budget_gib is not None:
+                if info is None:
+                    raise EngineStartError(
+                        f"cannot turn vram_budget_gib into --mem-fraction-static: NVML cannot read {s.device}; "
+                        "pass mem_fraction= instead",
+                        device=s.device,
+                    )
+                budget_mib = s.vram_budget_gib * 1024
+                if budget_mib >= info.total_mib:
+                    raise ConfigurationError(
+                        f"vram_budget_gib={s.vram_budget_gib:g} is not below {s.device}'s total "
+                        f"{info.total_mib / 1024:.1f} GiB",
+                        vram_budget_gib=s.vram_budget_gib,
+                    )
+                # Rounded down: the fraction never asks SGLang for more than the budget.
+                self.mem_fraction_static = math.floor(budget_mib / info.total_mib * 1000) / 1000
+                if self.mem_fraction_static <= 0:
+                    raise ConfigurationError(
+                        f"vram_budget_gib={s.vram_budget_gib:g} is under 0.1% of {s.device}",
+                        vram_budget_gib=s.vram_budget_gib,
+                    )
+            if self.mem_fraction_static is not None and info is not None:
+                need_mib = self.mem_fraction_static * info.total_mib
+        elif weights is not None:
+            need_mib = weights  # transformers: the weights, plus the headroom below
+        if info is None or need_mib is None:
+            return
+        if weights is not None and s.engine == "sglang" and weights >= need_mib:
+            raise EngineStartError(
+                f"the model's weights ({weights / 1024:.1f} GiB on disk) do not fit the "
+                f"{need_mib / 1024:.1f} GiB budget on {s.device}, which must also hold the KV cache",
+                needed_mib=weights,
+                budget_mib=need_mib,
+            )
+        required = need_mib + s.headroom_gib * 1024
+        if info.free_mib < required:
+            holders = sorted(info.processes, key=lambda p: -p.used_mib)[:5]
+            held = ", ".join(f"pid {p.pid} ({p.name or '?'}) {p.used_mib / 1024:.1f} GiB" for p in holders)
+            raise EngineStartError(
+                f"not enough free memory on {s.device} ({info.name}) to start the {s.engine} engine: it needs "
+                f"{need_mib / 1024:.1f} GiB plus {s.headroom_gib:g} GiB headroom = {required / 1024:.1f} GiB, and "
+                f"NVML reports {info.free_mib / 1024:.1f} GiB free of {info.total_mib / 1024:.1f} GiB "
+                f"({info.free_mib / 1024 - required / 1024:+.1f} GiB)."
+                + (f" Holding memory: {held}." if held else "")
+                + " Lower vram_budget_gib or free the device.",
+                device=s.device,
+                needed_mib=required,
+                free_mib=info.free_mib,
+            )
+
+    def _ensure_monitor(self) -> None:
+        if self._monitor is not None and self._monitor.is_alive():
+            return
+        self._monitor = threading.Thread(
+            target=_monitor_main, args=(weakref.ref(self),), name="mineru-vram-engine-monitor", daemon=True
+        )
+        self._monitor.start()
+
+    # -- leases: how sessions use the engine ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[dict[str, Any]]:
+        """Use the engine for one parse: wakes or starts it, counts the request, marks activity.
+
+        Yields:
+            The current :meth:`vlm_config`.
+
+        Raises:
+            EngineCrashedError: the engine crashed (and is down, or died during the parse).
+            EngineStateError: the engine was stopped.
+        """
+        generation = self._acquire()
+        ok = False
+        try:
+            yield self.vlm_config()
+            ok = True
+        except MineruVramError as exc:
+            if self._crashed_since(generation):
+                raise EngineCrashedError(
+                    f"the {self.settings.engine} engine crashed during the parse: {self._last_error or exc}",
+                    exitcode=self._backend.exitcode(),
+                    log_tail=self._backend.log_tail(),
+                ) from exc
+            raise
+        finally:
+            self._release(ok=ok)
+
+    def _acquire(self) -> int:
+        s = self.settings
+        wait = s.start_timeout + s.idle_timeout + 60 * max(1, s.max_restarts)
+        if not self._lifecycle.acquire(timeout=wait):
+            raise EngineStateError(f"the engine did not become available within {wait:.0f} s")
+        try:
+            state = self._state
+            if state is EngineState.STOPPED:
+                raise EngineStateError("the engine was stopped; create a new one or call ResidentEngine.get()")
+            if state is EngineState.CRASHED:
+                if s.engine == "attach":
+                    self._start_locked()  # re-attach: the server may be back
+                else:
+                    raise EngineCrashedError(
+                        f"the {s.engine} engine is down: {self._last_error}; call start() to try again",
+                        log_tail=self._last_error,
+                    )
+            elif state in (EngineState.NEW, EngineState.UNLOADED):
+                self._start_locked()
+            elif state is EngineState.SLEEPING:
+                self._wake_locked()
+            with self._cond:
+                self._in_flight += 1
+                self._last_activity = time.monotonic()
+            return self._generation
+        finally:
+            self._lifecycle.release()
+
+    def _release(self, *, ok: bool) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._last_activity = time.monotonic()
+            if ok:
+                self._crash_streak = 0
+            self._cond.notify_all()
+
+    def _crashed_since(self, generation: int, *, grace: float = 0.5) -> bool:
+        """Whether the engine crashed since ``generation``: asked after a parse failed.
+
+        A client can see its connection reset a moment before the dying server is gone
+        from the process table, so a live-looking server is watched for ``grace`` seconds.
+        """
+        deadline = time.monotonic() + grace
+        while True:
+            if (
+                self._generation != generation
+                or self._state in (EngineState.CRASHED, EngineState.STARTING)
+                or not self._backend.alive()
+            ):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+    def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._in_flight > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise EngineStateError(
+                        f"{self._in_flight} request(s) still running after {timeout:.0f} s", in_flight=self._in_flight
+                    )
+                self._cond.wait(remaining)
+        # Requests from outside this process (attach, or other clients of the port).
+        while self._backend.busy(timeout=5.0):
+            if time.monotonic() >= deadline:
+                raise EngineStateError(f"the server still reports running requests after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    # -- sleep and wake --------------------------------------------------------------------------
+
+    def sleep(self) -> MemoryReport:
+        """Release the engine's device memory; the process stays up. Waits for idle first.
+
+        Returns:
+            What NVML saw (also kept as :attr:`last_report`).
+
+        Raises:
+            EngineStateError: the engine is not running, or requests did not finish in time.
+            EngineError: the server refused the release.
+        """
+        with self._lifecycle:
+            if self._state is EngineState.SLEEPING:
+                return MemoryReport("sleep", 0.0, None, None, note="already sleeping")
+            if self._state is not EngineState.READY:
+                raise EngineStateError(f"cannot sleep: the engine is {self._state.value}")
+            return self._sleep_locked()
+
+    def _sleep_locked(self) -> MemoryReport:
+        self._wait_idle(self.settings.idle_timeout)
+        t0 = time.monotonic()
+        before, free_before = self._reading()
+        note = self._backend.release()
+        after, free_after, confirmed = self._settle(before, direction=-1)
+        report = MemoryReport("sleep", time.monotonic() - t0, before, after, free_before, free_after, confirmed, note)
+        with self._cond:
+            self._state = EngineState.SLEEPING
+        self.last_report = report
+        logger.info("resident engine %s", report)
+        return report
+
+    def wake(self) -> MemoryReport:
+        """Take the released memory back; a no-op when awake.
+
+        Raises:
+            EngineStateError: the engine is not running.
+        """
+        with self._lifecycle:
+            if self._state is EngineState.READY:
+                return MemoryReport("wake", 0.0, None, None, note="already awake")
+            if self._state is not EngineState.SLEEPING:
+                raise EngineStateError(f"cannot wake: the engine is {self._state.value}")
+            return self._wake_locked()
+
+    def _wake_locked(self) -> MemoryReport:
+        t0 = time.monotonic()
+        before, free_before = self._reading()
+        self._backend.resume()
+        after, free_after, confirmed = self._settle(before, direction=+1)
+        report = MemoryReport("wake", time.monotonic() - t0, before, after, free_before, free_after, confirmed)
+        with self._cond:
+            self._state = EngineState.READY
+            self._last_activity = time.monotonic()
+        self.last_report = report
+        logger.info("resident engine %s", report)
+        return report
+
+    def _reading(self) -> tuple[float | None, float | None]:
+        if self.settings.device == "cpu":
+            return None, None
+        info = self._probe(self.settings.device)
+        return self._backend.memory_mib(info), (None if info is None else info.free_mib)
+
+    def _settle(
+        self, before: float | None, *, direction: int, timeout: float = 10.0, pids: Sequence[int] | None = None
+    ) -> tuple[float | None, float | None, bool | None]:
+        """Poll NVML until the engine's memory moved ``direction`` and two readings agree.
+
+        SGLang's release can return before the memory is back (MINERU_FACTS); this
+        is the confirmation. Returns ``(after, device free after, confirmed)``.
+        """
+        if before is None:
+            after, free = self._reading()
+            return after, free, None
+        deadline = time.monotonic() + timeout
+        prev: float | None = None
+        while True:
+            info = self._probe(self.settings.device)
+            if pids is not None:
+                cur: float | None = 0.0 if info is None else sum(p.used_mib for p in info.processes if p.pid in pids)
+            else:
+                cur = self._backend.memory_mib(info)
+            free = None if info is None else info.free_mib
+            if cur is None:
+                return None, free, None
+            if cur is not None:
+                moved = cur < before - 1.0 if direction < 0 else cur > before + 1.0
+                if pids is not None:
+                    moved = cur <= 0.5
+                if moved and prev is not None and abs(cur - prev) < 1.0:
+                    return cur, free, True
+            if time.monotonic() >= deadline:
+                return cur, free, False
+            prev = cur
+            time.sleep(0.05)
+
+    # -- keep-alive and unload -----------------------------------------------------------------
+
+    def _expire_if_idle(self) -> None:
+        keep = self.settings.keep_alive
+        if keep is None or not self._lifecycle.acquire(blocking=False):
+            return
+        try:
+            with self._cond:
+                idle = time.monotonic() - self._last_activity
+                if self._state is not EngineState.READY or self._in_flight or idle < keep:
+                    return
+            action = self.settings.keep_alive_action
+            logger.info("resident engine idle for %.1f s (keep_alive %.1f s): %s", idle, keep, action)
+            if self.settings.keep_alive_action == "sleep":
+                self._sleep_locked()
+            else:
+                self._unload_locked()
+        except MineruVramError as exc:
+            logger.warning("keep_alive could not %s the engine: %s", self.settings.keep_alive_action, exc)
+        finally:
+            self._lifecycle.release()
+
+    def _unload_locked(self) -> MemoryReport:
+        report = self._shutdown_locked("unload")
+        with self._cond:
+            self._state = EngineState.UNLOADED
+        return report
+
+    def _shutdown_locked(self, action: str) -> MemoryReport:
+        t0 = time.monotonic()
+        before, free_before = self._reading()
+        pids = self._backend.pids()
+        self._backend.shutdown(grace=self.settings.stop_timeout)
+        if self.settings.engine == "transformers":
+            after, free_after, confirmed = self._settle(before, direction=-1)
+        else:
+            after, free_after, confirmed = self._settle(before, direction=-1, pids=pids)
+        report = MemoryReport(action, time.monotonic() - t0, before, after, free_before, free_after, confirmed)
+        self.last_report = report
+        logger.info("resident engine %s", report)
+        return report
+
+    # -- stop ------------------------------------------------------------------------------------
+
+    def stop(self) -> MemoryReport | None:
+        """Stop the engine for good: kill the server's process group and wait for NVML.
+
+        Idempotent. Waits up to ``idle_timeout`` for running requests, then stops anyway.
+        An attached server is left running. Unregisters the atexit hook.
+
+        Returns:
+            What NVML saw, or ``None`` if nothing was running.
+        """
+        global _global_engine
+        self._stop_event.set()
+        report: MemoryReport | None = None
+        with self._lifecycle:
+            if self._state is EngineState.STOPPED:
+                return self.last_report
+            running = self._state in (EngineState.READY, EngineState.SLEEPING, EngineState.STARTING)
+            if running:
+                with contextlib.suppress(EngineStateError):
+                    self._wait_idle_local(self.settings.idle_timeout)
+            url = self._backend.url
+            if running or self._backend.pids():
+                report = self._shutdown_locked("stop")
+            with self._cond:
+                self._state = EngineState.STOPPED
+                self._cond.notify_all()
+            if self._atexit_registered:
+                atexit.unregister(self._atexit)
+                self._atexit_registered = False
+            _live.discard(self)
+            if self._runtime_finalizer is not None:
+                self._runtime_finalizer()
+                self._runtime_finalizer = None
+                self._runtime = None
+        if url:
+            with contextlib.suppress(Exception):
+                from ._adapter import drop_http_vlm_clients
+
+                drop_http_vlm_clients(url)
+        with _global_lock:
+            if _global_engine is self:
+                _global_engine = None
+        monitor = self._monitor
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join(timeout=5)
+        return report
+
+    def _wait_idle_local(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._in_flight > 0 and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+
+    def _atexit(self) -> None:
+        try:
+            self.stop()
+        except Exception as exc:  # at exit there is no one left to raise to
+            logger.debug("stopping the resident engine at exit: %s", exc)
+
+    # -- supervision (runs on the monitor thread) -----------------------------------------------
+
+    def _tick(self, health: dict[str, float]) -> bool:
+        """One round of supervision. Returns False when the monitor should exit."""
+        state = self._state
+        if state in (EngineState.STOPPED, EngineState.CRASHED) or self._stop_event.is_set():
+            return False
+        if state not in (EngineState.READY, EngineState.SLEEPING):
+            return True
+        code = self._backend.exitcode()
+        if code is not None:
+            self._on_crash(f"exited with code {code}")
+            return True
+        now = time.monotonic()
+        if state is EngineState.READY and now >= health["next"]:
+            # No health check while asleep: SGLang's /health runs a generation.
+            health["next"] = now + self.settings.health_interval
+            if self._backend.healthy(self.settings.health_timeout):
+                health["failures"] = 0
+            else:
+                health["failures"] += 1
+                if health["failures"] >= self.settings.health_failures:
+                    health["failures"] = 0
+                    self._on_crash(f"did not answer {self.settings.health_failures} health checks in a row (hung)")
+                    return True
+        if state is EngineState.READY:
+            self._expire_if_idle()
+        return True
+
+    def _on_crash(self, reason: str) -> None:
+        with self._lifecycle:
+            if self._state not in (EngineState.READY, EngineState.SLEEPING) or self._stop_event.is_set():
+                return
+            self._generation += 1
+            self._crash_streak += 1
+            tail = self._backend.log_tail()
+            self._last_error = f"the {self.settings.engine} server {reason}" + (f". Log tail:\n{tail}" if tail else "")
+            logger.error("resident engine: %s", self._last_error)
+            with self._cond:
+                self._state = EngineState.STARTING
+            with contextlib.suppress(Exception):
+                self._backend.shutdown(grace=min(5.0, self.settings.stop_timeout))
+            if not self._backend.supervised:
+                self._state = EngineState.CRASHED
+                self._failed_at = time.monotonic()
+                return
+            self._restart_locked()
+
+    def _restart_locked(self) -> None:
+        s = self.settings
+        while True:
+            if self._crash_streak > s.max_restarts:
+                with self._cond:
+                    self._state = EngineState.CRASHED
+                    self._failed_at = time.monotonic()
+                    self._cond.notify_all()
+                logger.error("resident engine: giving up after %d restarts in a row", s.max_restarts)
+                return
+            delay = min(s.restart_backoff * 2 ** max(0, self._crash_streak - 1), 30.0)
+            if self._stop_event.wait(delay):
+                return
+            self._restarts += 1
+            logger.warning("resident engine: restart %d (after %.1f s)", self._restarts, delay)
+            try:
+                self._preflight()
+                self._launch_and_wait()
+            except MineruVramError as exc:
+                self._crash_streak += 1
+                self._last_error = f"restart {self._restarts} failed: {exc}"
+                logger.error("resident engine: %s", self._last_error)
+                continue
+            self._became_ready()
+            return
+
+
+def _remove_dir(path: str, pid: int) -> None:
+    if os.getpid() == pid:  # never from a forked child
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _monitor_main(ref: weakref.ref[ResidentEngine]) -> None:
+    health = {"next": 0.0, "failures": 0.0}
+    first = ref()
+    if first is None:
+        return
+    health["next"] = time.monotonic() + first.settings.health_interval
+    tick = min(0.25, max(0.02, first.settings.health_interval / 4))
+    stop = first._stop_event
+    del first
+    while not stop.wait(tick):
+        engine = ref()
+        if engine is None:
+            return
+        try:
+            if not engine._tick(health):
+                return
+        except Exception:  # the monitor must survive anything a backend throws
+            logger.exception("resident engine monitor")
+        del engine
+
+
+def _user_keys(asked: Mapping[str, Any], ignored: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in asked.items() if k not in ignored}
+
+
+def _resolve_settings(
+    *,
+    engine: str = "sglang",
+    model_path: Any = None,
+    device: Any = None,
+    vram_budget_gib: float | None = None,
+    mem_fraction: float | None = None,
+    keep_alive: Any = None,
+    keep_alive_action: str = "sleep",
+    url: str | None = None,
+    model_name: str | None = None,
+    extra_args: Sequence[str] = (),
+    start_timeout: float = 600.0,
+    stop_timeout: float = 30.0,
+    idle_timeout: float = 120.0,
+    health_interval: float = 10.0,
+    health_timeout: float = 20.0,
+    health_failures: int = 3,
+    max_restarts: int = 3,
+    restart_backoff: float = 1.0,
+    http_timeout: int = 600,
+    max_concurrency: int = 100,
+    headroom_gib: float = 1.0,
+    max_new_tokens: int | None = None,
+    python: str | None = None,
+    runtime_dir: Any = None,
+) -> EngineSettings:
+    """Validate and normalise the engine's arguments (no side effects)."""
+    kind = str(engine).strip().lower()
+    if kind in ("vllm", "vllm-engine"):
+        raise BackendNotAvailableError(
+            "engine='vllm' is not built yet; use 'sglang', 'transformers', or attach() to a vLLM server",
+            engine=engine,
+        )
+    if kind not in ENGINES:
+        raise ConfigurationError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}", engine=engine)
+    path: str | None = None
+    if kind in ("sglang", "transformers"):
+        if model_path is None:
+            raise ConfigurationError(f"the {kind} engine needs model_path=", engine=kind)
+        candidate = Path(os.fspath(model_path)).expanduser()
+        if candidate.exists():
+            path = str(candidate.resolve())
+        elif kind == "transformers":
+            raise ConfigurationError(f"model_path={str(model_path)!r} does not exist", model_path=str(model_path))
+        else:
+            path = str(model_path)  # SGLang also takes a hub id
+    if kind == "attach":
+        if not url:
+            raise ConfigurationError("the attach engine needs url=", engine=kind)
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ConfigurationError(f"url={url!r}: expected http(s)://host:port", url=url)
+    elif url is not None:
+        raise ConfigurationError(f"url= is for engine='attach', not {kind!r}", url=url)
+    if vram_budget_gib is not None and mem_fraction is not None:
+        raise ConfigurationError("pass vram_budget_gib= or mem_fraction=, not both")
+    if vram_budget_gib is not None and (isinstance(vram_budget_gib, bool) or not vram_budget_gib > 0):
+        raise ConfigurationError(
+            f"vram_budget_gib={vram_budget_gib!r}: must be positive", vram_budget_gib=vram_budget_gib
+        )
+    if mem_fraction is not None and not 0 < mem_fraction < 1:
+        raise ConfigurationError(f"mem_fraction={mem_fraction!r}: must be between 0 and 1", mem_fraction=mem_fraction)
+    if (vram_budget_gib is not None or mem_fraction is not None) and kind != "sglang":
+        raise ConfigurationError(f"vram_budget_gib / mem_fraction size SGLang's pool; not used by the {kind} engine")
+    if keep_alive_action not in ("sleep", "stop"):
+        raise ConfigurationError(
+            f"keep_alive_action={keep_alive_action!r}: expected 'sleep' or 'stop'", keep_alive_action=keep_alive_action
+        )
+    for name, value in (
+        ("start_timeout", start_timeout),
+        ("health_interval", health_interval),
+        ("health_timeout", health_timeout),
+    ):
+        if not value > 0:
+            raise ConfigurationError(f"{name}={value!r}: must be positive", **{name: value})
+    if health_failures < 1 or max_restarts < 0:
+        raise ConfigurationError("health_failures must be at least 1 and max_restarts at least 0")
+    resolved_device = resolve_device(device)
+    if vram_budget_gib is not None and resolved_device == "cpu":
+        raise ConfigurationError("vram_budget_gib needs a GPU device; this engine runs on cpu", device=resolved_device)
+    return EngineSettings(
+        engine=kind,
+        model_path=path,
+        device="cpu" if kind == "attach" and device is None else resolved_device,
+        vram_budget_gib=None if vram_budget_gib is None else float(vram_budget_gib),
+        mem_fraction=None if mem_fraction is None else float(mem_fraction),
+        keep_alive=parse_keep_alive(keep_alive),
+        keep_alive_action=keep_alive_action,
+        url=url,
+        model_name=model_name,
+        extra_args=tuple(str(a) for a in extra_args),
+        start_timeout=float(start_timeout),
+        stop_timeout=float(stop_timeout),
+        idle_timeout=float(idle_timeout),
+        health_interval=float(health_interval),
+        health_timeout=float(health_timeout),
+        health_failures=int(health_failures),
+        max_restarts=int(max_restarts),
+        restart_backoff=float(restart_backoff),
+        http_timeout=int(http_timeout),
+        max_concurrency=int(max_concurrency),
+        headroom_gib=float(headroom_gib),
+        max_new_tokens=max_new_tokens,
+        python=python,
+        runtime_dir=None if runtime_dir is None else str(runtime_dir),
+    )
+
+
+def _reset_for_tests() -> None:
+    """Stop and forget the process-wide engine and every engine still running (``testing.reset()``)."""
+    global _global_engine
+    with _global_lock:
+        engine, _global_engine = _global_engine, None
+    engines = [e for e in list(_live) if e is not engine]
+    for e in ([engine] if engine is not None else []) + engines:
+        with contextlib.suppress(Exception):
+            e.stop()

@@ -1,0 +1,379 @@
+"""A STAND-IN for an SGLang server, for tests: it is not SGLang and runs no model.
+
+SGLang cannot be installed on the machines this project is tested on, so the
+resident engine's supervisor (start, readiness, health, crash and restart,
+sleep and wake, keep-alive, stop) is driven against this process instead. It is
+a real HTTP server in a real child process on 127.0.0.1, started as::
+
+    python -m mineru_vram._standin --model-path P --host 127.0.0.1 --port N \\
+        --mem-fraction-static 0.1 --enable-memory-saver --config key.yaml
+
+It accepts the flags :class:`ResidentEngine` passes to ``sglang.launch_server``
+(others are tolerated and ignored), reads the API key from the ``--config`` file
+as SGLang does, enforces it like SGLang (every endpoint but ``/health*``), and
+implements the endpoints the engine and MinerU's http-client use: ``/health``,
+``/health_generate``, ``/server_info``, ``/model_info``, ``/v1/models``,
+``/v1/chat/completions``, ``/v1/loads``, ``/flush_cache``,
+``/release_memory_occupation`` and ``/resume_memory_occupation``. Its chat
+completions are canned answers in the format MinerU's VLM client parses (a
+small layout with a title and a text block, then text for each block), so a
+``ModelSession`` parse goes end to end through MinerU's real http-client.
+
+Memory: where torch and a CUDA device are present, it really allocates
+``min(mem_fraction_static * total, cap)`` on the GPU at start, frees it on
+release (only with ``--enable-memory-saver``, like SGLang, which silently does
+nothing without it) and allocates it again on resume, so NVML sees sleep and
+wake. On CPU it only reports.
+
+Fault injection, from the environment (:class:`StandinLauncher` sets these):
+
+================================== ==================================================
+``MINERU_VRAM_STANDIN_START_DELAY`` seconds to wait before listening (a slow start)
+``MINERU_VRAM_STANDIN_NEVER_READY`` ``1``: listen, but ``/health`` answers 503 forever
+``MINERU_VRAM_STANDIN_EXIT_AT_START`` exit at once with this code (a bad model path)
+``MINERU_VRAM_STANDIN_CRASH_AFTER`` exit (code 70) on the chat request after N answered
+``MINERU_VRAM_STANDIN_HANG_AFTER``  after N chat answers, chat and ``/health`` never answer
+``MINERU_VRAM_STANDIN_LATENCY``     seconds each chat completion takes
+``MINERU_VRAM_STANDIN_CAP_MIB``     most GPU memory to allocate (default 1024)
+================================== ==================================================
+
+``GET /standin/stats`` (stand-in only) reports request counts, the release and
+resume calls it saw and its memory, for tests to assert on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._loopback import ChatRequest, HttpError, LoopbackServer, Request, Response
+
+if TYPE_CHECKING:
+    from ._engine import ServerProcess
+
+__all__ = ["STANDIN_ENV", "StandinLauncher", "canned_completion", "main"]
+
+logger = logging.getLogger("mineru_vram.standin")
+
+STANDIN_ENV = {
+    "start_delay": "MINERU_VRAM_STANDIN_START_DELAY",
+    "never_ready": "MINERU_VRAM_STANDIN_NEVER_READY",
+    "exit_at_start": "MINERU_VRAM_STANDIN_EXIT_AT_START",
+    "crash_after": "MINERU_VRAM_STANDIN_CRASH_AFTER",
+    "hang_after": "MINERU_VRAM_STANDIN_HANG_AFTER",
+    "latency": "MINERU_VRAM_STANDIN_LATENCY",
+    "cap_mib": "MINERU_VRAM_STANDIN_CAP_MIB",
+}
+
+CRASH_EXIT_CODE = 70
+MIB = 1024 * 1024
+
+# A page with a title and one text block, in MinerU 2.5's layout output format
+# (mineru_vl_utils.mineru_client._layout_re): boxes on a 0-1000 grid.
+STANDIN_LAYOUT = (
+    "<|box_start|>100 060 900 120<|box_end|><|ref_start|>title<|ref_end|><|rotate_up|>\n"
+    "<|box_start|>100 160 900 520<|box_end|><|ref_start|>text<|ref_end|><|rotate_up|>"
+)
+STANDIN_TEXT = "Text read by the SGLang stand-in."
+
+
+def canned_completion(prompt: str) -> str:
+    """The stand-in's answer to one of MinerU's VLM prompts."""
+    if "Layout Detection" in prompt:
+        return STANDIN_LAYOUT
+    if "Table Recognition" in prompt:
+        return "<fcel>stand-in<fcel>table<nl>"  # OTSL, MinerU converts it to HTML
+    if "Formula Recognition" in prompt:
+        return "x = 1"
+    if "Image Analysis" in prompt:
+        return "An image described by the SGLang stand-in."
+    return STANDIN_TEXT
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mineru_vram._standin", allow_abbrev=False)
+    parser.add_argument("--model-path", "--model", dest="model_path", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--mem-fraction-static", type=float, default=None)
+    parser.add_argument("--enable-memory-saver", action="store_true")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--base-gpu-id", type=int, default=0)
+    parser.add_argument("--config", default=None)
+    args, unknown = parser.parse_known_args(list(argv))
+    if args.config:
+        # SGLang reads YAML; the engine writes JSON, which is valid YAML, so json suffices here.
+        config = json.loads(Path(args.config).read_text(encoding="utf-8") or "{}")
+        for key, value in config.items():
+            dest = key.replace("-", "_")
+            if getattr(args, dest, None) in (None, False):
+                setattr(args, dest, value)
+    args.unknown = unknown
+    return args
+
+
+class _GpuBlock:
+    """GPU memory held like SGLang's static pool: allocated at start, freed on release."""
+
+    def __init__(self, device: str | None, gpu_id: int, fraction: float | None, cap_mib: float) -> None:
+        self.tensor: Any = None
+        self.mib = 0.0
+        self.torch: Any = None
+        self.index = gpu_id
+        if device == "cpu" or not _cuda_driver_present():
+            return
+        try:
+            import torch
+        except ImportError:
+            return
+        if not torch.cuda.is_available():
+            return
+        self.torch = torch
+        total = torch.cuda.mem_get_info(gpu_id)[1]
+        want = cap_mib if fraction is None else min(fraction * total / MIB, cap_mib)
+        self.mib = max(0.0, want)
+
+    def allocate(self) -> None:
+        if self.torch is None or self.tensor is not None or self.mib <= 0:
+            return
+        self.tensor = self.torch.empty(int(self.mib * MIB), dtype=self.torch.uint8, device=f"cuda:{self.index}")
+        self.torch.cuda.synchronize(self.index)
+
+    def free(self) -> None:
+        if self.torch is None or self.tensor is None:
+            return
+        self.tensor = None
+        self.torch.cuda.synchronize(self.index)
+        self.torch.cuda.empty_cache()
+
+    @property
+    def allocated_mib(self) -> float:
+        return self.mib if self.tensor is not None else 0.0
+
+
+def _cuda_driver_present() -> bool:
+    # Importing torch costs seconds; skip it where no NVIDIA driver exists at all.
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+class _Standin:
+    def __init__(self, args: argparse.Namespace, env: Mapping[str, str]) -> None:
+        self.args = args
+        self.crash_after = _int(env.get(STANDIN_ENV["crash_after"]))
+        self.hang_after = _int(env.get(STANDIN_ENV["hang_after"]))
+        self.latency = float(env.get(STANDIN_ENV["latency"]) or 0)
+        self.never_ready = env.get(STANDIN_ENV["never_ready"], "") not in ("", "0")
+        self.answered = 0
+        self.hanging = False
+        self.released = False
+        self.calls: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        cap = float(env.get(STANDIN_ENV["cap_mib"]) or 1024)
+        self.gpu = _GpuBlock(args.device, args.base_gpu_id, args.mem_fraction_static, cap)
+        model_id = args.served_model_name or args.model_path
+        self.server = LoopbackServer(
+            self,
+            model_id=model_id,
+            api_key=args.api_key,
+            host=args.host,
+            port=args.port,
+            info={
+                "model_path": args.model_path,
+                "served_model_name": model_id,
+                "mem_fraction_static": args.mem_fraction_static,
+                "enable_memory_saver": bool(args.enable_memory_saver),
+                "device": args.device,
+                "base_gpu_id": args.base_gpu_id,
+                "version": "0.5.23 (mineru-vram stand-in, not SGLang)",
+                "launch_command": " ".join([sys.executable, "-m", "mineru_vram._standin", *sys.argv[1:]]),
+            },
+        )
+        self.server.ready = not self.never_ready
+        self.server.before = self._before
+        for method in ("GET", "POST"):
+            self.server.routes[(method, "/release_memory_occupation")] = self._release
+            self.server.routes[(method, "/resume_memory_occupation")] = self._resume
+            self.server.routes[(method, "/flush_cache")] = self._flush
+        self.server.routes[("GET", "/standin/stats")] = self._stats
+
+    # -- faults ----------------------------------------------------------------------------------
+
+    def _before(self, request: Request) -> Response | None:
+        if self.hanging and (request.path.startswith("/health") or request.path == "/v1/chat/completions"):
+            while True:  # a hung server: the engine's health check must notice and kill us
+                time.sleep(3600)
+        if request.path != "/v1/chat/completions":
+            return None
+        with self.lock:
+            if self.crash_after is not None and self.answered >= self.crash_after:
+                print(f"stand-in: crashing on purpose after {self.answered} chat completions", flush=True)
+                os._exit(CRASH_EXIT_CODE)
+            if self.hang_after is not None and self.answered >= self.hang_after:
+                print(f"stand-in: hanging on purpose after {self.answered} chat completions", flush=True)
+                self.hanging = True
+        if self.hanging:
+            return self._before(request)
+        return None
+
+    # -- Completer ---------------------------------------------------------------------------------
+
+    def complete(self, request: ChatRequest) -> str:
+        if self.released:
+            raise HttpError(400, "memory is released: call /resume_memory_occupation first")
+        if self.latency:
+            time.sleep(self.latency)
+        with self.lock:
+            self.answered += 1
+        return canned_completion(request.prompt)
+
+    # -- memory endpoints --------------------------------------------------------------------------
+
+    def _tags(self, request: Request) -> list[str] | None:
+        body = request.json()
+        tags = body.get("tags") if isinstance(body, dict) else None
+        return list(tags) if tags else None
+
+    def _release(self, request: Request) -> Response:
+        tags = self._tags(request)
+        self.calls.append({"call": "release", "tags": tags, "running": self.server.running})
+        if self.server.running:
+            # SGLang asserts this in the scheduler and answers 400 with the message.
+            raise HttpError(400, "release_memory_occupation should be called only when server is idle.")
+        if not self.args.enable_memory_saver:
+            print("stand-in: release_memory_occupation without --enable-memory-saver does nothing", flush=True)
+            return Response(body=None)
+        self.gpu.free()
+        self.released = True
+        return Response(body=None)
+
+    def _resume(self, request: Request) -> Response:
+        tags = self._tags(request)
+        self.calls.append({"call": "resume", "tags": tags})
+        if self.args.enable_memory_saver:
+            self.gpu.allocate()
+            self.released = False
+        return Response(body=None)
+
+    def _flush(self, request: Request) -> Response:
+        return Response(body="Cache flushed.\n")
+
+    def _stats(self, request: Request) -> Response:
+        return Response(
+            body={
+                "pid": os.getpid(),
+                "counts": dict(self.server.counts),
+                "answered": self.answered,
+                "released": self.released,
+                "calls": self.calls,
+                "allocated_mib": self.gpu.allocated_mib,
+                "planned_mib": self.gpu.mib,
+                "memory_saver": bool(self.args.enable_memory_saver),
+                "unknown_flags": self.args.unknown,
+                "api_key_required": self.server.api_key is not None,
+            }
+        )
+
+
+def _int(raw: str | None) -> int | None:
+    return None if raw in (None, "") else int(raw)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the stand-in until SIGTERM/SIGINT. Returns the exit code."""
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    env = os.environ
+    exit_code = env.get(STANDIN_ENV["exit_at_start"])
+    if exit_code:
+        print(f"stand-in: failing at start on purpose (exit {exit_code}): cannot load {args.model_path}", flush=True)
+        return int(exit_code)
+    delay = float(env.get(STANDIN_ENV["start_delay"]) or 0)
+    print(f"stand-in for sglang.launch_server: {args.model_path}, port {args.port}, pid {os.getpid()}", flush=True)
+    if args.unknown:
+        print(f"stand-in: ignoring flags {args.unknown}", flush=True)
+    if delay:
+        time.sleep(delay)
+    standin = _Standin(args, env)
+    standin.gpu.allocate()
+    if standin.gpu.allocated_mib:
+        print(f"stand-in: holding {standin.gpu.allocated_mib:.0f} MiB on cuda:{standin.gpu.index}", flush=True)
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    print("The server is fired up and ready to roll!" if standin.server.ready else "stand-in: never ready", flush=True)
+    try:
+        standin.server.serve_forever()
+    except (SystemExit, KeyboardInterrupt):
+        pass
+    finally:
+        standin.gpu.free()
+    return 0
+
+
+class StandinLauncher:
+    """A ``launcher=`` for :class:`ResidentEngine` that runs the stand-in where SGLang would run.
+
+    The engine builds its real ``sglang.launch_server`` command line; this
+    launcher swaps the module for ``mineru_vram._standin`` and adds fault
+    variables, then starts it through the engine's real process launcher
+    (process group, parent-death watch, log file), so everything but SGLang
+    itself is exercised.
+
+    Args:
+        faults: fault variables by the keys of :data:`STANDIN_ENV` (``crash_after=2``),
+            or a sequence of such mappings, one per launch (the last repeats), to
+            let a restarted server behave differently from the first.
+        cap_mib: most GPU memory the stand-in allocates where it has a GPU.
+    """
+
+    def __init__(
+        self,
+        faults: Mapping[str, Any] | Sequence[Mapping[str, Any]] = (),
+        *,
+        cap_mib: float | None = None,
+    ) -> None:
+        if isinstance(faults, Mapping):
+            self._faults: list[Mapping[str, Any]] = [faults]
+        else:
+            self._faults = list(faults) or [{}]
+        for entry in self._faults:
+            unknown = set(entry) - set(STANDIN_ENV)
+            if unknown:
+                raise ValueError(f"unknown stand-in faults {sorted(unknown)}; known: {sorted(STANDIN_ENV)}")
+        self.cap_mib = cap_mib
+        self.launches: list[list[str]] = []  # each argv as the engine built it (before the swap)
+
+    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> ServerProcess:
+        from ._engine import launch_process
+
+        argv = list(argv)
+        self.launches.append(argv)
+        faults = self._faults[min(len(self.launches) - 1, len(self._faults) - 1)]
+        try:
+            at = argv.index("sglang.launch_server")
+        except ValueError:
+            raise ValueError(f"not an sglang.launch_server command line: {argv}") from None
+        swapped = [*argv[:at], "mineru_vram._standin", *argv[at + 1 :]]
+        child_env = {k: v for k, v in env.items() if not k.startswith("MINERU_VRAM_STANDIN_")}
+        for key, value in faults.items():
+            child_env[STANDIN_ENV[key]] = "1" if value is True else str(value)
+        if self.cap_mib is not None:
+            child_env[STANDIN_ENV["cap_mib"]] = str(self.cap_mib)
+        return launch_process(swapped, env=child_env, log_path=log_path)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

@@ -1,0 +1,500 @@
+"""ResidentEngine's supervisor against real processes, and sessions parsing through it.
+
+SGLang cannot be installed here, so the "sglang" engine is driven against the
+SGLang STAND-IN (``mineru_vram._standin``): a real HTTP server process on
+loopback that speaks the SGLang endpoints the engine uses, with faults injected
+by environment variables. It is not SGLang; ``tests/gpu/test_sglang_real.py``
+runs the real one where it is installed. The transformers engine runs for real
+on CPU with a tiny random Qwen2-VL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import mineru_vram as mv
+from mineru_vram import testing
+from mineru_vram._engine import EngineState, ResidentEngine, _http
+from mineru_vram._standin import STANDIN_TEXT, StandinLauncher
+
+Factory = Callable[..., ResidentEngine]
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """What the stand-in is told to serve (it loads nothing from it)."""
+    folder = tmp_path / "MinerU2.5-standin"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def make_engine(model_dir: Path) -> Iterator[Factory]:
+    """Builds sglang engines on the stand-in; stops every one at teardown."""
+    made: list[ResidentEngine] = []
+
+    def make(launcher: StandinLauncher | None = None, **kwargs: Any) -> ResidentEngine:
+        kwargs.setdefault("model_path", model_dir)
+        kwargs.setdefault("device", "cpu")
+        kwargs.setdefault("start_timeout", 30)
+        kwargs.setdefault("restart_backoff", 0.05)
+        engine = ResidentEngine("sglang", launcher=launcher or StandinLauncher(), **kwargs)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.stop()
+    testing.reset()
+
+
+def _standin_processes() -> list[psutil.Process]:
+    out = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "mineru_vram._standin" in " ".join(proc.cmdline()):
+                out.append(proc)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _stats(engine: ResidentEngine) -> dict[str, Any]:
+    status, body = _http("GET", f"{engine.url}/standin/stats", api_key=engine.vlm_config()["api_key"])
+    assert status == 200, body
+    return body  # type: ignore[no-any-return]
+
+
+def _chat(engine: ResidentEngine, prompt: str = "\nText Recognition:", timeout: float = 30) -> int:
+    payload = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]}
+    key = engine.vlm_config()["api_key"]
+    return _http("POST", f"{engine.url}/v1/chat/completions", api_key=key, body=payload, timeout=timeout)[0]
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def _gone(pids: list[int], timeout: float = 5.0) -> bool:
+    return _wait_for(lambda: not any(psutil.pid_exists(p) and _alive(p) for p in pids), timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# --- start, status, stop ------------------------------------------------------------------------
+
+
+def test_start_status_and_stop_leave_no_process(make_engine: Factory, model_dir: Path) -> None:
+    launcher = StandinLauncher()
+    engine = make_engine(launcher)
+    assert engine.start() is engine
+    status = engine.status()
+    assert status.state is EngineState.READY
+    assert status.url == engine.url
+    assert status.model == str(model_dir)
+    assert status.restarts == 0
+    assert status.in_flight == 0
+    assert status.memory_mib is None  # no GPU here: NVML cannot tell, and says so
+    server = psutil.Process(status.pid)
+    keeper = server.parent()
+    assert keeper is not None
+    assert os.getpgid(server.pid) == keeper.pid != os.getpgid(0), "the server runs in its own process group"
+    assert len(launcher.launches) == 1
+    log = Path(status.log_path or "")
+    assert "fired up and ready" in log.read_text()
+    key_file = log.parent / "sglang-config.yaml"
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert engine.vlm_config()["api_key"] not in " ".join(server.cmdline())
+
+    engine.stop()
+    assert engine.state is EngineState.STOPPED
+    assert _gone([server.pid, keeper.pid], timeout=2)
+    assert not log.parent.exists(), "stop removes the key file and the log folder"
+    assert _standin_processes() == []
+    assert engine.stop() is engine.last_report  # idempotent
+    with pytest.raises(mv.EngineStateError, match="stopped"), engine.lease():
+        pass
+
+
+def test_readiness_timeout_reports_the_log_tail(make_engine: Factory) -> None:
+    engine = make_engine(StandinLauncher({"never_ready": True}), start_timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(mv.EngineStartError) as info:
+        engine.start()
+    assert 1.0 <= time.monotonic() - t0 < 10
+    assert "did not become ready within 1 s" in str(info.value)
+    assert "stand-in: never ready" in info.value.log_tail  # type: ignore[attr-defined]
+    assert engine.state is EngineState.CRASHED
+    assert _wait_for(lambda: _standin_processes() == [], 5)
+
+
+def test_a_server_that_exits_at_start_fails_fast_with_its_exit_code(make_engine: Factory) -> None:
+    engine = make_engine(StandinLauncher({"exit_at_start": 3}))
+    t0 = time.monotonic()
+    with pytest.raises(mv.EngineStartError, match="exited with code 3 while starting") as info:
+        engine.start()
+    assert time.monotonic() - t0 < 10
+    assert info.value.exitcode == 3  # type: ignore[attr-defined]
+    assert "cannot load" in info.value.log_tail  # type: ignore[attr-defined]
+
+
+# --- crash, hang, restart -----------------------------------------------------------------------
+
+
+def test_a_crashed_server_is_restarted_on_the_same_url(make_engine: Factory) -> None:
+    launcher = StandinLauncher([{"crash_after": 0}, {}])
+    engine = make_engine(launcher, health_interval=0.2)
+    engine.start()
+    first_pid = engine.status().pid
+    url = engine.url
+    with pytest.raises((ConnectionError, urllib.error.URLError)):
+        _chat(engine)  # the stand-in exits on purpose while answering
+    assert _wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
+    status = engine.status()
+    assert status.pid != first_pid
+    assert engine.url == url
+    assert len(launcher.launches) == 2
+    assert "exited with code 70" in (status.last_error or "")
+    assert "crashing on purpose" in (status.last_error or "")
+    assert _chat(engine) == 200
+
+
+def test_callers_get_a_typed_error_not_a_hang(make_engine: Factory) -> None:
+    launcher = StandinLauncher({"crash_after": 0})
+    engine = make_engine(launcher, max_restarts=0)
+    engine.start()
+
+    def parse_through(lease_of: ResidentEngine) -> None:
+        with lease_of.lease():
+            try:
+                _chat(lease_of)
+            except OSError as exc:  # what MinerU's adapter does with any failure inside MinerU
+                raise mv.ParseError("doc.pdf: MinerU failed", document="doc.pdf") from exc
+
+    with pytest.raises(mv.EngineCrashedError, match="crashed during the parse") as info:
+        parse_through(engine)
+    assert isinstance(info.value.__cause__, mv.ParseError)
+    assert _wait_for(lambda: engine.state is EngineState.CRASHED, 10)
+    t0 = time.monotonic()
+    with pytest.raises(mv.EngineCrashedError, match="is down"), engine.lease():
+        pass
+    assert time.monotonic() - t0 < 1
+    engine.start()  # an explicit start tries again
+    assert engine.state is EngineState.READY
+    assert len(launcher.launches) == 2
+
+
+def test_a_hung_server_is_killed_and_restarted(make_engine: Factory) -> None:
+    engine = make_engine(
+        StandinLauncher([{"hang_after": 0}, {}]), health_interval=0.2, health_timeout=0.3, health_failures=2
+    )
+    engine.start()
+    outcome: list[BaseException | int] = []
+
+    def request() -> None:
+        try:
+            outcome.append(_chat(engine, timeout=60))
+        except OSError as exc:
+            outcome.append(exc)
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=request)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "a request to a hung server must end when the supervisor kills it"
+    assert time.monotonic() - t0 < 20
+    assert isinstance(outcome[0], OSError)
+    assert _wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
+    assert "health checks in a row (hung)" in (engine.status().last_error or "")
+    assert _chat(engine) == 200
+
+
+# --- sleep, wake, keep-alive --------------------------------------------------------------------
+
+
+def test_sleep_and_wake_use_sglangs_memory_endpoints(make_engine: Factory) -> None:
+    engine = make_engine()
+    engine.start()
+    report = engine.sleep()
+    assert engine.state is EngineState.SLEEPING
+    assert report.action == "sleep"
+    assert report.confirmed is None  # no NVML on this machine: nothing to confirm, and it says so
+    stats = _stats(engine)
+    assert stats["released"] is True
+    assert stats["calls"] == [{"call": "release", "tags": None, "running": 0}]
+    assert engine.sleep().note == "already sleeping"
+    assert engine.wake().action == "wake"
+    assert engine.state is EngineState.READY
+    assert [c["call"] for c in _stats(engine)["calls"]] == ["release", "resume"]
+    assert engine.wake().note == "already awake"
+
+    engine.sleep()
+    with engine.lease() as config:  # the next request wakes it
+        assert engine.state is EngineState.READY
+        assert config == engine.vlm_config()
+        assert _chat(engine) == 200
+    assert [c["call"] for c in _stats(engine)["calls"]] == ["release", "resume", "release", "resume"]
+
+
+def test_sleep_waits_for_running_requests(make_engine: Factory) -> None:
+    engine = make_engine(StandinLauncher({"latency": 0.8}))
+    engine.start()
+    in_lease = threading.Event()
+
+    def parse() -> None:
+        with engine.lease():
+            in_lease.set()
+            _chat(engine)
+
+    thread = threading.Thread(target=parse)
+    thread.start()
+    assert in_lease.wait(5)
+    t0 = time.monotonic()
+    engine.sleep()
+    assert time.monotonic() - t0 >= 0.5, "sleep must wait for the running request"
+    thread.join(5)
+    release = _stats(engine)["calls"][0]
+    assert release == {"call": "release", "tags": None, "running": 0}
+
+
+def test_keep_alive_puts_an_idle_engine_to_sleep_and_a_request_wakes_it(make_engine: Factory) -> None:
+    engine = make_engine(keep_alive="300ms", health_interval=0.1)
+    engine.start()
+    t0 = time.monotonic()
+    assert _wait_for(lambda: engine.state is EngineState.SLEEPING, 10)
+    assert time.monotonic() - t0 >= 0.25
+    assert engine.status().idle_seconds >= 0.3
+    assert engine.last_report is not None
+    assert engine.last_report.action == "sleep"
+    with engine.lease():
+        assert engine.state is EngineState.READY
+    assert [c["call"] for c in _stats(engine)["calls"]][:2] == ["release", "resume"]
+
+
+def test_keep_alive_stop_unloads_and_the_next_request_starts_it_again(make_engine: Factory) -> None:
+    launcher = StandinLauncher()
+    engine = make_engine(launcher, keep_alive=0.3, keep_alive_action="stop", health_interval=0.1)
+    engine.start()
+    first = engine.status().pid
+    url = engine.url
+    assert _wait_for(lambda: engine.state is EngineState.UNLOADED, 10)
+    assert first is not None
+    assert _gone([first], 5)
+    assert engine.status().pid is None
+    with engine.lease():
+        assert engine.state is EngineState.READY
+        assert _chat(engine) == 200
+    assert len(launcher.launches) == 2
+    assert engine.url == url, "a restarted engine keeps its URL when the port is free"
+
+
+# --- process lifetime -----------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent(
+    """
+    import atexit, json, sys, time
+    from mineru_vram._engine import ResidentEngine
+    from mineru_vram._standin import StandinLauncher
+
+    holder = {}
+    atexit.register(lambda: print("state at exit:", holder["engine"].state.value, flush=True))
+    engine = holder["engine"] = ResidentEngine("sglang", model_path=sys.argv[1], device="cpu",
+                                               launcher=StandinLauncher())
+    engine.start()
+    print(json.dumps(engine._backend.pids()), flush=True)
+    if sys.argv[2] == "sleep":
+        time.sleep(120)
+    """
+)
+
+
+def test_killing_the_parent_leaves_no_orphan(model_dir: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(model_dir), "sleep"], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None
+            pids = json.loads(child.stdout.readline())
+            assert len(pids) == 2  # keeper and stand-in
+            assert all(_alive(p) for p in pids)
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+            assert _gone(pids, timeout=5), f"orphans left after the parent was killed: {pids}"
+        finally:
+            child.kill()
+
+
+def test_exiting_without_stop_runs_the_engines_atexit_hook(model_dir: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(model_dir), "exit"], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = out.stdout.splitlines()
+    pids = json.loads(lines[0])
+    assert lines[-1] == "state at exit: stopped"
+    assert _gone(pids, timeout=5)
+
+
+# --- the process-wide engine ----------------------------------------------------------------------
+
+
+def test_32_threads_asking_at_once_start_exactly_one_engine(model_dir: Path) -> None:
+    launcher = StandinLauncher({"start_delay": 0.5})
+    barrier = threading.Barrier(32)
+    got: list[ResidentEngine] = []
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        barrier.wait()
+        try:
+            got.append(ResidentEngine.get(engine="sglang", model_path=model_dir, device="cpu", launcher=launcher))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(32)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert len(got) == 32
+        assert len({id(e) for e in got}) == 1
+        assert len(launcher.launches) == 1
+        engine = got[0]
+        assert engine.state is EngineState.READY
+        assert ResidentEngine.current() is engine
+        pid = engine.status().pid
+    finally:
+        testing.reset()
+    assert ResidentEngine.current() is None
+    assert engine.state is EngineState.STOPPED
+    assert pid is not None
+    assert _gone([pid])
+
+
+def test_asking_with_other_settings_names_each_difference(model_dir: Path, tmp_path: Path) -> None:
+    launcher = StandinLauncher()
+    try:
+        engine = ResidentEngine.get(engine="sglang", model_path=model_dir, device="cpu", launcher=launcher)
+        assert ResidentEngine.get() is engine
+        assert ResidentEngine.get(model_path=str(model_dir), keep_alive=None) is engine
+        with pytest.raises(ValueError, match="process-wide engine is running with other settings") as info:
+            ResidentEngine.get(engine="sglang", model_path=tmp_path, keep_alive="10m", device="cpu")
+        message = str(info.value)
+        assert f"model_path: running '{model_dir}', asked '{tmp_path}'" in message
+        assert "keep_alive: running None, asked 600.0" in message
+        assert "device" not in message
+        assert isinstance(info.value, mv.ConfigurationError)
+        assert len(launcher.launches) == 1
+        engine.stop()
+        again = ResidentEngine.get(engine="sglang", model_path=tmp_path, device="cpu", launcher=launcher)
+        assert again is not engine, "after stop(), get() creates a new engine"
+    finally:
+        testing.reset()
+
+
+def test_attach_uses_a_server_it_does_not_own(make_engine: Factory) -> None:
+    owner = make_engine()
+    owner.start()
+    key = owner.vlm_config()["api_key"]
+    attached = ResidentEngine.attach(owner.url + "/v1", api_key=key)
+    assert attached.state is EngineState.READY
+    assert attached.vlm_config()["server_url"] == owner.url + "/"
+    assert attached.status().pid is None
+    attached.sleep()  # an explicit sleep is allowed on a server someone else runs
+    attached.wake()
+    attached.stop()
+    assert owner.state is EngineState.READY
+    assert _http("GET", f"{owner.url}/health")[0] == 200, "stopping an attached engine leaves the server running"
+    with pytest.raises(mv.EngineStartError, match="refused the API key"):
+        ResidentEngine.attach(owner.url, api_key="wrong-key", start_timeout=2)
+    owner.stop()
+    with pytest.raises(mv.EngineStartError, match="no OpenAI-compatible VLM server answered"):
+        ResidentEngine.attach(owner.url, api_key=key, start_timeout=0.5)
+
+
+# --- sessions on an engine ------------------------------------------------------------------------
+
+_EXPECTED_STANDIN_MARKDOWN = f"## {STANDIN_TEXT}\n\n{STANDIN_TEXT}"
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # MinerU's http client and render workers
+def test_vlm_session_parses_through_minerus_http_client(make_engine: Factory, random_models_dir: Path) -> None:
+    owner = make_engine()
+    owner.start()
+    engine = ResidentEngine.attach(owner.url, api_key=owner.vlm_config()["api_key"])
+    with mv.ModelSession("vlm", engine=engine, device="cpu", models_dir=random_models_dir) as session:
+        result = session.parse(testing.make_pdf(1, table=False), ocr_mode="ocr")
+        assert engine.status().in_flight == 0
+    # The stand-in's layout (a title and a text block) and its text, through MinerU's VLM client.
+    assert result.markdown.strip() == _EXPECTED_STANDIN_MARKDOWN
+    assert result.backend == "vlm"
+    assert _stats(owner)["counts"]["/v1/chat/completions"] >= 3  # layout, then each block
+    assert session.release_report is not None
+    assert session.release_report.models_alive == []
+    assert engine.state is EngineState.READY, "closing a session never stops the shared engine"
+    assert owner.state is EngineState.READY
+    assert _http("GET", f"{owner.url}/health")[0] == 200
+    assert engine.status().idle_seconds < 60
+    engine.stop()
+    from mineru.model.vlm.runtime import ModelSingleton
+
+    assert not [k for k in ModelSingleton._models if str(k[2]).startswith(owner.url)], (
+        "stopping the engine drops MinerU's cached http client for it"
+    )
+
+
+@pytest.fixture(scope="module")
+def random_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return testing.write_random_vlm(tmp_path_factory.mktemp("vlm") / "tiny-qwen2-vl")
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # MinerU's http client and render workers
+def test_transformers_engine_for_real_on_cpu(random_models_dir: Path, random_vlm_dir: Path) -> None:
+    engine = ResidentEngine("transformers", model_path=random_vlm_dir, device="cpu", max_new_tokens=16)
+    try:
+        engine.start()
+        assert engine.state is EngineState.READY
+        assert engine.status().pid == os.getpid()
+        backend: Any = engine._backend
+        model_ref = weakref.ref(backend.vlm.model_object())
+        with mv.ModelSession("hybrid", engine=engine, device="cpu", models_dir=random_models_dir) as session:
+            result = session.parse(testing.make_pdf(1, table=False))
+        assert result.page_count == 1
+        assert result.backend == "hybrid"
+        assert backend.server.counts.get("/v1/chat/completions", 0) >= 1, "MinerU's client reached the engine"
+        assert engine.state is EngineState.READY
+        assert engine.sleep().note.startswith("the transformers engine runs on CPU")
+        assert engine.wake().action == "wake"
+        url = engine.url
+    finally:
+        engine.stop()
+    assert engine.state is EngineState.STOPPED
+    assert model_ref() is None, "stop drops every reference to the model"
+    with pytest.raises(urllib.error.URLError, match="Connection refused"):
+        _http("GET", f"{url}/health", timeout=2)

@@ -1,0 +1,284 @@
+"""ResidentEngine's settings: keep_alive, validation, SGLang's command line, budget and pre-flight.
+
+Nothing here starts a process: the launcher used is a stand-in that records the
+command line and refuses to run anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mineru_vram as mv
+from mineru_vram._engine import (
+    EngineState,
+    MemoryReport,
+    ResidentEngine,
+    build_sglang_argv,
+    parse_keep_alive,
+)
+from mineru_vram._probe import DeviceMemory, ProcessMemory
+
+
+@pytest.mark.parametrize(
+    ("spec", "seconds"),
+    [
+        ("10m", 600.0),
+        ("30s", 30.0),
+        ("1h30m", 5400.0),
+        ("250ms", 0.25),
+        ("2d", 172800.0),
+        ("1.5m", 90.0),
+        (" 45S ", 45.0),
+        ("90", 90.0),
+        (12, 12.0),
+        (0, 0.0),
+        (0.5, 0.5),
+        (timedelta(minutes=2), 120.0),
+        (None, None),
+        (-1, None),
+        ("-1", None),
+        ("never", None),
+        (float("inf"), None),
+    ],
+)
+def test_keep_alive_specs(spec: Any, seconds: float | None) -> None:
+    assert parse_keep_alive(spec) == seconds
+
+
+@pytest.mark.parametrize("spec", ["10 minutes", "m10", "10x", "1h 30m", "s", "10m5", True, float("nan")])
+def test_bad_keep_alive_specs_are_refused(spec: Any) -> None:
+    with pytest.raises(mv.ConfigurationError, match="keep_alive"):
+        parse_keep_alive(spec)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "MinerU2.5-tiny"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * (3 * 1024 * 1024))  # 3 MiB of "weights"
+    return folder
+
+
+class RefusingLauncher:
+    """Stand-in launcher: records what the engine would run and runs nothing."""
+
+    def __init__(self) -> None:
+        self.argv: list[list[str]] = []
+
+    def __call__(self, argv: Any, *, env: Any, log_path: Path) -> Any:
+        self.argv.append(list(argv))
+        raise AssertionError("this test must not launch a server")
+
+
+def card(*, total_gib: float = 80.0, free_gib: float = 80.0, holders: tuple[ProcessMemory, ...] = ()) -> Any:
+    """A stand-in NVML probe that reports one card of this size."""
+    info = DeviceMemory(
+        index=0,
+        name="Stand-in H100",
+        total_mib=total_gib * 1024,
+        used_mib=(total_gib - free_gib) * 1024,
+        free_mib=free_gib * 1024,
+        processes=holders,
+    )
+    return lambda device: info
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"engine": "sglang"}, "needs model_path"),
+        ({"engine": "transformers", "model_path": "/no/such/dir"}, "does not exist"),
+        ({"engine": "attach"}, "needs url"),
+        ({"engine": "attach", "url": "localhost:30000"}, "http"),
+        ({"engine": "nope", "model_path": "x"}, "expected one of"),
+        ({"engine": "sglang", "model_path": "x", "url": "http://a:1"}, "url= is for engine='attach'"),
+        ({"engine": "sglang", "model_path": "x", "vram_budget_gib": 8, "mem_fraction": 0.5}, "not both"),
+        ({"engine": "sglang", "model_path": "x", "vram_budget_gib": 0}, "must be positive"),
+        ({"engine": "sglang", "model_path": "x", "mem_fraction": 1.2}, "between 0 and 1"),
+        ({"engine": "sglang", "model_path": "x", "keep_alive": "soon"}, "keep_alive"),
+        ({"engine": "sglang", "model_path": "x", "keep_alive_action": "nap"}, "keep_alive_action"),
+        ({"engine": "sglang", "model_path": "x", "device": "tpu"}, "unsupported device"),
+        ({"engine": "sglang", "model_path": "x", "start_timeout": 0}, "start_timeout"),
+    ],
+)
+def test_invalid_settings_raise_configuration_errors(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(mv.ConfigurationError, match=match):
+        ResidentEngine(**kwargs)
+
+
+def test_vllm_is_named_as_not_built() -> None:
+    with pytest.raises(mv.BackendNotAvailableError, match="vllm"):
+        ResidentEngine("vllm", model_path="x")
+
+
+def test_constructing_starts_nothing(model_dir: Path) -> None:
+    launcher = RefusingLauncher()
+    engine = ResidentEngine("sglang", model_path=model_dir, device="cpu", launcher=launcher)
+    assert engine.state is EngineState.NEW
+    assert launcher.argv == []
+    config = engine.vlm_config()
+    assert config["server_url"].startswith("http://127.0.0.1:")
+    assert config["server_url"].endswith("/")
+    assert len(config["api_key"]) >= 24
+    assert engine.stop() is None
+    assert engine.state is EngineState.STOPPED
+    with pytest.raises(mv.EngineStateError, match="stopped"):
+        engine.start()
+
+
+def test_two_engines_get_distinct_ports_and_keys(model_dir: Path) -> None:
+    a = ResidentEngine("sglang", model_path=model_dir, device="cpu")
+    b = ResidentEngine("sglang", model_path=model_dir, device="cpu")
+    assert a.vlm_config()["server_url"] != b.vlm_config()["server_url"]
+    assert a.vlm_config()["api_key"] != b.vlm_config()["api_key"]
+
+
+def _sglang_parser() -> argparse.ArgumentParser:
+    """The flags of sglang 0.5.23's ServerArgs that the engine passes, with their argparse actions.
+
+    Read off sglang/srt/arg_groups/fields/*.py: model_path (alias --model), host, port,
+    mem_fraction_static (Optional[float]), enable_memory_saver (bool, so store_true),
+    device (Optional[str]), base_gpu_id (int), served_model_name, and --config (server_args.py).
+    SGLang's parser rejects unknown flags, so each flag here must be one of its own.
+    """
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model-path", "--model", dest="model_path", required=True)
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--mem-fraction-static", type=float)
+    parser.add_argument("--enable-memory-saver", action="store_true")
+    parser.add_argument("--device")
+    parser.add_argument("--base-gpu-id", type=int)
+    parser.add_argument("--served-model-name")
+    parser.add_argument("--config")
+    return parser
+
+
+def test_sglang_command_line_matches_sglang_server_args(tmp_path: Path) -> None:
+    argv = build_sglang_argv(
+        model_path="/models/MinerU2.5",
+        port=31234,
+        config_path=tmp_path / "k.yaml",
+        device="cuda:1",
+        mem_fraction=0.1,
+        served_model_name="mineru",
+        extra_args=["--log-level", "warning"],
+        python="/opt/sglang/bin/python",
+    )
+    assert argv[:3] == ["/opt/sglang/bin/python", "-m", "sglang.launch_server"]
+    args, rest = _sglang_parser().parse_known_args(argv[3:])
+    assert rest == ["--log-level", "warning"]
+    assert args.model_path == "/models/MinerU2.5"
+    assert args.host == "127.0.0.1"
+    assert args.port == 31234
+    assert args.mem_fraction_static == pytest.approx(0.1)
+    assert args.enable_memory_saver is True
+    assert (args.device, args.base_gpu_id) == ("cuda", 1)
+    assert args.served_model_name == "mineru"
+    assert args.config == str(tmp_path / "k.yaml")
+    assert "--api-key" not in argv, "the key travels in the 0600 --config file, not on the command line"
+
+
+def test_cpu_command_line_has_no_gpu_flags(tmp_path: Path) -> None:
+    argv = build_sglang_argv(model_path="m", port=1, config_path=tmp_path / "k.yaml", device="cpu", mem_fraction=None)
+    args = _sglang_parser().parse_args(argv[3:])
+    assert args.device == "cpu"
+    assert args.base_gpu_id is None
+    assert args.mem_fraction_static is None
+
+
+@pytest.mark.parametrize(
+    ("budget_gib", "total_gib", "fraction"),
+    [(8, 80, 0.1), (8, 79.6, 0.1), (10, 94.0, 0.106), (1, 24, 0.041)],
+)
+def test_budget_becomes_a_fraction_of_the_total_rounded_down(
+    model_dir: Path, budget_gib: float, total_gib: float, fraction: float
+) -> None:
+    engine = ResidentEngine(
+        "sglang",
+        model_path=model_dir,
+        device="cuda:0",
+        vram_budget_gib=budget_gib,
+        probe=card(total_gib=total_gib),
+        launcher=RefusingLauncher(),
+    )
+    engine._preflight()
+    assert engine.mem_fraction_static == pytest.approx(fraction)
+    assert engine.mem_fraction_static * total_gib <= budget_gib
+    assert "--mem-fraction-static" in engine._backend.argv()  # type: ignore[attr-defined]
+    assert engine._backend.argv()[engine._backend.argv().index("--mem-fraction-static") + 1] == f"{fraction:.3f}"  # type: ignore[attr-defined]
+
+
+def test_budget_above_the_card_is_a_configuration_error(model_dir: Path) -> None:
+    engine = ResidentEngine(
+        "sglang", model_path=model_dir, device="cuda:0", vram_budget_gib=96, probe=card(total_gib=80)
+    )
+    with pytest.raises(mv.ConfigurationError, match=r"not below cuda:0's total 80\.0 GiB"):
+        engine._preflight()
+
+
+def test_budget_on_cpu_is_a_configuration_error(model_dir: Path) -> None:
+    with pytest.raises(mv.ConfigurationError, match="needs a GPU"):
+        ResidentEngine("sglang", model_path=model_dir, device="cpu", vram_budget_gib=8)
+
+
+def test_preflight_says_what_is_missing_and_launches_nothing(model_dir: Path) -> None:
+    holders = (ProcessMemory(pid=4242, used_mib=70 * 1024, name="python"),)
+    launcher = RefusingLauncher()
+    engine = ResidentEngine(
+        "sglang",
+        model_path=model_dir,
+        device="cuda:0",
+        vram_budget_gib=8,
+        headroom_gib=1,
+        probe=card(total_gib=80, free_gib=5.5, holders=holders),
+        launcher=launcher,
+    )
+    with pytest.raises(mv.EngineStartError) as info:
+        engine.start()
+    message = str(info.value)
+    assert "needs 8.0 GiB plus 1 GiB headroom = 9.0 GiB" in message
+    assert "5.5 GiB free of 80.0 GiB" in message
+    assert "pid 4242 (python) 70.0 GiB" in message
+    assert info.value.free_mib == pytest.approx(5.5 * 1024)  # type: ignore[attr-defined]
+    assert launcher.argv == []
+    assert engine.state is EngineState.CRASHED
+    assert "needs 8.0 GiB" in (engine.status().last_error or "")
+
+
+def test_preflight_refuses_weights_larger_than_the_budget(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "model.safetensors", "wb") as fh:
+        fh.truncate(3 * 1024 * 1024 * 1024)  # a sparse 3 GiB file
+    engine = ResidentEngine(
+        "sglang", model_path=big, device="cuda:0", vram_budget_gib=2, probe=card(), launcher=RefusingLauncher()
+    )
+    with pytest.raises(mv.EngineStartError, match=r"weights \(3.0 GiB on disk\) do not fit"):
+        engine.start()
+
+
+def test_memory_report_arithmetic_and_text() -> None:
+    report = MemoryReport("sleep", 0.25, 6000.0, 500.0, 10.0, 5510.0, True)
+    assert report.freed_mib == 5500.0
+    assert report.to_dict()["freed_mib"] == 5500.0
+    assert "6000 MiB -> 500 MiB in 250 ms (confirmed by NVML)" in str(report)
+    assert MemoryReport("wake", 0.0, None, None).freed_mib is None
+    assert "no NVML" in str(MemoryReport("wake", 0.0, None, None))
+
+
+def test_states_have_the_documented_values() -> None:
+    assert {s.value for s in EngineState} == {
+        "new",
+        "starting",
+        "ready",
+        "sleeping",
+        "unloaded",
+        "crashed",
+        "stopped",
+    }

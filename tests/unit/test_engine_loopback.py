@@ -1,0 +1,155 @@
+"""The loopback OpenAI server (shared by the transformers engine and the SGLang stand-in), in-thread."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mineru_vram._engine import _http
+from mineru_vram._loopback import ChatRequest, HttpError, LoopbackServer, parse_chat_request
+from mineru_vram._standin import STANDIN_LAYOUT, STANDIN_TEXT, StandinLauncher, _parse_args, canned_completion
+
+
+class EchoCompleter:
+    """Stand-in completer: answers with what it was asked, so the parsing can be checked."""
+
+    def __init__(self) -> None:
+        self.seen: list[ChatRequest] = []
+
+    def complete(self, request: ChatRequest) -> str:
+        self.seen.append(request)
+        if request.prompt == "boom":
+            raise RuntimeError("model failed")
+        return f"echo:{request.prompt}"
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[LoopbackServer, EchoCompleter]]:
+    completer = EchoCompleter()
+    srv = LoopbackServer(completer, model_id="tiny-vlm", api_key="sekret").start()
+    yield srv, completer
+    srv.shutdown()
+
+
+def _chat(prompt: str, image: bytes | None = b"\x89PNG fake") -> dict[str, Any]:
+    content: list[dict[str, Any]] = []
+    if image is not None:
+        url = "data:image/png;base64," + base64.b64encode(image).decode()
+        content.append({"type": "image_url", "image_url": {"url": url}})
+    content.append({"type": "text", "text": prompt})
+    return {
+        "model": "tiny-vlm",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": content},
+        ],
+        "temperature": 0.0,
+        "top_k": 1,
+        "repetition_penalty": 1.0,
+        "vllm_xargs": {"no_repeat_ngram_size": 100, "debug": False},
+        "max_completion_tokens": 64,
+        "max_tokens": 64,
+        "skip_special_tokens": False,
+    }
+
+
+def test_health_needs_no_key_everything_else_does(server: tuple[LoopbackServer, EchoCompleter]) -> None:
+    srv, _ = server
+    assert _http("GET", f"{srv.url}/health")[0] == 200
+    assert _http("GET", f"{srv.url}/health_generate")[0] == 200
+    for path in ("/v1/models", "/v1/loads", "/server_info", "/model_info"):
+        assert _http("GET", f"{srv.url}{path}")[0] == 401, path
+        assert _http("GET", f"{srv.url}{path}", api_key="wrong")[0] == 401, path
+        assert _http("GET", f"{srv.url}{path}", api_key="sekret")[0] == 200, path
+    status, body = _http("POST", f"{srv.url}/v1/chat/completions", body=_chat("x"))
+    assert status == 401
+    assert body["error"]["type"] == "invalid_api_key"
+
+
+def test_models_lists_exactly_one(server: tuple[LoopbackServer, EchoCompleter]) -> None:
+    srv, _ = server
+    status, body = _http("GET", f"{srv.url}/v1/models", api_key="sekret")
+    assert status == 200
+    assert [m["id"] for m in body["data"]] == ["tiny-vlm"]
+
+
+def test_chat_completion_round_trip(server: tuple[LoopbackServer, EchoCompleter]) -> None:
+    srv, completer = server
+    status, body = _http("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("\nLayout Detection:"))
+    assert status == 200
+    choice = body["choices"][0]
+    assert choice["message"]["content"] == "echo:\nLayout Detection:"
+    assert choice["finish_reason"] == "stop"
+    assert body["object"] == "chat.completion"
+    seen = completer.seen[-1]
+    assert seen.image == b"\x89PNG fake"
+    assert seen.sampling == {
+        "temperature": 0.0,
+        "top_k": 1,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 100,
+        "max_new_tokens": 64,
+    }
+    assert srv.counts["/v1/chat/completions"] == 1
+    assert srv.running == 0
+
+
+def test_errors_are_openai_shaped(server: tuple[LoopbackServer, EchoCompleter]) -> None:
+    srv, _ = server
+    status, body = _http("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("boom"))
+    assert status == 500
+    assert "model failed" in body["error"]["message"]
+    assert srv.running == 0, "a failed completion must not stay counted as running"
+    assert _http("GET", f"{srv.url}/nope", api_key="sekret")[0] == 404
+    assert _http("GET", f"{srv.url}/v1/chat/completions", api_key="sekret")[0] == 405
+    status, body = _http("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body={"messages": "x"})
+    assert status == 400
+
+
+def test_parse_chat_request_rejects_remote_image_urls() -> None:
+    payload = _chat("x", image=None)
+    payload["messages"][1]["content"].insert(0, {"type": "image_url", "image_url": {"url": "http://evil/x.png"}})
+    with pytest.raises(HttpError, match="data: image URLs"):
+        parse_chat_request(payload)
+
+
+def test_plain_string_content_is_a_prompt_without_image() -> None:
+    chat = parse_chat_request({"messages": [{"role": "user", "content": "hello"}], "model": "m"})
+    assert (chat.prompt, chat.image, chat.model) == ("hello", None, "m")
+
+
+def test_canned_answers_follow_mineru_formats() -> None:
+    from mineru_vl_utils.mineru_client import MinerUClientHelper
+
+    assert canned_completion("\nLayout Detection:") == STANDIN_LAYOUT
+    assert canned_completion("\nText Recognition:") == STANDIN_TEXT
+    assert "<fcel>" in canned_completion("\nTable Recognition:")
+    # MinerU's own parser reads the stand-in's layout as a title and a text block.
+    helper = MinerUClientHelper.__new__(MinerUClientHelper)
+    helper.debug = False
+    blocks = MinerUClientHelper.parse_layout_output(helper, STANDIN_LAYOUT)
+    assert [b.type for b in blocks] == ["title", "text"]
+    assert blocks[0].bbox == pytest.approx([0.1, 0.06, 0.9, 0.12])
+    assert blocks[0].angle == 0
+
+
+def test_standin_reads_flags_and_the_key_from_config(tmp_path: Path) -> None:
+    config = tmp_path / "k.yaml"
+    config.write_text(json.dumps({"api-key": "from-file"}), encoding="utf-8")
+    args = _parse_args(
+        ["--model", "/m", "--port", "9", "--config", str(config), "--enable-memory-saver", "--tp-size", "2"]
+    )
+    assert (args.model_path, args.port, args.api_key, args.enable_memory_saver) == ("/m", 9, "from-file", True)
+    assert args.unknown == ["--tp-size", "2"]
+
+
+def test_standin_launcher_validates_faults() -> None:
+    with pytest.raises(ValueError, match="unknown stand-in faults"):
+        StandinLauncher({"explode": 1})
+    with pytest.raises(ValueError, match=r"not an sglang\.launch_server"):
+        StandinLauncher()(["python", "-m", "other"], env={}, log_path=Path("/dev/null"))
