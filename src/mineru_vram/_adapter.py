@@ -38,6 +38,8 @@ from ._result import ParseResult
 __all__ = [
     "MINERU_TIERS",
     "MineruRuntime",
+    "TransformersVlm",
+    "drop_http_vlm_clients",
     "is_oom",
     "mineru_version",
 ]
@@ -399,3 +401,89 @@ def _clear_transformers_caches() -> None:
                 clear = getattr(target, "cache_clear", None)
                 if callable(clear):
                     clear()
+
+
+# --- resident engine support (added for _engine.py, issue #4) ----------------------------------
+# The VLM engine is MinerU's too; what the engine needs from MinerU's internals lives here:
+# building MinerU's in-process transformers VLM outside MinerU's never-evicted model cache,
+# and dropping MinerU's cached http-client predictors for a server that is going away.
+
+
+class TransformersVlm:
+    """MinerU's in-process transformers VLM engine, owned by the caller.
+
+    Built with ``ModelSingleton._create_model("transformers", ...)``, the very call
+    ``ModelSingleton().get_model("transformers", ...)`` makes, but without putting the
+    result into MinerU's cache (which is never evicted), so the resident engine owns
+    the model and can move it off the device or drop it.
+
+    Args:
+        model_path: a MinerU 2.5 (Qwen2-VL) model directory.
+        device: ``"cpu"`` or ``"cuda:N"``; MinerU reads it from ``MINERU_DEVICE_MODE``,
+            which is set only while the model loads.
+    """
+
+    def __init__(self, model_path: str, *, device: str) -> None:
+        from ._config import patched_environ
+
+        with patched_environ({"MINERU_DEVICE_MODE": device}, also_restore=("OMP_NUM_THREADS",)):
+            from mineru.model.vlm.runtime import ModelSingleton
+
+            predictor = ModelSingleton()._create_model("transformers", model_path, None)
+        self.device = device
+        self._predictor: Any = predictor
+        self._client: Any = predictor.client  # mineru_vl_utils' TransformersVlmClient
+        self._client.use_tqdm = False  # no progress bar per batch in a server
+        self.batch_size = max(1, int(getattr(self._client, "batch_size", 1) or 1))
+
+    def predict(self, images: list[bytes | None], prompts: list[str], sampling: list[dict[str, Any]]) -> list[str]:
+        """Run one batch: each image with its prompt and sampling parameters."""
+        from mineru_vl_utils.vlm_client.base_client import SamplingParams
+
+        params = [SamplingParams(**s) for s in sampling]
+        return list(self._client.batch_predict(images, prompts, params))
+
+    def to(self, device: str) -> None:
+        """Move the weights (``"cpu"`` to sleep, the engine's device to wake)."""
+        model = self._client.model
+        if model is not None:
+            model.to(device)
+
+    def model_object(self) -> Any:
+        return None if self._client is None else self._client.model
+
+    def close(self) -> None:
+        """Drop every reference this object and MinerU's client hold to the model."""
+        from mineru.model.vlm.runtime import _clear_predictor_references
+
+        if self._predictor is not None:
+            _clear_predictor_references(self._predictor)
+        self._predictor = None
+        self._client = None
+
+
+def drop_http_vlm_clients(server_url: str) -> int:
+    """Shut down MinerU's cached http-client predictors for ``server_url``.
+
+    MinerU caches one per server URL and headers for the life of the process; when a
+    resident engine stops, its predictors (a thread and connection pools each) go too.
+
+    Returns:
+        How many were dropped.
+    """
+    if "mineru.model.vlm.runtime" not in sys.modules:
+        return 0
+    from mineru.model.vlm.runtime import ModelSingleton
+
+    target = server_url.rstrip("/")
+    with ModelSingleton._lock:
+        keys = [k for k in ModelSingleton._models if k[0] == "http-client" and str(k[2] or "").rstrip("/") == target]
+        victims = [ModelSingleton._models.pop(k) for k in keys]
+    for predictor in victims:
+        try:
+            predictor.shutdown()
+        except Exception as exc:  # a client that cannot close must not stop the engine's shutdown
+            import logging
+
+            logging.getLogger("mineru_vram").debug("closing MinerU's http client for %s: %s", target, exc)
+    return len(victims)

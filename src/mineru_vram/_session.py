@@ -88,6 +88,9 @@ class ParseOptions:
     page_range: str = ""
     ocr_mode: str = "auto"
     timeout: float | None = None
+    # The resident engine's current VlmConfig fields, taken per parse from its lease (the
+    # engine may have restarted or moved port since the session opened).
+    vlm_config: dict[str, Any] | None = None
 
 
 class Runner(Protocol):
@@ -143,6 +146,11 @@ class InProcessRunner:
                 "cannot be interrupted safely",
                 timeout=options.timeout,
             )
+        vlm_config = self._vlm_config
+        if options.vlm_config is not None:
+            from mineru.config import VlmConfig
+
+            vlm_config = VlmConfig(**options.vlm_config)
         with self._lock:  # MinerU's models are not safe to call from two threads at once
             try:
                 return self.runtime.parse(
@@ -152,7 +160,7 @@ class InProcessRunner:
                     page_range=options.page_range,
                     backend=self.settings.backend.name,
                     keep_model_output=self.settings.keep_model_output,
-                    vlm_config=self._vlm_config,
+                    vlm_config=vlm_config,
                 )
             except MineruVramError as exc:
                 # The traceback's frames hold the document's tensors; drop their locals so
@@ -508,7 +516,13 @@ class ModelSession:
         if mode not in ("auto", "txt", "ocr"):
             raise ConfigurationError(f"ocr_mode={mode!r}: expected 'auto', 'txt' or 'ocr'", ocr_mode=mode)
         options = ParseOptions(page_range=parse_pages(pages, doc.page_count), ocr_mode=mode, timeout=timeout)
-        result = runner.parse(doc, options)
+        if self._engine is not None:
+            # The engine's lease wakes or (re)starts it, counts the request for keep_alive and
+            # sleep, and turns a parse that failed because the engine died into EngineCrashedError.
+            with self._engine.lease() as vlm_config:
+                result = runner.parse(doc, dataclasses.replace(options, vlm_config=vlm_config))
+        else:
+            result = runner.parse(doc, options)
         self.documents_parsed += 1
         return dataclasses.replace(result, seconds=time.perf_counter() - t0)
 
