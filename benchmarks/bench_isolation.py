@@ -121,15 +121,18 @@ def child_raw(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.update(_mineru_env(args.models_dir, f"/tmp/bench-iso-raw-home-{os.getpid()}", args.device))
     from mineru.parser import parse
 
+    from mineru_vram._config import resolve_backend
+
+    tier = resolve_backend(args.backend).tier
     docs = _docs(Path(args.corpus))
     t0 = time.perf_counter()
-    parse(docs[0], tier="basic").markdown()
+    parse(docs[0], tier=tier).markdown()
     cold = time.perf_counter() - t0
     times: dict[str, list[float]] = {d.name: [] for d in docs}
     for _ in range(args.repeat):
         for d in docs:
             t = time.perf_counter()
-            r = parse(d, tier="basic")
+            r = parse(d, tier=tier)
             r.markdown()
             r.structured_content()
             times[d.name].append(time.perf_counter() - t)
@@ -154,7 +157,7 @@ def child_session(args: argparse.Namespace) -> dict[str, Any]:
     device_before = _device_used_mib(args.device)
     t0 = time.perf_counter()
     s = mv.ModelSession(
-        "pipeline",
+        args.backend,
         device=args.device,
         models_dir=args.models_dir,
         isolation=args.isolation,
@@ -285,7 +288,7 @@ def _wait_device(device: str, target: float | None, tolerance: float, *, timeout
 def _run_child(mode: str, args: argparse.Namespace, extra: list[str] | None = None) -> dict[str, Any]:
     """Run one mode in a fresh process; measure, from here, the device after that process exits."""
     cmd = [sys.executable, __file__, "--child", mode, "--models-dir", args.models_dir, "--corpus", args.corpus]
-    cmd += ["--repeat", str(args.repeat), "--device", args.device, "--docs", str(args.docs)]
+    cmd += ["--repeat", str(args.repeat), "--device", args.device, "--docs", str(args.docs), "--backend", args.backend]
     cmd += ["--long-pages", str(args.long_pages), "--tolerance-mib", str(args.tolerance_mib)]
     if args.recycle_after is not None:
         cmd += ["--recycle-after", str(args.recycle_after)]
@@ -351,6 +354,7 @@ def main() -> None:
     ap.add_argument("--models-dir", required=True, help="MinerU model tree (base_dir, source=local)")
     ap.add_argument("--corpus", required=True, help="folder of PDFs")
     ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--backend", default="pipeline", help="pipeline (MinerU's basic tier) or flash (no models)")
     ap.add_argument("--repeat", type=int, default=1, help="timed passes over the corpus per mode")
     ap.add_argument("--docs", type=int, default=200, help="documents in the isolated long run (0: skip)")
     ap.add_argument("--long-pages", type=int, default=2, help="pages per document in the long run (0: all)")
