@@ -71,7 +71,7 @@ from ._exceptions import (
     WorkerCrashedError,
     WorkerStartError,
 )
-from ._probe import VramSnapshot, poll_until, vram_snapshot
+from ._probe import DeviceMemory, VramSnapshot, poll_until, vram_snapshot
 from ._release import ReleaseReport, settle
 
 if TYPE_CHECKING:
@@ -854,35 +854,33 @@ class WorkerRunner:
         base = None if self.baseline is None else self.baseline.device_info
         if not device.startswith("cuda") or base is None:
             return None, [], 0.0, None
-        from ._probe import process_memory_mib
-
         tolerance = float(self.settings.leak_tolerance_mib)
         state: dict[str, Any] = {}
 
         def back() -> bool:
-            snap = vram_snapshot(device)
-            info = snap.device_info
+            info = vram_snapshot(device).device_info
             if info is None:
                 return False
-            state["used"] = info.used_mib
-            state["workers"] = {pid: process_memory_mib(device, pid=pid) for pid in pids}
-            return all(not v for v in state["workers"].values()) and info.used_mib <= base.used_mib + tolerance
+            check = _device_back(base, info, pids, os.getpid(), tolerance)
+            state["check"] = check
+            return check.back
 
         t0 = time.perf_counter()
         met, _ = poll_until(back, timeout=float(self.settings.release_timeout), interval=0.02)
         seconds = time.perf_counter() - t0
+        check: _DeviceCheck | None = state.get("check")
+        if check is None:
+            return False, ["NVML could not read the device after the worker exited"], None, None
         left: list[str] = []
-        used = state.get("used")
         if not met:
-            for pid, mib in state.get("workers", {}).items():
-                if mib:
-                    left.append(f"worker pid {pid} still listed by NVML with {mib:.0f} MiB")
-            if used is not None and used > base.used_mib + tolerance:
+            left += [f"worker pid {pid} still listed by NVML with {mib:.0f} MiB" for pid, mib in check.workers.items()]
+            if check.excess_mib > tolerance:
                 left.append(
-                    f"device use {used:.0f} MiB is {used - base.used_mib:.0f} MiB above its pre-session "
-                    f"{base.used_mib:.0f} MiB after {self.settings.release_timeout}s (other processes count too)"
+                    f"device use {check.used_mib:.0f} MiB is {check.excess_mib:.0f} MiB above its pre-session "
+                    f"{base.used_mib:.0f} MiB (after allowing {check.others_grew_mib:.0f} MiB that other known "
+                    f"processes grew) after {self.settings.release_timeout}s"
                 )
-        return met, left, (seconds if met else None), used
+        return met, left, (seconds if met else None), check.used_mib
 
     def _shutdown_all(self) -> None:
         for worker in [*self._retired, *([self._worker] if self._worker is not None else [])]:
@@ -937,6 +935,41 @@ class WorkerRunner:
     def _debug_raise(self, exc: BaseException) -> None:
         """Test hook: the worker raises ``exc`` and sends it back the way a parse error travels."""
         self._debug("raise", exc)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DeviceCheck:
+    back: bool
+    used_mib: float
+    excess_mib: float  # device use above the baseline not explained by other processes' growth
+    others_grew_mib: float
+    workers: dict[int, float]  # workers NVML still lists, with their MiB
+
+
+def _device_back(
+    base: DeviceMemory, now: DeviceMemory, workers: list[int], parent_pid: int, tolerance_mib: float
+) -> _DeviceCheck:
+    """Whether the device is back at ``base`` now that ``workers`` exited.
+
+    Other processes may have grown meanwhile (this process, or one that already held
+    memory at the baseline): their growth is allowed for, or one busy neighbour would
+    make every close wait for its timeout. A process that appeared after the baseline
+    is not allowed for unless it is this one: under a PID namespace NVML lists the
+    worker under a pid we cannot recognise, and it must not be excused.
+    """
+    before = {p.pid: p.used_mib for p in base.processes}
+    listed = {p.pid: p.used_mib for p in now.processes}
+    still = {pid: listed[pid] for pid in workers if listed.get(pid)}
+    known = (set(before) | {parent_pid}) - set(workers)
+    grew = sum(max(0.0, listed.get(pid, 0.0) - before.get(pid, 0.0)) for pid in known)
+    excess = now.used_mib - base.used_mib - grew
+    return _DeviceCheck(
+        back=not still and excess <= tolerance_mib,
+        used_mib=now.used_mib,
+        excess_mib=excess,
+        others_grew_mib=grew,
+        workers=still,
+    )
 
 
 def _sweep_stale_folders(base: Path) -> list[Path]:

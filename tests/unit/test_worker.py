@@ -21,6 +21,7 @@ import mineru_vram as mv
 from mineru_vram import _worker
 from mineru_vram._config import resolve_backend
 from mineru_vram._documents import Document
+from mineru_vram._probe import DeviceMemory, ProcessMemory
 from mineru_vram._session import SessionSettings
 
 
@@ -202,3 +203,41 @@ def test_stale_runner_folders_are_swept_and_live_ones_kept(tmp_path: Path) -> No
     assert young.exists()
     assert unlocked.exists()
     assert other.exists()
+
+
+def _dev(used: float, procs: dict[int, float]) -> DeviceMemory:
+    return DeviceMemory(
+        index=0,
+        name="stand-in GPU",  # built by hand: the check is pure arithmetic on NVML's figures
+        total_mib=80_000,
+        used_mib=used,
+        free_mib=80_000 - used,
+        processes=tuple(ProcessMemory(pid=p, used_mib=m) for p, m in procs.items()),
+    )
+
+
+def test_device_back_check_allows_for_known_neighbours_only() -> None:
+    base = _dev(1000, {100: 500})
+    parent, worker = 300, 200
+
+    def check(now: DeviceMemory) -> Any:
+        return _worker._device_back(base, now, [worker], parent, tolerance_mib=32)
+
+    ok = check(_dev(1010, {100: 500}))
+    assert ok.back
+    assert ok.excess_mib == 10
+
+    listed = check(_dev(1700, {100: 500, worker: 700}))
+    assert not listed.back
+    assert listed.workers == {worker: 700}
+
+    neighbour = check(_dev(1500, {100: 1000}))
+    assert neighbour.back, "a process that held memory before the session may grow meanwhile"
+    assert neighbour.others_grew_mib == 500
+
+    this_process = check(_dev(1600, {100: 500, parent: 600}))
+    assert this_process.back, "the parent's own growth is not the worker's"
+
+    hidden = check(_dev(1700, {100: 500, 9999: 700}))
+    assert not hidden.back, "an unknown new process may be the worker under a hidden pid"
+    assert hidden.excess_mib == 700
