@@ -421,6 +421,8 @@ def vram_leak_check(request: pytest.FixtureRequest, vram_probe: VramProbe) -> It
     from ._leakcheck import LeakCheck
 
     item = request.node
+    if _call_report_key in item.stash:  # a rerun (pytest-rerunfailures) must not see the last call
+        del item.stash[_call_report_key]
     plan = _plan(item)
     check = LeakCheck(
         vram_probe,

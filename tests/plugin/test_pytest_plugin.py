@@ -424,6 +424,9 @@ def test_vram_budget_marker_and_heaviest_tests_summary(fake_gpu: pytest.Pytester
             "=*short test summary info*",
         ]
     )
+    result = fake_gpu.runpytest_subprocess("--vram-top", "0", "--vram-leak-check")
+    result.assert_outcomes(passed=4, errors=1)
+    assert "heaviest tests" not in result.stdout.str()
 
 
 def test_vram_budget_without_a_gpu_reports_no_gpu_instead_of_failing(cpu_run: pytest.Pytester) -> None:
