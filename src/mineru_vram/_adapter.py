@@ -397,10 +397,29 @@ def _clear_transformers_caches() -> None:
             if not isinstance(cls, type):
                 continue
             for attr in list(vars(cls).values()):
-                target = getattr(attr, "__func__", attr)
-                clear = getattr(target, "cache_clear", None)
-                if callable(clear):
+                for clear in _cache_clearers(getattr(attr, "__func__", attr)):
                     clear()
+
+
+def _cache_clearers(func: object) -> list[Any]:
+    """``cache_clear`` of ``func`` itself or of a cached function it wraps.
+
+    transformers wraps these caches in a plain function (the lru_cache lives in the
+    wrapper's closure), so looking only at the attribute finds nothing to clear.
+    """
+    found = []
+    clear = getattr(func, "cache_clear", None)
+    if callable(clear):
+        found.append(clear)
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        clear = getattr(inner, "cache_clear", None)
+        if callable(clear):
+            found.append(clear)
+    return found
 
 
 # --- resident engine support (added for _engine.py, issue #4) ----------------------------------
