@@ -562,12 +562,8 @@ class WorkerRunner:
         if worker is not None and worker.idle_and_alive():
             return worker
         if worker is not None:  # died while idle (killed from outside, OOM killer...)
-            code = worker.kill()
             self.crashes += 1
-            worker.end = f"exited while idle (exit code {code})"
-            self._history.append(worker.summary())
-            self._worker = None
-            self._restart_reason = f"pid {worker.pid} had exited while idle, exit code {code}"
+            code = self._discard(worker, "exited while idle", f"pid {worker.pid} had exited while idle")
             self._event(
                 f"worker pid {worker.pid} exited while idle (exit code {code}, {_signal_name(code) or 'no signal'})",
                 level=logging.WARNING,
@@ -641,11 +637,11 @@ class WorkerRunner:
             except BaseException:
                 # Interrupted while the worker works: its answer would arrive out of step
                 # with the next request, so this worker cannot be used again.
-                worker.kill()
-                worker.end = "killed: the parent was interrupted during a parse"
-                self._history.append(worker.summary())
-                self._worker = None
-                self._restart_reason = f"pid {worker.pid} was killed when a parse was interrupted"
+                self._discard(
+                    worker,
+                    "killed: the parent was interrupted during a parse",
+                    f"pid {worker.pid} was killed when a parse was interrupted",
+                )
                 raise
             finally:
                 if "file" in ref:
@@ -667,15 +663,27 @@ class WorkerRunner:
                 f"{doc.name}: unexpected message {kind!r} from the worker", document=doc.name, pid=worker.pid
             )
 
-    def _crashed(self, worker: _Worker, document: str) -> WorkerCrashedError:
+    def _discard(self, worker: _Worker, end: str, restart_reason: str) -> int | None:
+        """Kill a worker that failed, wait until the device has its memory back, and say why.
+
+        Returns:
+            Its exit code.
+        """
         code = worker.kill()
+        worker.end = f"{end} (exit code {code})"
+        self._history.append(worker.summary())
+        if self._worker is worker:
+            self._worker = None
+        self._restart_reason = restart_reason
+        # The next worker must not load beside the remains of this one.
+        self._wait_gone_from_device([worker.pid], timeout=self.settings.release_timeout)
+        return code
+
+    def _crashed(self, worker: _Worker, document: str) -> WorkerCrashedError:
         self.crashes += 1
+        code = self._discard(worker, f"crashed on {document}", f"pid {worker.pid} crashed on {document}")
         tail = worker.log_tail()
         sig = _signal_name(code)
-        worker.end = f"crashed on {document} (exit code {code})"
-        self._history.append(worker.summary())
-        self._worker = None
-        self._restart_reason = f"pid {worker.pid} crashed on {document}"
         self._event(
             f"worker pid {worker.pid} crashed while parsing {document} (exit code {code}, {sig or 'no signal'}); "
             "a new worker starts on the next parse",
@@ -693,12 +701,12 @@ class WorkerRunner:
         )
 
     def _timed_out(self, worker: _Worker, document: str, timeout: float) -> ParseTimeoutError:
-        code = worker.kill()
         self.timeouts += 1
-        worker.end = f"killed: {document} exceeded timeout={timeout}s"
-        self._history.append(worker.summary())
-        self._worker = None
-        self._restart_reason = f"pid {worker.pid} was killed after {document} exceeded its timeout"
+        code = self._discard(
+            worker,
+            f"killed: {document} exceeded timeout={timeout}s",
+            f"pid {worker.pid} was killed after {document} exceeded its timeout",
+        )
         self._event(
             f"worker pid {worker.pid} killed: {document} had no result after timeout={timeout}s; "
             "a new worker starts on the next parse",
@@ -1012,7 +1020,11 @@ def _lock_folder(folder: Path) -> IO[bytes] | None:
     except ImportError:  # pragma: no cover - not POSIX
         return None
     fh = open(folder / _LOCK_NAME, "wb")  # noqa: SIM115 - held for the runner's life
-    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a filesystem without locks: the sweeper cannot lock it either
+        fh.close()
+        return None
     return fh
 
 
