@@ -10,10 +10,13 @@ its memory under control:
   ``--mem-fraction-static`` computed from ``vram_budget_gib`` and the card's total.
   MinerU 4 dropped its SGLang engine, but its http-client speaks the OpenAI API,
   which SGLang serves.
-* ``transformers``: MinerU's in-process transformers VLM engine, served on a
-  loopback OpenAI-compatible endpoint (``_loopback.py``), so that MinerU's
-  http-client is the one parse path for every engine (MinerU's ``parse()``
-  configuration cannot select the transformers engine at all).
+* ``transformers``: MinerU's transformers VLM engine (what MinerU calls its
+  in-process engine, ``ModelSingleton().get_model("transformers", ...)``), run in a
+  child process that serves it on a loopback OpenAI-compatible endpoint
+  (``_vlm_serve.py``). MinerU's ``parse()`` configuration cannot select this engine
+  at all; served this way, MinerU's http-client is the one parse path for every
+  engine, and the VLM's weights and CUDA context are not counted in the release
+  receipts of the sessions in this process.
 * ``attach``: a server someone else runs; never started or stopped here.
 
 The supervisor runs the server under a small *keeper* process that is the
@@ -678,7 +681,11 @@ class _HttpServerBackend(_Backend):
         return answer
 
 
-class _SGLangBackend(_HttpServerBackend):
+class _ServerBackend(_HttpServerBackend):
+    """A server process of ours: SGLang, or MinerU's transformers VLM (``_vlm_serve``)."""
+
+    name = "server"
+
     def __init__(self, engine: ResidentEngine) -> None:
         self.engine = engine
         self.process: ServerProcess | None = None
@@ -690,24 +697,15 @@ class _SGLangBackend(_HttpServerBackend):
         self.model_id = engine.settings.model_name or ""
 
     def argv(self) -> list[str]:
-        s = self.engine.settings
-        assert s.model_path is not None  # checked by the engine
-        return build_sglang_argv(
-            model_path=s.model_path,
-            port=self.port,
-            config_path=self.engine._runtime_path() / "sglang-config.yaml",
-            device=s.device,
-            mem_fraction=self.engine.mem_fraction_static,
-            served_model_name=s.model_name,
-            extra_args=s.extra_args,
-            python=s.python,
-        )
+        raise NotImplementedError
+
+    def _config_path(self) -> Path:
+        return self.engine._runtime_path() / "server-config.yaml"
 
     def launch(self) -> None:
         runtime = self.engine._runtime_path()
-        config = runtime / "sglang-config.yaml"
         # The key in a file only this user can read; JSON is valid YAML for SGLang's --config.
-        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(self._config_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump({"api-key": self.api_key}, fh)
         if not _port_free(self.port):
@@ -726,7 +724,7 @@ class _SGLangBackend(_HttpServerBackend):
             code = self.exitcode()
             if code is not None:
                 raise EngineStartError(
-                    f"the sglang server exited with code {code} while starting. Log tail:\n{self.log_tail()}",
+                    f"the {self.name} server exited with code {code} while starting. Log tail:\n{self.log_tail()}",
                     exitcode=code,
                     log_tail=self.log_tail(),
                 )
@@ -738,7 +736,7 @@ class _SGLangBackend(_HttpServerBackend):
                 raise EngineStateError("the engine was stopped while it was starting")
             if time.monotonic() >= deadline:
                 raise EngineStartError(
-                    f"the sglang server at {self.url} did not become ready within "
+                    f"the {self.name} server at {self.url} did not become ready within "
                     f"{self.engine.settings.start_timeout:.0f} s. Log tail:\n{self.log_tail()}",
                     log_tail=self.log_tail(),
                 )
@@ -764,8 +762,11 @@ class _SGLangBackend(_HttpServerBackend):
             return False
 
     def release(self) -> str:
-        self._post("/release_memory_occupation", {}, timeout=120)
-        if not _truthy(_find_key(self.info, "enable_memory_saver")) and self.info:
+        answer = self._post("/release_memory_occupation", {}, timeout=120)
+        note = _find_key(answer, "note")
+        if note:
+            return str(note)
+        if self.info and not _truthy(_find_key(self.info, "enable_memory_saver")):
             return "the server reports enable_memory_saver off: SGLang's release does nothing without it"
         return ""
 
@@ -789,6 +790,62 @@ class _SGLangBackend(_HttpServerBackend):
 
     def log_tail(self, lines: int = 40) -> str:
         return "" if self.process is None else self.process.log_tail(lines)
+
+
+class _SGLangBackend(_ServerBackend):
+    name = "sglang"
+
+    def argv(self) -> list[str]:
+        s = self.engine.settings
+        assert s.model_path is not None  # checked by the engine
+        return build_sglang_argv(
+            model_path=s.model_path,
+            port=self.port,
+            config_path=self._config_path(),
+            device=s.device,
+            mem_fraction=self.engine.mem_fraction_static,
+            served_model_name=s.model_name,
+            extra_args=s.extra_args,
+            python=s.python,
+        )
+
+
+class _TransformersBackend(_ServerBackend):
+    """MinerU's transformers VLM engine in a child process (``python -m mineru_vram._vlm_serve``)."""
+
+    name = "transformers"
+
+    def __init__(self, engine: ResidentEngine) -> None:
+        super().__init__(engine)
+        s = engine.settings
+        assert s.model_path is not None
+        self.model_id = s.model_name or Path(s.model_path).name or "mineru-vlm"
+
+    def argv(self) -> list[str]:
+        s = self.engine.settings
+        assert s.model_path is not None
+        argv = [
+            s.python or sys.executable,
+            "-m",
+            "mineru_vram._vlm_serve",
+            "--model-path",
+            s.model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--config",
+            str(self._config_path()),
+            "--served-model-name",
+            self.model_id,
+        ]
+        if s.device == "cpu":
+            argv += ["--device", "cpu"]
+        else:
+            argv += ["--device", "cuda", "--base-gpu-id", s.device.partition(":")[2] or "0"]
+        if s.max_new_tokens is not None:
+            argv += ["--max-new-tokens", str(s.max_new_tokens)]
+        return argv + list(s.extra_args)
 
 
 def _truthy(value: Any) -> bool:
@@ -836,185 +893,6 @@ class _AttachBackend(_HttpServerBackend):
 
     def resume(self) -> None:
         self._post("/resume_memory_occupation", {}, timeout=300)
-
-
-class _Batcher:
-    """Feeds concurrent chat requests to the in-process model in batches, one batch at a time."""
-
-    def __init__(self, vlm: Any, *, max_batch: int, window: float = 0.005) -> None:
-        import queue
-
-        self.vlm = vlm
-        self.max_batch = max(1, max_batch)
-        self.window = window
-        self.queue: queue.Queue[Any] = queue.Queue()
-        self.model_lock = threading.Lock()  # held while the model runs; sleep takes it to move weights
-        self._thread = threading.Thread(target=self._run, name="mineru-vram-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, image: bytes | None, prompt: str, sampling: dict[str, Any]) -> str:
-        import concurrent.futures
-
-        future: concurrent.futures.Future[str] = concurrent.futures.Future()
-        self.queue.put((image, prompt, sampling, future))
-        return future.result()
-
-    def _run(self) -> None:
-        import queue
-
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            batch = [item]
-            deadline = time.monotonic() + self.window
-            while len(batch) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                try:
-                    nxt = self.queue.get(timeout=max(0.0, remaining)) if remaining > 0 else self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self.queue.put(None)
-                    break
-                batch.append(nxt)
-            try:
-                with self.model_lock:
-                    texts = self.vlm.predict([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch])
-            except BaseException as exc:
-                for b in batch:
-                    b[3].set_exception(exc)
-            else:
-                for b, text in zip(batch, texts, strict=True):
-                    b[3].set_result(text)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self._thread.join(timeout=30)
-
-
-class _TransformersBackend(_HttpServerBackend):
-    """MinerU's in-process transformers VLM behind a loopback OpenAI endpoint."""
-
-    def __init__(self, engine: ResidentEngine) -> None:
-        s = engine.settings
-        assert s.model_path is not None
-        self.engine = engine
-        self.info = {}
-        self.api_key = secrets.token_urlsafe(24)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.model_id = s.model_name or Path(s.model_path).name or "mineru-vlm"
-        self.vlm: Any = None
-        self.batcher: _Batcher | None = None
-        self.server: Any = None
-        self.on_device = False
-
-    def launch(self) -> None:
-        from ._adapter import TransformersVlm
-        from ._loopback import LoopbackServer
-
-        s = self.engine.settings
-        assert s.model_path is not None
-        self.vlm = TransformersVlm(s.model_path, device=s.device)
-        self.on_device = True
-        self.batcher = _Batcher(self.vlm, max_batch=self.vlm.batch_size)
-        port = self.port if _port_free(self.port) else 0
-        self.server = LoopbackServer(
-            self,
-            model_id=self.model_id,
-            api_key=self.api_key,
-            port=port,
-            info={"model_path": s.model_path, "device": s.device, "engine": "transformers"},
-        ).start()
-        self.port = self.server.port
-        self.url = self.server.url
-
-    def complete(self, request: Any) -> str:
-        sampling = dict(request.sampling)
-        cap = self.engine.settings.max_new_tokens
-        if cap is not None:
-            sampling["max_new_tokens"] = min(int(sampling.get("max_new_tokens") or cap), cap)
-        batcher = self.batcher
-        if batcher is None:
-            from ._loopback import HttpError
-
-            raise HttpError(503, "the engine is stopping")
-        return batcher.submit(request.image, request.prompt, sampling)
-
-    def wait_ready(self, deadline: float, stop: threading.Event) -> None:
-        if not self._check_ready():
-            raise EngineStartError(f"the transformers engine's loopback server at {self.url} did not answer")
-
-    def exitcode(self) -> int | None:
-        if self.server is None:
-            return None
-        return None if self.server.alive() else 1
-
-    def healthy(self, timeout: float) -> bool:
-        return self.server is not None and self.server.alive()
-
-    def busy(self, timeout: float) -> bool:
-        return self.server is not None and self.server.running > 0
-
-    def release(self) -> str:
-        from ._release import return_allocator_memory
-
-        device = self.engine.settings.device
-        if device == "cpu":
-            return "the transformers engine runs on CPU: nothing to release on a device"
-        assert self.batcher is not None
-        with self.batcher.model_lock:
-            self.vlm.to("cpu")
-            self.on_device = False
-        return_allocator_memory(device)
-        return ""
-
-    def resume(self) -> None:
-        device = self.engine.settings.device
-        if device == "cpu" or self.on_device:
-            return
-        assert self.batcher is not None
-        with self.batcher.model_lock:
-            self.vlm.to(device)
-            self.on_device = True
-
-    def shutdown(self, grace: float) -> None:
-        import gc
-
-        from ._release import AliveTracker, return_allocator_memory
-
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
-        if self.batcher is not None:
-            self.batcher.close()
-            self.batcher = None
-        tracker = AliveTracker()
-        if self.vlm is not None:
-            model = self.vlm.model_object()
-            if model is not None:
-                tracker.track("transformers VLM", model)
-            del model
-            self.vlm.close()
-            self.vlm = None
-        gc.collect()
-        return_allocator_memory(self.engine.settings.device)
-        if tracker.alive():
-            logger.warning("the transformers VLM is still referenced after stop: %s", tracker.alive())
-
-    def pid(self) -> int | None:
-        return os.getpid() if self.server is not None else None
-
-    def memory_mib(self, info: DeviceMemory | None) -> float | None:
-        # In-process: this process's memory, which also holds the sessions' small models
-        # when they share the device. Read even after shutdown, to confirm the release.
-        if info is None or (not info.processes and info.used_mib > 0):
-            return None
-        return sum(p.used_mib for p in info.processes if p.pid == os.getpid())
-
-    def pids(self) -> list[int]:
-        return [os.getpid()] if self.server is not None else []
 
 
 # --- the engine ----------------------------------------------------------------------------------
@@ -1283,7 +1161,7 @@ class ResidentEngine:
         with self._cond:
             idle = time.monotonic() - self._last_activity
             in_flight = self._in_flight
-        log = self._backend.log_path()
+        log = None if self._state is EngineState.STOPPED else self._backend.log_path()
         return EngineStatus(
             engine=self.settings.engine,
             state=self._state,
@@ -1673,10 +1551,7 @@ class ResidentEngine:
         before, free_before = self._reading()
         pids = self._backend.pids()
         self._backend.shutdown(grace=self.settings.stop_timeout)
-        if self.settings.engine == "transformers":
-            after, free_after, confirmed = self._settle(before, direction=-1)
-        else:
-            after, free_after, confirmed = self._settle(before, direction=-1, pids=pids)
+        after, free_after, confirmed = self._settle(before, direction=-1, pids=pids)
         report = MemoryReport(action, time.monotonic() - t0, before, after, free_before, free_after, confirmed)
         self.last_report = report
         logger.info("resident engine %s", report)
@@ -1775,6 +1650,7 @@ class ResidentEngine:
         with self._lifecycle:
             if self._state not in (EngineState.READY, EngineState.SLEEPING) or self._stop_event.is_set():
                 return
+            was_sleeping = self._state is EngineState.SLEEPING
             self._generation += 1
             self._crash_streak += 1
             tail = self._backend.log_tail()
@@ -1789,6 +1665,10 @@ class ResidentEngine:
                 self._failed_at = time.monotonic()
                 return
             self._restart_locked()
+            if was_sleeping and self._state is EngineState.READY:
+                # It was asleep when it died: a restart must not quietly take the memory back.
+                with contextlib.suppress(MineruVramError):
+                    self._sleep_locked()
 
     def _restart_locked(self) -> None:
         s = self.settings

@@ -283,7 +283,9 @@ class LoopbackServer:
         return Response(body={"model_path": self.info.get("model_path", ""), "served_model_name": self.model_id})
 
     def _server_info(self, request: Request) -> Response:
-        return Response(body={**self.info, "port": self.port, "host": self.host})
+        with self._count_lock:
+            requests = dict(self.counts)
+        return Response(body={**self.info, "port": self.port, "host": self.host, "requests": requests})
 
     # -- dispatch --------------------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ import textwrap
 import threading
 import time
 import urllib.error
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -127,7 +126,7 @@ def test_start_status_and_stop_leave_no_process(make_engine: Factory, model_dir:
     assert len(launcher.launches) == 1
     log = Path(status.log_path or "")
     assert "fired up and ready" in log.read_text()
-    key_file = log.parent / "sglang-config.yaml"
+    key_file = log.parent / "server-config.yaml"
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
     assert engine.vlm_config()["api_key"] not in " ".join(server.cmdline())
 
@@ -232,6 +231,21 @@ def test_a_hung_server_is_killed_and_restarted(make_engine: Factory) -> None:
     assert _wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
     assert "health checks in a row (hung)" in (engine.status().last_error or "")
     assert _chat(engine) == 200
+
+
+def test_a_server_killed_while_asleep_comes_back_asleep(make_engine: Factory) -> None:
+    launcher = StandinLauncher()
+    engine = make_engine(launcher, health_interval=0.2)
+    engine.start()
+    engine.sleep()
+    victim = engine.status().pid
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)  # a real crash: the OOM killer, a driver fault
+    assert _wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.SLEEPING, 15)
+    assert engine.status().pid != victim
+    assert len(launcher.launches) == 2
+    assert [c["call"] for c in _stats(engine)["calls"]] == ["release"], "the new server was put back to sleep"
+    assert "exited with code" in (engine.status().last_error or "")
 
 
 # --- sleep, wake, keep-alive --------------------------------------------------------------------
@@ -479,22 +493,29 @@ def test_transformers_engine_for_real_on_cpu(random_models_dir: Path, random_vlm
     engine = ResidentEngine("transformers", model_path=random_vlm_dir, device="cpu", max_new_tokens=16)
     try:
         engine.start()
-        assert engine.state is EngineState.READY
-        assert engine.status().pid == os.getpid()
-        backend: Any = engine._backend
-        model_ref = weakref.ref(backend.vlm.model_object())
+        status = engine.status()
+        assert status.state is EngineState.READY
+        assert status.model == random_vlm_dir.name
+        assert status.pid is not None
+        assert status.pid != os.getpid(), "MinerU's transformers engine runs in a child process of its own"
+        server = psutil.Process(status.pid)
+        assert "mineru_vram._vlm_serve" in " ".join(server.cmdline())
+        seen = _http("GET", f"{engine.url}/server_info", api_key=engine.vlm_config()["api_key"])[1]
+        assert seen["max_new_tokens"] == 16
         with mv.ModelSession("hybrid", engine=engine, device="cpu", models_dir=random_models_dir) as session:
             result = session.parse(testing.make_pdf(1, table=False))
         assert result.page_count == 1
         assert result.backend == "hybrid"
-        assert backend.server.counts.get("/v1/chat/completions", 0) >= 1, "MinerU's client reached the engine"
-        assert engine.state is EngineState.READY
+        assert session.release_report is not None
+        assert session.release_report.ok
+        served = _http("GET", f"{engine.url}/server_info", api_key=engine.vlm_config()["api_key"])[1]
+        assert served["requests"].get("/v1/chat/completions", 0) >= 1, "MinerU's client reached the engine"
+        assert engine.state is EngineState.READY, "closing the session leaves the engine loaded"
+        assert server.is_running()
         assert engine.sleep().note.startswith("the transformers engine runs on CPU")
         assert engine.wake().action == "wake"
-        url = engine.url
+        pids = engine._backend.pids()
     finally:
         engine.stop()
     assert engine.state is EngineState.STOPPED
-    assert model_ref() is None, "stop drops every reference to the model"
-    with pytest.raises(urllib.error.URLError, match="Connection refused"):
-        _http("GET", f"{url}/health", timeout=2)
+    assert _gone(pids)
