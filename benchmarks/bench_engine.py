@@ -24,7 +24,9 @@ Models are random weights of the real small-model architectures
 (:func:`mineru_vram.testing.write_random_models`) and a tiny random Qwen2-VL
 (:func:`mineru_vram.testing.write_random_vlm`), written if missing, so no
 download is needed. Random weights generate noise: ``--max-new-tokens`` bounds each
-VLM answer so every configuration does the same bounded work.
+VLM answer so every configuration does the same bounded work. The VLM is tiny: loading it and
+its answers both cost less than the real 1.2B model's, so the numbers measure reuse against
+reloading, not MinerU 2.5's own speed.
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus", type=Path, required=True, help="folder of PDFs; page 1 of each is parsed")
     p.add_argument("--vlm-dir", type=Path, default=None, help="VLM folder (default: a tiny random Qwen2-VL)")
     p.add_argument("--device", default=None, help="cuda:N or cpu (default: first GPU, else cpu)")
-    p.add_argument("--backend", default="hybrid", choices=["hybrid", "vlm"])
+    p.add_argument("--backend", default="vlm", choices=["vlm", "hybrid"], help="vlm: MinerU's advanced tier")
     p.add_argument("--docs", type=int, default=0, help="documents to use (0: all in the corpus)")
     p.add_argument("--repeat", type=int, default=2, help="resident passes over the documents")
     p.add_argument("--cold-docs", type=int, default=3, help="documents for each cold configuration")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="cap per VLM answer (random weights ramble)")
     p.add_argument("--standin-cap-mib", type=float, default=4096, help="GPU memory the SGLang stand-in holds")
     p.add_argument("--sglang-model", type=Path, default=None, help="also measure real SGLang with this model")
     p.add_argument("--skip-cold-process", action="store_true")
@@ -122,7 +124,14 @@ def resident(args: argparse.Namespace, docs: list[Path]) -> tuple[dict[str, Any]
                 t1 = time.perf_counter()
                 s.parse(doc, pages=1)
                 times.append(time.perf_counter() - t1)
-    out = {"engine_start_s": engine_start, "engine_and_session_open_s": opened, "warmup_parse_s": warmup}
+    status = engine.status()
+    out = {
+        "engine_start_s": engine_start,
+        "engine_and_session_open_s": opened,
+        "warmup_parse_s": warmup,
+        "engine_memory_mib": status.memory_mib,
+        "engine_pid": status.pid,
+    }
     out.update(_summary(times))
     return out, engine
 
@@ -261,12 +270,14 @@ def main(argv: list[str] | None = None) -> int:
         cold_one(args)
         return 0
     docs = _docs(args.corpus, args.docs)
+    print(f"bench_engine: {len(docs)} documents on {args.device}, backend {args.backend}", file=sys.stderr)
     result: dict[str, Any] = {"environment": _environment(args), "documents": [d.name for d in docs]}
     result["resident"], engine = resident(args, docs)
     try:
         result["sleep_wake"] = sleep_wake(args, engine)
     finally:
         engine.stop()
+    print("bench_engine: resident and sleep/wake done; cold loads next", file=sys.stderr)
     result["cold_in_process"] = cold_in_process(args, docs)
     if not args.skip_cold_process:
         result["cold_process"] = cold_process(args, docs)

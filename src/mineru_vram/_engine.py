@@ -905,7 +905,7 @@ class _Unset:
 
 _UNSET: Any = _Unset()
 
-_global_lock = threading.Lock()
+_global_lock = threading.RLock()  # re-entrant: get() stops a crashed engine, and stop() clears the slot
 _global_engine: ResidentEngine | None = None
 _live: weakref.WeakSet[ResidentEngine] = weakref.WeakSet()
 

@@ -73,7 +73,7 @@ def test_sleep_and_wake_move_memory_by_nvml(engine: ResidentEngine) -> None:
     asleep = engine.sleep()
     assert asleep.confirmed is True, asleep
     assert asleep.freed_mib is not None
-    assert asleep.freed_mib > 0.5 * BUDGET_GIB * 1024 * 0.5, asleep  # weights and KV cache: most of the pool
+    assert asleep.freed_mib > 0.25 * BUDGET_GIB * 1024, asleep  # weights and KV cache: the static pool
     awake = engine.wake()
     assert awake.confirmed is True, awake
     assert awake.after_mib is not None

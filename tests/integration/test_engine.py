@@ -432,6 +432,23 @@ def test_asking_with_other_settings_names_each_difference(model_dir: Path, tmp_p
         testing.reset()
 
 
+def test_get_after_a_failed_start_tries_a_new_engine(model_dir: Path) -> None:
+    launcher = StandinLauncher([{"exit_at_start": 5}, {}])
+    try:
+        with pytest.raises(mv.EngineStartError, match="exited with code 5"):
+            ResidentEngine.get(engine="sglang", model_path=model_dir, device="cpu", launcher=launcher)
+        failed = ResidentEngine.current()
+        assert failed is not None
+        assert failed.state is EngineState.CRASHED
+        engine = ResidentEngine.get(engine="sglang", model_path=model_dir, device="cpu", launcher=launcher)
+        assert engine is not failed
+        assert engine.state is EngineState.READY
+        assert failed.state is EngineState.STOPPED
+        assert len(launcher.launches) == 2
+    finally:
+        testing.reset()
+
+
 def test_attach_uses_a_server_it_does_not_own(make_engine: Factory) -> None:
     owner = make_engine()
     owner.start()
