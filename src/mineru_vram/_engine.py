@@ -1021,6 +1021,7 @@ class ResidentEngine:
         self.mem_fraction_static: float | None = self.settings.mem_fraction
         self._state = EngineState.NEW
         self._lifecycle = threading.RLock()  # start, restart, sleep, wake, unload, stop
+        self._health_lock = threading.Lock()  # a health check, or a sleep/wake/stop: never both
         self._cond = threading.Condition()  # in-flight count and activity
         self._in_flight = 0
         self._last_activity = time.monotonic()
@@ -1442,13 +1443,14 @@ class ResidentEngine:
 
     def _sleep_locked(self) -> MemoryReport:
         self._wait_idle(self.settings.idle_timeout)
-        t0 = time.monotonic()
-        before, free_before = self._reading()
-        note = self._backend.release()
-        after, free_after, confirmed = self._settle(before, direction=-1)
+        with self._health_lock:  # no health generation may run into a release
+            t0 = time.monotonic()
+            before, free_before = self._reading()
+            note = self._backend.release()
+            after, free_after, confirmed = self._settle(before, direction=-1)
+            with self._cond:
+                self._state = EngineState.SLEEPING
         report = MemoryReport("sleep", time.monotonic() - t0, before, after, free_before, free_after, confirmed, note)
-        with self._cond:
-            self._state = EngineState.SLEEPING
         self.last_report = report
         logger.info("resident engine %s", report)
         return report
@@ -1467,14 +1469,15 @@ class ResidentEngine:
             return self._wake_locked()
 
     def _wake_locked(self) -> MemoryReport:
-        t0 = time.monotonic()
-        before, free_before = self._reading()
-        self._backend.resume()
-        after, free_after, confirmed = self._settle(before, direction=+1)
+        with self._health_lock:
+            t0 = time.monotonic()
+            before, free_before = self._reading()
+            self._backend.resume()
+            after, free_after, confirmed = self._settle(before, direction=+1)
+            with self._cond:
+                self._state = EngineState.READY
+                self._last_activity = time.monotonic()
         report = MemoryReport("wake", time.monotonic() - t0, before, after, free_before, free_after, confirmed)
-        with self._cond:
-            self._state = EngineState.READY
-            self._last_activity = time.monotonic()
         self.last_report = report
         logger.info("resident engine %s", report)
         return report
@@ -1550,7 +1553,8 @@ class ResidentEngine:
         t0 = time.monotonic()
         before, free_before = self._reading()
         pids = self._backend.pids()
-        self._backend.shutdown(grace=self.settings.stop_timeout)
+        with self._health_lock:
+            self._backend.shutdown(grace=self.settings.stop_timeout)
         after, free_after, confirmed = self._settle(before, direction=-1, pids=pids)
         report = MemoryReport(action, time.monotonic() - t0, before, after, free_before, free_after, confirmed)
         self.last_report = report
@@ -1634,7 +1638,14 @@ class ResidentEngine:
         if state is EngineState.READY and now >= health["next"]:
             # No health check while asleep: SGLang's /health runs a generation.
             health["next"] = now + self.settings.health_interval
-            if self._backend.healthy(self.settings.health_timeout):
+            # Never during a sleep, wake or stop (they hold the lock); parses do not take it.
+            if not self._health_lock.acquire(blocking=False):
+                return True
+            try:
+                ok = self._state is not EngineState.READY or self._backend.healthy(self.settings.health_timeout)
+            finally:
+                self._health_lock.release()
+            if ok:
                 health["failures"] = 0
             else:
                 health["failures"] += 1
