@@ -171,7 +171,11 @@ argv = sys.argv[2:]
 
 def others():
     me, group, out = os.getpid(), os.getpgid(0), []
-    for name in os.listdir('/proc'):
+    try:
+        names = os.listdir('/proc')
+    except OSError:  # no /proc (not Linux): the engine's stop() still kills the group
+        names = []
+    for name in names:
         if not name.isdigit() or int(name) == me:
             continue
         try:
@@ -518,7 +522,7 @@ class MemoryReport:
         def fmt(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.0f} MiB"
 
-        verdict = {True: "confirmed by NVML", False: "NOT confirmed by NVML", None: "no NVML"}[self.confirmed]
+        verdict = {True: "confirmed by NVML", False: "NOT confirmed by NVML", None: "NVML cannot tell"}[self.confirmed]
         note = f"; {self.note}" if self.note else ""
         return (
             f"{self.action}: {fmt(self.before_mib)} -> {fmt(self.after_mib)} in {self.seconds * 1000:.0f} ms "
