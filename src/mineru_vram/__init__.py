@@ -5,6 +5,7 @@ environment variable; MinerU and torch are imported when a session opens.
 """
 
 from ._documents import Document
+from ._engine import EngineState, EngineStatus, MemoryReport, ResidentEngine
 from ._exceptions import (
     AdmissionTimeoutError,
     BackendNotAvailableError,
@@ -50,8 +51,11 @@ __all__ = [
     "EngineCrashedError",
     "EngineError",
     "EngineStartError",
+    "EngineState",
     "EngineStateError",
+    "EngineStatus",
     "InvalidDocumentError",
+    "MemoryReport",
     "MineruVramError",
     "ModelSession",
     "NotAPdfError",
@@ -60,6 +64,7 @@ __all__ = [
     "ParseResult",
     "ParseTimeoutError",
     "ReleaseReport",
+    "ResidentEngine",
     "SessionState",
     "SessionStateError",
     "TruncatedDocumentError",

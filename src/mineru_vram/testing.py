@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 
 from ._pdfgen import make_pdf
+from ._standin import StandinLauncher
 
-__all__ = ["make_pdf", "reset", "write_random_models", "write_random_vlm"]
+__all__ = ["StandinLauncher", "make_pdf", "reset", "write_random_models", "write_random_vlm"]
 
 
 def write_random_models(path: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> Path:
