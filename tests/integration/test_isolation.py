@@ -351,23 +351,25 @@ def test_worker_that_cannot_load_models_raises_start_error(tmp_path: Path) -> No
 # --- with models ----------------------------------------------------------------------------
 
 
-def _corpus_or_generated() -> list[tuple[str, bytes]]:
-    docs = [("generated.pdf", make_pdf(2))]
+def _real_or_generated() -> tuple[str, bytes]:
+    """The corpus's one-page paper (text, a table, formulas) where present, else a generated page."""
     test_pdf = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "test.pdf"
     if test_pdf.is_file():
-        docs.append(("test.pdf", test_pdf.read_bytes()))
-    return docs
+        return "test.pdf", test_pdf.read_bytes()
+    return "generated.pdf", make_pdf(1)
 
 
 def test_isolated_results_equal_in_process_results(random_models_dir: Path) -> None:
-    docs = _corpus_or_generated()
+    # One document: each side pays a model load and MinerU's lazy loads on its first page.
+    name, data = _real_or_generated()
     with mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir, trust_env=False) as s:
-        expected = [_comparable(s.parse(data, name=name)) for name, data in docs]
+        expected = _comparable(s.parse(data, name=name))
     with mv.ModelSession(
         "pipeline", device="cpu", models_dir=random_models_dir, isolation="process", trust_env=False
     ) as iso:
-        got = [_comparable(iso.parse(data, name=name)) for name, data in docs]
+        got = _comparable(iso.parse(data, name=name))
         pid = _runner(iso).pid
+    assert expected["markdown"], "a real parse, not an empty one"
     assert got == expected
     assert pid is not None
     assert not _alive(pid)
@@ -403,6 +405,9 @@ def test_worker_sigkill_mid_parse_raises_crashed_and_the_next_parse_works(random
         assert err.value.pid == pid
         assert err.value.log_tail, "the tail of the worker's log comes with the error"
         assert "victim.pdf" in str(err.value)
+        deadline = time.monotonic() + 5  # the whole group got SIGKILL; let the helpers finish dying
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _group_alive(pid) == [], "nothing the worker started survives it"
         assert runner.pid is None
         after = s.parse(make_pdf(1), name="next.pdf")
