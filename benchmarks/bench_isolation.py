@@ -357,7 +357,7 @@ def main() -> None:
     ap.add_argument("--backend", default="pipeline", help="pipeline (MinerU's basic tier) or flash (no models)")
     ap.add_argument("--repeat", type=int, default=1, help="timed passes over the corpus per mode")
     ap.add_argument("--docs", type=int, default=200, help="documents in the isolated long run (0: skip)")
-    ap.add_argument("--long-pages", type=int, default=2, help="pages per document in the long run (0: all)")
+    ap.add_argument("--long-pages", type=int, default=1, help="pages per document in the long run (0: all)")
     ap.add_argument("--recycle-after", type=int, default=None)
     ap.add_argument("--recycle-above-mib", type=float, default=None)
     ap.add_argument("--tolerance-mib", type=float, default=32.0, help="'back at baseline' tolerance")
