@@ -813,11 +813,15 @@ class WorkerRunner:
                 if self.baseline is None or self.baseline.device_info is None
                 else (self.baseline.device_info.used_mib)
             )
+            last = self._history[-1] if self._history else {}
             worker_info: dict[str, Any] = {
-                "pid": pids[-1] if pids else None,
-                "exitcode": exitcode,
+                # The last worker: the one closed here, or the one that failed last.
+                "pid": worker.pid if worker is not None else last.get("pid"),
+                "exitcode": exitcode if worker is not None else last.get("exitcode"),
                 "stop_seconds": round(stop_seconds, 4),
-                "seconds_to_baseline": None if t_back is None else round(t_back, 4),
+                # From the start of close until NVML showed the device back (None: cannot tell).
+                "seconds_to_baseline": None if t_back is None or back is None else round(stop_seconds + t_back, 4),
+                "nvml_wait_seconds": None if t_back is None or back is None else round(t_back, 4),
                 "back_at_baseline": back,
                 "device_used_baseline_mib": base_used,
                 "device_used_after_mib": used_after,

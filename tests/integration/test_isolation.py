@@ -129,6 +129,7 @@ def test_exit_stops_the_worker_and_writes_a_process_receipt(flash_session: mv.Mo
     assert report.worker["left"] == []
     assert report.worker["stop_seconds"] < 5
     assert report.worker["back_at_baseline"] is None, "on CPU NVML cannot tell, and the receipt must not claim it"
+    assert report.worker["seconds_to_baseline"] is None
     assert any(f"started worker pid {pid}" in e for e in report.events)
     assert report.ok
     assert s.close() is report, "close is idempotent"
