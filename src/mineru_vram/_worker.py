@@ -273,8 +273,7 @@ def _signal_name(exitcode: int | None) -> str | None:
 class _Worker:
     """One worker process, its pipe and its log."""
 
-    def __init__(self, number: int, proc: subprocess.Popen[bytes], conn: Connection, log_path: Path) -> None:
-        self.number = number
+    def __init__(self, proc: subprocess.Popen[bytes], conn: Connection, log_path: Path) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.conn = conn
@@ -286,7 +285,20 @@ class _Worker:
         self.end: str | None = None  # why it ended, once it has
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        """Whether the worker still runs, without reaping it.
+
+        An exited but unreaped worker keeps its process group's id reserved, so the
+        group kill that follows cannot reach an unrelated process that reused the id.
+        """
+        if self.proc.returncode is not None:
+            return False
+        waitid = getattr(os, "waitid", None)
+        if waitid is None:  # pragma: no cover - platforms without waitid
+            return self.proc.poll() is None
+        try:
+            return waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:  # reaped elsewhere
+            return self.proc.poll() is None
 
     def idle_and_alive(self) -> bool:
         """Alive, with nothing unread on the pipe.
@@ -342,9 +354,10 @@ class _Worker:
 
     def stop(self, grace: float) -> int | None:
         """Wait up to ``grace`` for an exit already requested, then kill the group."""
-        try:
-            self.proc.wait(timeout=max(0.0, grace))
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + max(0.0, grace)
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self.alive():
             logger.warning("worker pid %d did not exit within %.1fs; killing its process group", self.pid, grace)
         # Kill the group even after a clean exit: anything the worker started goes with it.
         return self.kill()
@@ -495,7 +508,7 @@ class WorkerRunner:
             child_sock.close()
             raise WorkerStartError(f"could not start the worker process: {exc}") from exc
         child_sock.close()
-        worker = _Worker(number, proc, Connection(parent_sock.detach()), log_path)
+        worker = _Worker(proc, Connection(parent_sock.detach()), log_path)
         self._worker = worker
         child_settings = dataclasses.replace(
             self.settings, isolation="none", recycle_after=None, recycle_above_mib=None
