@@ -163,6 +163,8 @@ class ReleaseReport:
         """No live tensor, no surviving model object, and no NVML residual over tolerance."""
         if self.models_alive:
             return False
+        if self.worker.get("back_at_baseline") is False:
+            return False
         allocated = self.torch_allocated_after_mib
         if allocated:
             return False
@@ -177,6 +179,9 @@ class ReleaseReport:
         out = []
         if self.models_alive:
             out.append(f"{len(self.models_alive)} model object(s) still alive: {', '.join(self.models_alive)}")
+        if self.worker.get("back_at_baseline") is False:
+            left = self.worker.get("left") or "memory still held"
+            out.append(f"device not back at its pre-session level after the worker exited: {left}")
         if self.torch_allocated_after_mib:
             out.append(f"torch still has {self.torch_allocated_after_mib:.1f} MiB allocated")
         leaked = self.leaked_mib
@@ -206,6 +211,8 @@ class ReleaseReport:
                 + (", CUDA context created by the session" if self.context_created else "")
                 + f"); torch allocated {_fmt(_ta(self.after))}, reserved {_fmt(_tr(self.after))}"
             )
+        if self.worker.get("seconds_to_baseline") is not None:
+            head += f"; worker gone, device at baseline after {self.worker['seconds_to_baseline'] * 1000:.0f} ms"
         tail = (
             f"; {self.models_released} models released, {len(self.models_alive)} alive; "
             f"{self.seconds * 1000:.0f} ms; {'ok' if self.ok else 'NOT OK: ' + '; '.join(self.problems())}"
