@@ -18,6 +18,9 @@ A MinerU upgrade should be a change to this module alone. What it relies on
   CUDA tensors alive (found by measurement, see MINERU_FACTS).
 * ``MinerUParser``'s private steps, called with bytes instead of a path so a parse
   never writes the input to disk.
+* What sizes batches (for the retry after an OOM, :meth:`MineruRuntime.smaller_batches`):
+  ``BATCH_RATIO`` as imported by ``mineru.backend.analysis.pdf.{window,ocr,tables}``,
+  ``MINERU_PROCESSING_WINDOW_SIZE`` and ``MINERU_VIRTUAL_VRAM_SIZE``.
 """
 
 from __future__ import annotations
@@ -130,11 +133,14 @@ class MineruRuntime:
         models_dir: Path | None,
         model_source: str | None = None,
         small_backend: str = "torch",
+        virtual_vram_gb: int | None = None,
     ) -> None:
         self.device = device
         self.models_dir = models_dir
         self.model_source = model_source or ("local" if models_dir is not None else None)
         self.small_backend = small_backend
+        # From the session's VramBudget (issue #6): MINERU_VIRTUAL_VRAM_SIZE, set by activate().
+        self.virtual_vram_gb = virtual_vram_gb
         self._home: tempfile.TemporaryDirectory[str] | None = None
         self._env_stack: contextlib.ExitStack | None = None
         self._user_keys: set[tuple[str, Any]] = set()
@@ -177,6 +183,10 @@ class MineruRuntime:
                 env["MINERU_MODEL_BASE_DIR"] = str(self.models_dir)
             if self.model_source is not None:
                 env["MINERU_MODEL_SOURCE"] = self.model_source
+            if self.virtual_vram_gb is not None:
+                # MinerU's sizing hint (get_vram(): VLM batch sizes, vLLM utilisation), from the
+                # session's budget; set only while the session is active, like the rest.
+                env["MINERU_VIRTUAL_VRAM_SIZE"] = str(self.virtual_vram_gb)
             from ._config import patched_environ
 
             stack.enter_context(patched_environ(env, also_restore=_MINERU_SIDE_EFFECT_ENV))
@@ -333,6 +343,62 @@ class MineruRuntime:
         t2 = time.perf_counter()
         return _replace_timing(result, {"mineru": t1 - t0, "convert": t2 - t1})
 
+    @contextlib.contextmanager
+    def smaller_batches(self) -> Iterator[dict[str, Any]]:
+        """Halve MinerU's batch sizes for the body (a retry after an out-of-memory error).
+
+        What sizes MinerU 4.0.12's work on the device:
+
+        * basic tier: ``BATCH_RATIO`` (2) times per-model base sizes (layout 1, formula 16,
+          OCR detection 8). ``ocr.py``, ``window.py`` and ``tables.py`` import the constant
+          by name, so each module's own global is patched; ``get_vram()`` plays no part.
+        * ``MINERU_PROCESSING_WINDOW_SIZE`` (default 64): pages rendered and analysed
+          together, read per parse.
+        * ``MINERU_VIRTUAL_VRAM_SIZE``: VLM batch sizes and vLLM's utilisation come from
+          ``get_vram()``, which reads it first.
+
+        All three are halved (at least 1) and restored on exit.
+
+        Yields:
+            The settings in force during the body.
+        """
+        import importlib
+        import os
+
+        from ._config import patched_environ
+
+        window = _positive_int(os.environ.get("MINERU_PROCESSING_WINDOW_SIZE"), 64)
+        vram = _positive_int(os.environ.get("MINERU_VIRTUAL_VRAM_SIZE"), 0) or self._device_total_gb()
+        env = {"MINERU_PROCESSING_WINDOW_SIZE": str(max(1, window // 2))}
+        if vram:
+            env["MINERU_VIRTUAL_VRAM_SIZE"] = str(max(1, vram // 2))
+        saved: list[tuple[Any, int]] = []
+        ratio: int | None = None
+        try:
+            for name in _BATCH_RATIO_MODULES:
+                try:
+                    module = importlib.import_module(name)
+                except ImportError:  # a MinerU without this stage: nothing to patch there
+                    continue
+                old = getattr(module, "BATCH_RATIO", None)
+                if isinstance(old, int):
+                    saved.append((module, old))
+                    ratio = max(1, old // 2)
+                    setattr(module, "BATCH_RATIO", ratio)  # noqa: B010 - a module global, by name
+            with patched_environ(env):
+                yield {"batch_ratio": ratio, **env}
+        finally:
+            for module, old in saved:
+                setattr(module, "BATCH_RATIO", old)  # noqa: B010
+
+    def _device_total_gb(self) -> int:
+        if not self.device.startswith("cuda"):
+            return 0
+        from ._probe import vram_snapshot
+
+        total = vram_snapshot(self.device).total_mib
+        return 0 if total is None else round(total / 1024)
+
     def _run_mineru(self, doc: Document, *, tier: str, ocr_mode: str, page_range: str, vlm_config: Any) -> Any:
         from mineru.integrations.docvortex import read_source_properties
         from mineru.parser.mineru_parser import MinerUParser, _PreparedInput
@@ -352,6 +418,22 @@ class MineruRuntime:
         middle_json, model_output = parser._run_analysis(prepared)
         parser._insert_broken_pages(middle_json.pages, retained, broken)
         return parser._build_result(middle_json, model_output)
+
+
+# Modules of MinerU's basic tier that size batches with their own copy of BATCH_RATIO.
+_BATCH_RATIO_MODULES = (
+    "mineru.backend.analysis.pdf.window",
+    "mineru.backend.analysis.pdf.ocr",
+    "mineru.backend.analysis.pdf.tables",
+)
+
+
+def _positive_int(raw: str | None, default: int) -> int:
+    try:
+        value = int(raw) if raw is not None else default
+    except ValueError:
+        return default
+    return value if value > 0 else default
 
 
 def _to_result(mres: Any, doc: Document, *, backend: str, device: str, keep_model_output: bool) -> ParseResult:

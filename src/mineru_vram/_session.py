@@ -25,11 +25,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
+from ._budget import Ledger, Reservation, VramBudget, admit, resolve_budget
 from ._config import BackendSpec, env_settings, resolve_backend
 from ._documents import Document, Source, load_document, parse_pages
+from ._events import emit as _emit_phase  # timeline phase events (issue #5)
 from ._exceptions import (
     ConfigurationError,
     MineruVramError,
+    OutOfMemoryError,
     SessionStateError,
     VramLeakError,
 )
@@ -79,6 +82,10 @@ class SessionSettings:
     worker_start_timeout: float = 300.0
     release_timeout: float = 10.0
     runtime_dir: str | None = None
+    # Budgets and OOM recovery (issue #6): MINERU_VIRTUAL_VRAM_SIZE from the admitted budget
+    # (set inside the session only), and one retry on smaller batches after a CUDA OOM.
+    virtual_vram_gb: int | None = None
+    oom_retry: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,9 +129,11 @@ class InProcessRunner:
             models_dir=settings.models_dir,
             model_source=settings.model_source,
             small_backend=settings.small_backend,
+            virtual_vram_gb=settings.virtual_vram_gb,
         )
         self._vlm_config: Any = None
         self._lock = threading.Lock()
+        self.oom_retries = 0  # documents that ran out of memory and were retried on smaller batches
 
     def open(self) -> None:
         self.baseline = settle(self.settings.device)
@@ -152,21 +161,45 @@ class InProcessRunner:
 
             vlm_config = VlmConfig(**options.vlm_config)
         with self._lock:  # MinerU's models are not safe to call from two threads at once
+            oom_message = None
             try:
-                return self.runtime.parse(
-                    doc,
-                    tier=self.settings.backend.tier,
-                    ocr_mode=options.ocr_mode,
-                    page_range=options.page_range,
-                    backend=self.settings.backend.name,
-                    keep_model_output=self.settings.keep_model_output,
-                    vlm_config=vlm_config,
-                )
-            except MineruVramError as exc:
-                # The traceback's frames hold the document's tensors; drop their locals so
-                # the error object the caller keeps does not keep device memory alive.
-                _clear_frames(exc)
-                raise
+                return self._parse_once(doc, options, vlm_config)
+            except OutOfMemoryError as exc:
+                if not self.settings.oom_retry:
+                    raise
+                oom_message = str(exc)
+            # OOM recovery (issue #6), outside the except block so the first error's traceback
+            # (cleared by _parse_once) is no longer being handled: release what the document
+            # held (its frames are cleared; the allocator's cached blocks go back to the driver;
+            # an exceptional path, not a per-document ritual), then retry once on halved batches.
+            self.oom_retries += 1
+            return_allocator_memory(self.settings.device)
+            logger.warning("%s; retrying once on smaller batches", oom_message)
+            with self.runtime.smaller_batches() as knobs:
+                try:
+                    result = self._parse_once(doc, options, vlm_config)
+                except OutOfMemoryError as exc:
+                    return_allocator_memory(self.settings.device)
+                    exc.add_note(f"retried once on smaller batches ({knobs}) after: {oom_message}")
+                    raise
+            return dataclasses.replace(result, timings={**result.timings, "oom_retries": 1.0})
+
+    def _parse_once(self, doc: Document, options: ParseOptions, vlm_config: Any) -> ParseResult:
+        try:
+            return self.runtime.parse(
+                doc,
+                tier=self.settings.backend.tier,
+                ocr_mode=options.ocr_mode,
+                page_range=options.page_range,
+                backend=self.settings.backend.name,
+                keep_model_output=self.settings.keep_model_output,
+                vlm_config=vlm_config,
+            )
+        except MineruVramError as exc:
+            # The traceback's frames hold the document's tensors; drop their locals so
+            # the error object the caller keeps does not keep device memory alive.
+            _clear_frames(exc)
+            raise
 
     def _release(self, tracker: AliveTracker) -> tuple[int, list[tuple[str, float]]]:
         t0 = time.perf_counter()
@@ -274,6 +307,12 @@ class ModelSession:
         recycle_after: (process isolation) replace the worker after N documents.
         recycle_above_mib: (process isolation) replace the worker once its memory grew
             by more than this since its first document.
+        budget: a :class:`VramBudget` (or MiB as ``int``, a fraction as ``float`` <= 1):
+            ``open`` waits until the device has it free (NVML, other processes
+            counted) and reserves it in the cross-process ledger; MinerU's
+            ``MINERU_VIRTUAL_VRAM_SIZE`` is derived from it inside the session.
+        oom_retry: on a CUDA out-of-memory error, release what the document held and
+            retry it once on halved batches before raising :class:`OutOfMemoryError`.
         trust_env: read ``MINERU_VRAM_*`` variables for unset arguments.
     """
 
@@ -297,6 +336,8 @@ class ModelSession:
         recycle_after: int | None = None,
         recycle_above_mib: float | None = None,
         worker_start_timeout: float = 300.0,
+        budget: VramBudget | int | float | str | None = None,
+        oom_retry: bool = True,
         trust_env: bool = True,
     ) -> None:
         env = env_settings() if trust_env else {}
@@ -347,7 +388,10 @@ class ModelSession:
             recycle_above_mib=recycle_above_mib,
             worker_start_timeout=worker_start_timeout,
             runtime_dir=env.get("runtime_dir"),
+            oom_retry=oom_retry,
         )
+        self.budget = resolve_budget(budget)
+        self.reservation: Reservation | None = None
         self.ocr_mode = ocr_mode
         self.max_document_bytes = max_document_bytes
         self.max_pages = max_pages
@@ -389,6 +433,15 @@ class ModelSession:
             f"isolation={self.settings.isolation!r}, state={self._state.value})"
         )
 
+    def _phase_info(self) -> dict[str, Any]:
+        # What each timeline phase event carries (issue #5); ``session`` pairs starts with ends.
+        return {
+            "session": f"{id(self):x}",
+            "backend": self.backend,
+            "device": self.device,
+            "isolation": self.settings.isolation,
+        }
+
     def _require_open(self, what: str) -> Runner:
         state = self._state
         if state is SessionState.OPENED and self._runner is not None:
@@ -417,12 +470,31 @@ class ModelSession:
                     f"this ModelSession is already {self._state.value}; a session can be entered only once"
                 )
             self._state = SessionState.OPENING
-        runner = _make_runner(self.settings)
         try:
+            if self.budget is not None:
+                # Admission (issue #6): wait until the device has the budget free and reserve
+                # it in the cross-process ledger before anything loads.
+                self.reservation = admit(
+                    self.budget,
+                    self.settings.device,
+                    what=f"ModelSession({self.backend})",
+                    ledger=Ledger(self.settings.runtime_dir),
+                )
+                if self.reservation.virtual_vram_gb is not None:
+                    self.settings = dataclasses.replace(self.settings, virtual_vram_gb=self.reservation.virtual_vram_gb)
+            _emit_phase("load.start", **self._phase_info())  # issue #5: timeline phases
+            runner = _make_runner(self.settings)
             runner.open()
-        except BaseException:
+            worker_pid = getattr(runner, "pid", None)
+            if self.reservation is not None and worker_pid is not None:
+                self.reservation.set_pids([os.getpid(), worker_pid])  # the worker spends the reservation
+        except BaseException as exc:
+            _emit_phase("load.end", ok=False, error=_error_text(exc), **self._phase_info())  # issue #5
             self._state = SessionState.CLOSED
+            if self.reservation is not None:
+                self.reservation.release()
             raise
+        _emit_phase("load.end", ok=True, **self._phase_info())  # issue #5: timeline phases
         self._runner = runner
         self._finalizer = weakref.finalize(self, _abandon, runner, os.getpid())
         self._state = SessionState.OPENED
@@ -442,11 +514,15 @@ class ModelSession:
             self._state = SessionState.CLOSING
         runner = self._runner
         assert runner is not None  # OPENED implies a runner
+        _emit_phase("release.start", **self._phase_info())  # issue #5: timeline phases
         try:
             report = runner.close()
         finally:
+            _emit_phase("release.end", **self._phase_info())  # issue #5: timeline phases
             if self._finalizer is not None:
                 self._finalizer.detach()
+            if self.reservation is not None:
+                self.reservation.release()  # after the release, so others are admitted into freed memory
             self._state = SessionState.CLOSED
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
@@ -511,18 +587,26 @@ class ModelSession:
         """
         runner = self._require_open("parse")
         t0 = time.perf_counter()
-        doc = self.load(source, name=name)
-        mode = ocr_mode or self.ocr_mode
-        if mode not in ("auto", "txt", "ocr"):
-            raise ConfigurationError(f"ocr_mode={mode!r}: expected 'auto', 'txt' or 'ocr'", ocr_mode=mode)
-        options = ParseOptions(page_range=parse_pages(pages, doc.page_count), ocr_mode=mode, timeout=timeout)
-        if self._engine is not None:
-            # The engine's lease wakes or (re)starts it, counts the request for keep_alive and
-            # sleep, and turns a parse that failed because the engine died into EngineCrashedError.
-            with self._engine.lease() as vlm_config:
-                result = runner.parse(doc, dataclasses.replace(options, vlm_config=vlm_config))
-        else:
-            result = runner.parse(doc, options)
+        # issue #5: timeline phases (parse.start / parse.end around the whole call)
+        phase = {**self._phase_info(), "document": name or _display_name(source)}
+        _emit_phase("parse.start", **phase)
+        try:
+            doc = self.load(source, name=name)
+            mode = ocr_mode or self.ocr_mode
+            if mode not in ("auto", "txt", "ocr"):
+                raise ConfigurationError(f"ocr_mode={mode!r}: expected 'auto', 'txt' or 'ocr'", ocr_mode=mode)
+            options = ParseOptions(page_range=parse_pages(pages, doc.page_count), ocr_mode=mode, timeout=timeout)
+            if self._engine is not None:
+                # The engine's lease wakes or (re)starts it, counts the request for keep_alive and
+                # sleep, and turns a parse that failed because the engine died into EngineCrashedError.
+                with self._engine.lease() as vlm_config:
+                    result = runner.parse(doc, dataclasses.replace(options, vlm_config=vlm_config))
+            else:
+                result = runner.parse(doc, options)
+        except BaseException as exc:
+            _emit_phase("parse.end", ok=False, error=_error_text(exc), **phase)
+            raise
+        _emit_phase("parse.end", ok=True, pages=result.page_count, **phase)
         self.documents_parsed += 1
         return dataclasses.replace(result, seconds=time.perf_counter() - t0)
 
@@ -622,6 +706,11 @@ class ModelSession:
             if exc is None:
                 raise
             logger.error("VRAM leak while handling %s: %s", type(exc).__name__, self.release_report)
+
+
+def _error_text(exc: BaseException) -> str:
+    # For timeline phase events (issue #5): the error's type and the start of its message.
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _display_name(source: object) -> str:
