@@ -487,17 +487,14 @@ class Reservation:
     def set_pids(self, pids: Sequence[int]) -> None:
         """Count the growth of these processes against the reservation (a worker that started).
 
-        Their current NVML figure becomes the new base, so their growth from here on
-        is what the reservation has been "spent" on.
+        Processes added after the reservation was made held nothing on the device
+        before it, so all they hold now is spent from it; the base recorded at
+        admission (for the processes named then) stays.
         """
         with self._lock:
             if self._handle is None or self._entry is None or self._ledger is None or self._folder is None:
                 return
-            probe = self.budget.probe or nvml_probe
-            info = probe(self.device)
-            listed = {} if info is None else {p.pid: p.used_mib for p in info.processes}
-            base = sum(listed.get(p, 0.0) for p in pids)
-            entry = LedgerEntry(**{**self._entry.__dict__, "pids": tuple(pids), "base_mib": base})
+            entry = LedgerEntry(**{**self._entry.__dict__, "pids": tuple(pids)})
             with self._ledger.locked(self._folder.name):
                 self._ledger.rewrite(self._folder, entry, self._handle)
             self._entry = entry

@@ -413,6 +413,8 @@ class TaskQueue:
         self._conn_lock = threading.Lock()
         self._state = _QueueState.OPEN
         self._stops: set[threading.Event] = set()
+        self._runs = threading.Condition()  # guards _run_threads: threads inside run()
+        self._run_threads: set[int] = set()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         candidate = QueueSettings(**self._overrides)
         candidate.check()
@@ -490,10 +492,14 @@ class TaskQueue:
         return QueueSettings(**{k: v for k, v in data.items() if k in _SETTINGS_FIELDS})
 
     def close(self) -> None:
-        """Stop running loops (after their current task) and close the database. Idempotent."""
+        """Stop running loops, wait for them to finish their current task, close the database. Idempotent."""
         if self._state is _QueueState.CLOSED:
             return
         self.stop()
+        me = threading.get_ident()
+        with self._runs:
+            # A loop's own thread (a signal handler, a callback) cannot wait for itself.
+            self._runs.wait_for(lambda: not (self._run_threads - {me}))
         self._state = _QueueState.CLOSED
         with self._conn_lock:
             conns, self._connections = self._connections, []
@@ -799,6 +805,8 @@ class TaskQueue:
         """
         stop = threading.Event()
         self._stops.add(stop)
+        with self._runs:
+            self._run_threads.add(threading.get_ident())
         t0 = time.perf_counter()
         stats = WorkerStats()
         counter = _Counter(max_tasks)
@@ -843,6 +851,9 @@ class TaskQueue:
                             logger.warning("closing a queue session: %s", exc)
         finally:
             self._stops.discard(stop)
+            with self._runs:
+                self._run_threads.discard(threading.get_ident())
+                self._runs.notify_all()
             stats.seconds = time.perf_counter() - t0
         return stats
 

@@ -40,7 +40,6 @@ from mineru_vram._queue import (
 from mineru_vram.testing import make_pdf
 
 PDF = make_pdf(1)
-WORKER = "import sys; from mineru_vram._queue import run_worker_cli; sys.exit(run_worker_cli(sys.argv[1:]))"
 
 
 @pytest.fixture
@@ -70,7 +69,7 @@ def _leftovers(q: TaskQueue) -> dict[str, list[str]]:
 def _start_worker(db: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as fh:
         return subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(db), *args],
+            [sys.executable, "-m", "mineru_vram", "worker", str(db), *args],  # the real command line
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group: MinerU's render helpers go with it
@@ -311,12 +310,12 @@ def test_concurrent_submitters_from_several_processes(tmp_path: Path) -> None:
             ids += json.loads(out)
         assert len(ids) == len(set(ids)) == 45
         results = {q.result(t, timeout=120).document for t in ids}
+        completed = _completed_events(q)
     finally:
-        q.stop()
-        worker.join(timeout=120)
+        q.close()  # stops the loop and waits for it to return
+    assert not worker.is_alive()
     assert results == {f"p{k}-{i}.pdf" for k in range(3) for i in range(15)}
-    assert _completed_events(q) == collections.Counter(dict.fromkeys(ids, 1))
-    q.close()
+    assert completed == collections.Counter(dict.fromkeys(ids, 1))
 
 
 def test_kill_9_of_the_worker_mid_task_then_restart_completes_everything_once(tmp_path: Path) -> None:

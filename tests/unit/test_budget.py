@@ -259,6 +259,21 @@ def test_outstanding_subtracts_what_the_holder_already_allocated() -> None:
     assert outstanding_mib([entry, twin], card(ProcessMemory(111, 4500), other)) == 3000
 
 
+def test_a_worker_started_after_admission_spends_the_reservation(ledger: Ledger) -> None:
+    parent = ProcessMemory(pid=111, used_mib=500)
+    device = StandInDevice(free_mib=10 * GIB, processes=(parent,))
+    with admit(VramBudget(6000, probe=device), "cuda:0", ledger=ledger, pids=[111]) as r:
+        (entry,) = ledger.snapshot(KEY)
+        assert (entry.pids, entry.base_mib) == ((111,), 500)
+        r.set_pids([111, 222])  # the isolated session's worker, which loaded 4000 MiB meanwhile
+        (entry,) = ledger.snapshot(KEY)
+        assert (entry.pids, entry.base_mib) == ((111, 222), 500)
+        now = DeviceMemory(
+            index=0, name="x", total_mib=16 * GIB, used_mib=0, free_mib=0, processes=(parent, ProcessMemory(222, 4000))
+        )
+        assert outstanding_mib([entry], now) == 2000
+
+
 def test_session_admission_happens_before_anything_loads(tmp_path: Path) -> None:
     device = StandInDevice(free_mib=1 * GIB)
     session = mv.ModelSession(
