@@ -67,6 +67,8 @@ _PHASE_COLORS = {
     "release": "tab:blue",
     "exit": "0.55",
 }
+# Phases a program marks for itself (engine start, idle...) take these in order of appearance.
+_OTHER_COLORS = ("tab:cyan", "tab:olive", "tab:pink", "tab:brown", "gold", "tab:purple", "0.8")
 
 
 class TimelineState(enum.Enum):
@@ -667,8 +669,10 @@ def _draw(tl: Timeline, *, title: str | None) -> Any:
         peak_values = [s.rss_mib for s in samples]
     kinds: dict[str, str] = {}
     for i, ph in enumerate(phases):
-        color = _PHASE_COLORS.get(ph.name, "tab:cyan")
-        kinds.setdefault(ph.name, color)
+        if ph.name not in kinds:
+            others = sum(1 for k in kinds if k not in _PHASE_COLORS)
+            kinds[ph.name] = _PHASE_COLORS.get(ph.name) or _OTHER_COLORS[others % len(_OTHER_COLORS)]
+        color = kinds[ph.name]
         stop = end if ph.end is None else ph.end
         alpha = 0.22 if ph.name != "parse" else (0.16 if i % 2 else 0.26)
         for ax in axes:
