@@ -192,8 +192,10 @@ def test_probe_reports_the_machine(tmp_path: Path) -> None:
     else:
         assert report["gpu_count"] == len(report["gpus"]) >= 1
         assert all(g["total_mib"] > 0 for g in report["gpus"])
-        assert "CUDA-context floor: " in text.stdout
-        assert "MiB on cuda:0, measured now" in text.stdout
+        # Measured in a child process; a PID namespace can hide the child from NVML, and then the
+        # probe must say the measurement failed rather than print a number.
+        floor_line = next(line for line in text.stdout.splitlines() if line.startswith("CUDA-context floor: "))
+        assert "MiB on cuda:0, measured now" in floor_line or floor_line.endswith("the measurement failed")
 
 
 def test_worker_is_handed_to_the_queue(capsys: pytest.CaptureFixture[str]) -> None:
