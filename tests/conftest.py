@@ -16,3 +16,19 @@ def corpus_dir() -> Path:
     if not (CORPUS_DIR / "test.pdf").is_file():
         pytest.skip(f"corpus folder {CORPUS_DIR} is absent (it ships beside the project's checkout, not in it)")
     return CORPUS_DIR
+
+
+@pytest.fixture(scope="session")
+def random_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A MinerU-4 model tree with the true architectures and random weights (seed 0).
+
+    Built once into a cache beside pytest's numbered temp folders (the parent of
+    ``basetemp``; pytest rotates only the numbered folders), so later runs reuse it.
+    Building is idempotent per seed and guarded by a lock, so parallel workers share
+    one build.
+    Use it as MinerU's ``model.base_dir`` with ``source: local``, ``small_backend: torch``.
+    """
+    from mineru_vram.testing import write_random_models
+
+    cache = tmp_path_factory.getbasetemp().parent / "mineru-vram-random-models"
+    return write_random_models(cache, seed=0)
