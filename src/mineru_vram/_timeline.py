@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import enum
+import heapq
 import io
 import logging
 import os
@@ -489,11 +490,13 @@ class Timeline:
                 )
         else:
             writer.writerow(SAMPLE_COLUMNS)
-            for s in self.samples:
+            samples = self.samples
+            labels = _labels_at([s.time for s in samples], spans)
+            for s, label in zip(samples, labels, strict=True):
                 writer.writerow(
                     (
                         f"{s.time:.3f}",
-                        self.phase_at(s.time, spans),
+                        label,
                         _num(s.device_used_mib),
                         _num(s.device_total_mib),
                         _num(s.gpu_mib),
@@ -566,6 +569,33 @@ def _num(value: float | None) -> str:
 
 def _by_pid(values: dict[int, float]) -> str:
     return ";".join(f"{pid}:{mib:.1f}" for pid, mib in sorted(values.items()))
+
+
+def _labels_at(times: Sequence[float], phases: Sequence[Phase]) -> list[str]:
+    """:meth:`Timeline.phase_at` for many times in one sweep (hours of samples, thousands of phases).
+
+    A heap holds the phases started so far, latest start on top; a phase that has ended by the
+    time being labelled is dropped when it reaches the top (times are visited in order, so an
+    ended phase stays ended).
+    """
+    order = sorted(range(len(phases)), key=lambda i: phases[i].start)
+    heap: list[tuple[float, int, int]] = []
+    labels = [""] * len(times)
+    nxt = 0
+    for ti in sorted(range(len(times)), key=lambda i: times[i]):
+        t = times[ti]
+        while nxt < len(order) and phases[order[nxt]].start <= t:
+            i = order[nxt]
+            heapq.heappush(heap, (-phases[i].start, -nxt, i))  # ties: the later one wins, as in phase_at
+            nxt += 1
+        while heap:
+            end = phases[heap[0][2]].end
+            if end is None or t < end:
+                break
+            heapq.heappop(heap)
+        if heap:
+            labels[ti] = phases[heap[0][2]].label
+    return labels
 
 
 def _phases(events: Sequence[Event]) -> list[Phase]:

@@ -260,3 +260,21 @@ def test_timeline_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["timeline", "-o", str(tmp_path / "y"), "--", str(tmp_path / "no-such-program")]) == 127
     assert "cannot run" in capsys.readouterr().err
     assert main(["timeline", "-o", str(tmp_path / "z"), "--hz", "5000", "--", "true"]) == 2
+
+
+def test_sample_labels_in_one_sweep_match_phase_at() -> None:
+    import random
+
+    from mineru_vram._timeline import Phase, _labels_at
+
+    rng = random.Random(5)
+    tl = Timeline()
+    for _ in range(200):
+        phases = []
+        for k in range(rng.randint(0, 8)):
+            start = round(rng.uniform(0, 10), 1)
+            end = None if rng.random() < 0.2 else round(start + rng.uniform(0, 4), 1)
+            phases.append(Phase(name="p", label=f"p{k}", start=start, end=end))
+        phases.sort(key=lambda p: p.start)
+        times = [round(rng.uniform(-1, 15), 1) for _ in range(40)]
+        assert _labels_at(times, phases) == [tl.phase_at(t, phases) for t in times]
