@@ -139,10 +139,51 @@ def child_session(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def child_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    """Wrapper overhead alone: raw parse() and ModelSession.parse() on the same loaded models,
+    interleaved per document in one process (order alternating per pass), so GPU clocks,
+    page cache and CPU load affect both alike."""
+    import mineru_vram as mv
+
+    docs = _docs(Path(args.corpus))
+    s = mv.ModelSession("pipeline", device="cuda:0", models_dir=args.models_dir).open()
+    from mineru.parser import parse  # runs on the session's models: same cache keys, same device
+
+    s.parse(docs[-1])
+    parse(docs[-1], tier="basic").markdown()
+    raw: dict[str, list[float]] = {d.name: [] for d in docs}
+    ses: dict[str, list[float]] = {d.name: [] for d in docs}
+    conv: dict[str, list[float]] = {d.name: [] for d in docs}
+    for rep in range(args.repeat):
+        for d in docs:
+            for which in (("raw", "session") if rep % 2 == 0 else ("session", "raw")):
+                t = time.perf_counter()
+                if which == "raw":
+                    r = parse(d, tier="basic")
+                    r.markdown()
+                    r.structured_content()
+                    raw[d.name].append(time.perf_counter() - t)
+                else:
+                    res = s.parse(d)
+                    ses[d.name].append(time.perf_counter() - t)
+                    conv[d.name].append(res.timings.get("convert", 0.0))
+    s.close()
+    raw_med = {k: statistics.median(v) for k, v in raw.items()}
+    ses_med = {k: statistics.median(v) for k, v in ses.items()}
+    total_raw, total_ses = sum(raw_med.values()), sum(ses_med.values())
+    return {
+        "passes": args.repeat,
+        "raw_per_doc_s": raw_med,
+        "session_per_doc_s": ses_med,
+        "session_convert_per_doc_s": {k: statistics.median(v) for k, v in conv.items()},
+        "overhead_pct": 100.0 * (total_ses - total_raw) / total_raw,
+    }
+
+
 def _run_child(mode: str, args: argparse.Namespace, extra: list[str] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", mode, "--models-dir", args.models_dir, "--corpus", args.corpus]
     cmd += ["--repeat", str(args.repeat)] + (extra or [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
     if proc.returncode != 0:
         return {"error": proc.returncode, "stderr_tail": proc.stderr[-3000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -162,6 +203,9 @@ def main() -> None:
     if args.child == "raw":
         print(json.dumps(child_raw(args)))
         return
+    if args.child == "overhead":
+        print(json.dumps(child_overhead(args)))
+        return
     if args.child == "session":
         print(json.dumps(child_session(args)))
         return
@@ -175,6 +219,8 @@ def main() -> None:
         result["raw_mineru"] = _run_child("raw", args)
     if "session" in modes:
         result["model_session"] = _run_child("session", args)
+    if "overhead" in modes:
+        result["overhead_same_process"] = _run_child("overhead", args)
     if "isolated" in modes:
         result["model_session_isolated"] = _run_child("session", args, ["--isolation", "process"])
     raw, ses = result.get("raw_mineru", {}), result.get("model_session", {})

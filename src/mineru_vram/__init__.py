@@ -4,6 +4,7 @@ Importing this package touches no device, starts nothing and reads no
 environment variable; MinerU and torch are imported when a session opens.
 """
 
+from ._budget import VramBudget
 from ._documents import Document
 from ._engine import EngineState, EngineStatus, MemoryReport, ResidentEngine
 from ._exceptions import (
@@ -24,7 +25,11 @@ from ._exceptions import (
     OutOfMemoryError,
     ParseError,
     ParseTimeoutError,
+    ResultTimeoutError,
     SessionStateError,
+    TaskCancelledError,
+    TaskFailedError,
+    TaskNotFoundError,
     TruncatedDocumentError,
     VramLeakError,
     WorkerCrashedError,
@@ -32,9 +37,11 @@ from ._exceptions import (
     WorkerStartError,
 )
 from ._probe import VramSnapshot, measure_context_floor, vram_snapshot
+from ._queue import QueueSettings, TaskInfo, TaskQueue, TaskStatus, WorkerStats
 from ._release import ReleaseReport
 from ._result import BatchItem, BatchResult, ParseResult
 from ._session import ModelSession, SessionState
+from ._timeline import Timeline
 from ._version import __version__
 
 __all__ = [
@@ -63,16 +70,27 @@ __all__ = [
     "ParseError",
     "ParseResult",
     "ParseTimeoutError",
+    "QueueSettings",
     "ReleaseReport",
     "ResidentEngine",
+    "ResultTimeoutError",
     "SessionState",
     "SessionStateError",
+    "TaskCancelledError",
+    "TaskFailedError",
+    "TaskInfo",
+    "TaskNotFoundError",
+    "TaskQueue",
+    "TaskStatus",
+    "Timeline",
     "TruncatedDocumentError",
+    "VramBudget",
     "VramLeakError",
     "VramSnapshot",
     "WorkerCrashedError",
     "WorkerError",
     "WorkerStartError",
+    "WorkerStats",
     "__version__",
     "measure_context_floor",
     "vram_snapshot",

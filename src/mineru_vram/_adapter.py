@@ -50,7 +50,13 @@ __all__ = [
 MINERU_TIERS = ("flash", "basic", "standard", "advanced")
 
 # Lazily loaded models that MinerU keeps on HybridLocalModelContext as cached properties.
-_LAZY_MODELS = ("mfr_model", "wireless_table_model", "wired_table_model", "table_cls_model", "table_orientation_cls_model")
+_LAZY_MODELS = (
+    "mfr_model",
+    "wireless_table_model",
+    "wired_table_model",
+    "table_cls_model",
+    "table_orientation_cls_model",
+)
 
 # Environment variables MinerU sets for itself while loading or parsing; restored with ours.
 _MINERU_SIDE_EFFECT_ENV = ("PYTORCH_ENABLE_MPS_FALLBACK", "TORCH_CUDNN_V8_API_DISABLED")
@@ -109,6 +115,35 @@ def _all_keys() -> set[tuple[str, Any]]:
     return {(name, key) for name, cache in _caches().items() for key in list(cache)}
 
 
+def default_models_dir() -> Path:
+    """MinerU's own ``model.base_dir`` for this user, found without importing MinerU.
+
+    Precedence as MinerU's: ``MINERU_MODEL_BASE_DIR``, the config file's ``model.base_dir``
+    (``MINERU_CONFIG`` or ``$MINERU_HOME/config.yaml``), then ``$MINERU_HOME/models``
+    (``~/.mineru/models`` by default). MinerU's already-imported config wins when present.
+    """
+    import os
+
+    mconf = sys.modules.get("mineru.config")
+    if mconf is not None and not _active_devices:
+        return Path(str(mconf.config.model.base_dir)).expanduser()  # type: ignore[attr-defined]
+    env = os.environ.get("MINERU_MODEL_BASE_DIR")
+    if env:
+        return Path(env).expanduser()
+    home = Path(os.environ.get("MINERU_HOME") or Path.home() / ".mineru").expanduser()
+    config_file = Path(os.environ.get("MINERU_CONFIG") or home / "config.yaml").expanduser()
+    try:
+        import yaml
+
+        data = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        base = data["model"]["base_dir"]
+        if isinstance(base, str) and base:
+            return Path(base).expanduser()
+    except Exception:  # no file, no such key, bad YAML: MinerU reports those itself when it loads
+        pass
+    return home / "models"
+
+
 def cache_summary() -> dict[str, list[str]]:
     """What MinerU's model caches hold now, for probes and tests (no import if MinerU is not loaded)."""
     if "mineru.model.runtime.hybrid" not in sys.modules:
@@ -136,8 +171,11 @@ class MineruRuntime:
         virtual_vram_gb: int | None = None,
     ) -> None:
         self.device = device
-        self.models_dir = models_dir
         self.model_source = model_source or ("local" if models_dir is not None else None)
+        # Without models_dir, use the tree MinerU itself would use (its downloads), worked out
+        # here: MinerU derives base_dir from MINERU_HOME at import, and activate() points
+        # MINERU_HOME at a temporary folder, which must never become the model location.
+        self.models_dir = models_dir if models_dir is not None else default_models_dir()
         self.small_backend = small_backend
         # From the session's VramBudget (issue #6): MINERU_VIRTUAL_VRAM_SIZE, set by activate().
         self.virtual_vram_gb = virtual_vram_gb
@@ -214,6 +252,10 @@ class MineruRuntime:
         finally:
             self._env_stack = None
             self._release_device_slot()
+            with _registry_lock:
+                last = not _active_devices
+            if last:
+                _stop_render_workers()
 
     def _release_device_slot(self) -> None:
         with _registry_lock:
@@ -463,6 +505,21 @@ def _replace_timing(result: ParseResult, timings: dict[str, float]) -> ParseResu
     import dataclasses
 
     return dataclasses.replace(result, timings={**result.timings, **timings})
+
+
+def _stop_render_workers() -> None:
+    """Stop the PDF render worker processes MinerU (docvortex) started for parsing.
+
+    They hold no device memory, but stay alive as children of this process until its
+    atexit hook; with the last session closed nothing of ours should be left running.
+    """
+    module = sys.modules.get("docvortex.document.pdf.render_session")
+    shutdown = getattr(module, "shutdown_pdf_render_sessions", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception:  # cleanup must not mask the release; the atexit hook retries
+            pass
 
 
 def _clear_transformers_caches() -> None:

@@ -284,7 +284,7 @@ def device_key(device: str) -> str:
                 uuid_ = nvml.nvmlDeviceGetUUID(handle)
                 text = uuid_.decode() if isinstance(uuid_, bytes) else str(uuid_)
                 return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
-            except Exception:  # noqa: S110 - fall back to the device string
+            except Exception:
                 pass
     return re.sub(r"[^A-Za-z0-9_.-]", "_", device)
 

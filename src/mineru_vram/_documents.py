@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Union
@@ -183,7 +184,7 @@ def _sniff(data: bytes) -> str:
     return f"starts with {head[:8]!r}"
 
 
-def parse_pages(pages: str | int | range | list[int] | tuple[int, ...] | None, page_count: int) -> str:
+def parse_pages(pages: str | int | range | Sequence[int] | None, page_count: int) -> str:
     """Turn the user's ``pages`` into MinerU's 1-based ``page_range`` string.
 
     Accepts ``None`` (all), ``"1-5,8"`` (1-based, as on the command line), a 1-based
@@ -211,7 +212,9 @@ def parse_pages(pages: str | int | range | list[int] | tuple[int, ...] | None, p
                 start = int(lo)
                 end = int(hi) if sep else start
             except ValueError:
-                raise ConfigurationError(f"pages={pages!r}: expected forms like '3', '1-5' or '1-3,7'", pages=pages) from None
+                raise ConfigurationError(
+                    f"pages={pages!r}: expected forms like '3', '1-5' or '1-3,7'", pages=pages
+                ) from None
             if end < start:
                 raise ConfigurationError(f"pages={pages!r}: range {part!r} runs backwards", pages=pages)
             numbers.extend(range(start, end + 1))

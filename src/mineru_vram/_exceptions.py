@@ -24,10 +24,14 @@ working in code that does not know about this library::
     ├── WorkerError                             the isolated worker process failed
     │   ├── WorkerCrashedError                  it died (signal, OOM kill, CUDA error)
     │   └── WorkerStartError                    it could not be started
-    └── EngineError                             the resident VLM engine failed
-        ├── EngineStartError                    it did not become ready
-        ├── EngineCrashedError                  it died while serving
-        └── EngineStateError (RuntimeError)     an operation the engine's state forbids
+    ├── EngineError                             the resident VLM engine failed
+    │   ├── EngineStartError                    it did not become ready
+    │   ├── EngineCrashedError                  it died while serving
+    │   └── EngineStateError (RuntimeError)     an operation the engine's state forbids
+    ├── TaskNotFoundError (KeyError)            no such task in the queue (or its result was deleted)
+    ├── TaskFailedError                         a queued task ended FAILED
+    │   └── TaskCancelledError                  it was cancelled before it ran
+    └── ResultTimeoutError (TimeoutError)       result(timeout=...) passed before the task ended
 
 Each exception keeps its attributes when pickled (they cross the worker
 boundary), because ``__reduce__`` rebuilds it from its keyword arguments.
@@ -55,7 +59,11 @@ __all__ = [
     "OutOfMemoryError",
     "ParseError",
     "ParseTimeoutError",
+    "ResultTimeoutError",
     "SessionStateError",
+    "TaskCancelledError",
+    "TaskFailedError",
+    "TaskNotFoundError",
     "TruncatedDocumentError",
     "VramLeakError",
     "WorkerCrashedError",
@@ -181,3 +189,22 @@ class EngineCrashedError(EngineError):
 
 class EngineStateError(EngineError, RuntimeError):
     """The engine's state forbids the operation (for example ``wake`` after ``stop``)."""
+
+
+class TaskNotFoundError(MineruVramError, KeyError):
+    """No task with this id, or its result was deleted after retrieval (``keep_results=False``)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message
+
+
+class TaskFailedError(MineruVramError):
+    """The task ended FAILED. ``task_id``, ``error``, ``error_type`` and ``attempts`` say why."""
+
+
+class TaskCancelledError(TaskFailedError):
+    """The task was cancelled before it ran."""
+
+
+class ResultTimeoutError(MineruVramError, TimeoutError):
+    """``result(timeout=...)`` passed before the task ended. The task goes on."""

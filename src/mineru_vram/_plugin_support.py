@@ -74,7 +74,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:  # noqa: S110 (nothing can be reported between fork and exec; stop() still kills it)
+    except Exception:
         pass
 
 

@@ -16,6 +16,7 @@ CUDA context.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -267,7 +268,7 @@ def _rss_mib() -> float | None:
             return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class VramSnapshot:
     """GPU memory at one moment, from NVML and the torch allocator.
 
@@ -320,6 +321,9 @@ class VramSnapshot:
         parts.append(f"this process {_fmt(self.process_mib)}")
         parts.append(f"torch allocated {_fmt(self.torch_allocated_mib)} reserved {_fmt(self.torch_reserved_mib)}")
         return "VramSnapshot(" + "; ".join(parts) + ")"
+
+    def __repr__(self) -> str:
+        return str(self)
 
     def _repr_html_(self) -> str:
         rows = [
@@ -477,7 +481,7 @@ def measure_context_floor(device: str = "cuda:0", *, timeout: float = 120.0, ref
         value = float(out[-1])
     except (subprocess.SubprocessError, OSError, ValueError, IndexError):
         return None
-    if value != value:  # NaN: the driver hid the child's pid (PID namespace)
+    if math.isnan(value):  # the driver hid the child's pid (PID namespace)
         return None
     _floor_cache[dev] = value
     return value

@@ -76,7 +76,11 @@ from ._exceptions import (
     MineruVramError,
     ParseError,
     ParseTimeoutError,
+    ResultTimeoutError,
     SessionStateError,
+    TaskCancelledError,
+    TaskFailedError,
+    TaskNotFoundError,
 )
 
 if TYPE_CHECKING:
@@ -146,29 +150,6 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_task ON events (task_id);
 """
-
-
-# --- errors ---------------------------------------------------------------------------------
-# Defined here with the queue; they belong in _exceptions.py's tree under MineruVramError.
-
-
-class TaskNotFoundError(MineruVramError, KeyError):
-    """No task with this id, or its result was deleted after retrieval (``keep_results=False``)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return self.message
-
-
-class TaskFailedError(MineruVramError):
-    """The task ended FAILED. ``task_id``, ``error``, ``error_type`` and ``attempts`` say why."""
-
-
-class TaskCancelledError(TaskFailedError):
-    """The task was cancelled before it ran."""
-
-
-class ResultTimeoutError(MineruVramError, TimeoutError):
-    """``result(timeout=...)`` passed before the task ended. The task goes on."""
 
 
 # --- public data ----------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def return_allocator_memory(device: str) -> list[tuple[str, float]]:
     return steps
 
 
-@dataclass
+@dataclass(repr=False)
 class ReleaseReport:
     """The receipt of a session's release.
 
@@ -218,6 +218,9 @@ class ReleaseReport:
             f"{self.seconds * 1000:.0f} ms; {'ok' if self.ok else 'NOT OK: ' + '; '.join(self.problems())}"
         )
         return head + tail
+
+    def __repr__(self) -> str:
+        return str(self)
 
     def _repr_html_(self) -> str:
         rows = [

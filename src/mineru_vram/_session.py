@@ -398,7 +398,7 @@ class ModelSession:
         self._state = SessionState.UNOPENED
         self._state_lock = threading.RLock()
         self._runner: Runner | None = None
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[..., Any] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.release_report: ReleaseReport | None = None
         self.documents_parsed = 0

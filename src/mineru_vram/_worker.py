@@ -932,7 +932,7 @@ class WorkerRunner:
                         worker.proc.wait(timeout=1.0)
             self._state = RunnerState.CLOSED
             self._remove_folder()
-        except Exception:  # noqa: S110 - a finalizer must never raise
+        except Exception:
             pass
 
     # -- test hooks ----------------------------------------------------------------------------
@@ -1094,7 +1094,7 @@ def _die_with_parent(parent_pid: int, *, pdeathsig: bool = True, watchdog: bool 
 
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except Exception:  # noqa: S110 - the watchdog thread still covers us
+        except Exception:
             pass
 
     def orphaned() -> None:

@@ -44,11 +44,6 @@ def test_notebook_and_terminal_forms(report: ReleaseReport) -> None:
     assert "no GPU" in str(snapshot)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the REPL prints repr(): ReleaseReport and VramSnapshot keep the dataclass repr (over 300 "
-    "characters of nested fields); _release.py/_probe.py should set __repr__ to the one-line __str__",
-)
 def test_repr_in_a_terminal_is_the_readable_line(report: ReleaseReport) -> None:
     snapshot = vram_snapshot("cpu")
     assert repr(report) == str(report)

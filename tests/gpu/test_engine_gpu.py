@@ -79,6 +79,13 @@ def test_transformers_engine_sleeps_by_moving_weights_off_the_device(random_mode
         assert engine.state is EngineState.SLEEPING
         assert asleep.confirmed is True, asleep
         awake = engine.wake()
-        assert awake.confirmed is True, awake
+        # The tiny random VLM's weights are under 1 MiB: moving them back is below what
+        # NVML's per-process figure resolves, so wake is judged by use, not by NVML.
+        assert engine.state is EngineState.READY, awake
+        assert awake.after_mib is not None
+        assert asleep.after_mib is not None
+        assert awake.after_mib >= asleep.after_mib, awake
+        with mv.ModelSession("hybrid", engine=engine, models_dir=random_models_dir) as session:
+            assert session.parse(testing.make_pdf(1)).page_count == 1
     finally:
         engine.stop()

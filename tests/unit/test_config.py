@@ -22,7 +22,7 @@ def test_vlm_backends_need_an_engine(name: str) -> None:
 
 
 def test_unknown_backend_lists_known_ones() -> None:
-    with pytest.raises(mv.ConfigurationError, match="known backends: .*pipeline"):
+    with pytest.raises(mv.ConfigurationError, match=r"known backends: .*pipeline"):
         resolve_backend("pipelin")
 
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (docs/BENCHMARKS.md says how it is called): set-up, then the named steps.
+#   bash benchmarks/gpu_run.sh overhead isolation plugintests timelines engine queue session gputests
+# Needs .whl (MinerU's wheels: ../shared/tools/device-wheels.sh .whl, plus pytest's) and .devcarry/corpus.
+# Everything is written under /tmp/res and packed into $OUT/results.tgz (the tool returns at most 8 files).
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD/src
+# Not installed as a distribution here, so the pytest11 entry point is absent: load the plugin by name
+# (PYTEST_PLUGINS reaches pytester's subprocesses too).
+export PYTEST_PLUGINS=mineru_vram.pytest_plugin
+MODELS=/tmp/mv-models
+CORPUS=$PWD/.devcarry/corpus
+R=/tmp/res
+mkdir -p $R
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $R/card.txt
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+t0=$(date +%s)
+python3 -c "from mineru_vram.testing import write_random_models as w; w('$MODELS')" 2>&1 | tail -1
+echo "models ready in $(( $(date +%s) - t0 ))s"
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    session) python3 benchmarks/bench_session.py --models-dir $MODELS --corpus $CORPUS --repeat 2 \
+               --out $R/session.json 2>$R/session.err | tail -40 ;;
+    overhead) python3 benchmarks/bench_session.py --models-dir $MODELS --corpus $CORPUS --repeat ${REPEAT:-3} \
+               --modes overhead --out $R/overhead.json 2>$R/overhead.err | tail -30 ;;
+    gputests) python3 -m pytest -p no:cacheprovider tests/gpu -q -rs --vram-models-dir $MODELS \
+               2>&1 | tee $R/gputests.log | tail -30 ;;
+    plugintests) python3 -m pytest -p no:cacheprovider tests/gpu/test_plugin_gpu.py tests/gpu/test_engine_gpu.py \
+               -q -rs --vram-models-dir $MODELS 2>&1 | tee $R/plugintests.log | tail -30 ;;
+    isolation) python3 benchmarks/bench_isolation.py --models-dir $MODELS --corpus $CORPUS --docs ${DOCS:-200} \
+               --out $R/isolation.json 2>$R/isolation.err | tail -50 ;;
+    engine) python3 benchmarks/bench_engine.py --models-dir $MODELS --corpus $CORPUS \
+               --out $R/engine.json 2>$R/engine.err | tail -50 ;;
+    queue) python3 benchmarks/bench_queue.py --models-dir $MODELS --corpus $CORPUS --tasks ${TASKS:-200} \
+               --max-pages ${MAXPAGES:-1} --out $R/queue.json 2>$R/queue.err | tail -50 ;;
+    timelines) MODES=${TL_MODES:-raw session isolated engine} bash docs/timelines/make_timelines.sh $MODELS $CORPUS \
+               $R/timelines > $R/timelines.log 2>&1; tail -5 $R/timelines.log; ls $R/timelines ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+tar czf $OUT/results.tgz -C $R .
+echo "=== done $(date +%T)"
