@@ -20,24 +20,29 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 t0=$(date +%s)
 python3 -c "from mineru_vram.testing import write_random_models as w; w('$MODELS')" 2>&1 | tail -1
 echo "models ready in $(( $(date +%s) - t0 ))s"
-for step in "$@"; do
-  echo "=== $step $(date +%T)"
+# Each step may be given a time limit as STEP:SECONDS, so one slow step cannot cost the others' results.
+for arg in "$@"; do
+  step=${arg%%:*}
+  limit=600
+  [ "$arg" != "$step" ] && limit=${arg#*:}
+  echo "=== $step (limit ${limit}s) $(date +%T)"
+  T="timeout -k 5 $limit"
   case $step in
-    session) python3 benchmarks/bench_session.py --models-dir $MODELS --corpus $CORPUS --repeat 2 \
+    session) $T python3 benchmarks/bench_session.py --models-dir $MODELS --corpus $CORPUS --repeat 2 \
                --out $R/session.json 2>$R/session.err | tail -40 ;;
-    overhead) python3 benchmarks/bench_session.py --models-dir $MODELS --corpus $CORPUS --repeat ${REPEAT:-3} \
+    overhead) $T python3 benchmarks/bench_session.py --models-dir $MODELS --corpus $CORPUS --repeat ${REPEAT:-3} \
                --modes overhead --out $R/overhead.json 2>$R/overhead.err | tail -30 ;;
-    gputests) python3 -m pytest -p no:cacheprovider tests/gpu -q -rs --vram-models-dir $MODELS \
+    gputests) $T python3 -m pytest -p no:cacheprovider tests/gpu -q -rs --vram-models-dir $MODELS \
                2>&1 | tee $R/gputests.log | tail -30 ;;
-    plugintests) python3 -m pytest -p no:cacheprovider tests/gpu/test_plugin_gpu.py tests/gpu/test_engine_gpu.py \
+    plugintests) $T python3 -m pytest -p no:cacheprovider tests/gpu/test_plugin_gpu.py tests/gpu/test_engine_gpu.py \
                -q -rs --vram-models-dir $MODELS 2>&1 | tee $R/plugintests.log | tail -30 ;;
-    isolation) python3 benchmarks/bench_isolation.py --models-dir $MODELS --corpus $CORPUS --docs ${DOCS:-200} \
+    isolation) $T python3 benchmarks/bench_isolation.py --models-dir $MODELS --corpus $CORPUS --docs ${DOCS:-200} \
                --out $R/isolation.json 2>$R/isolation.err | tail -50 ;;
-    engine) python3 benchmarks/bench_engine.py --models-dir $MODELS --corpus $CORPUS \
+    engine) $T python3 benchmarks/bench_engine.py --models-dir $MODELS --corpus $CORPUS \
                --out $R/engine.json 2>$R/engine.err | tail -50 ;;
-    queue) python3 benchmarks/bench_queue.py --models-dir $MODELS --corpus $CORPUS --tasks ${TASKS:-200} \
+    queue) $T python3 benchmarks/bench_queue.py --models-dir $MODELS --corpus $CORPUS --tasks ${TASKS:-200} \
                --max-pages ${MAXPAGES:-1} --out $R/queue.json 2>$R/queue.err | tail -50 ;;
-    timelines) MODES=${TL_MODES:-raw session isolated engine} bash docs/timelines/make_timelines.sh $MODELS $CORPUS \
+    timelines) MODES=${TL_MODES:-raw session isolated engine} $T bash docs/timelines/make_timelines.sh $MODELS $CORPUS \
                $R/timelines > $R/timelines.log 2>&1; tail -5 $R/timelines.log; ls $R/timelines ;;
     *) echo "unknown step $step" ;;
   esac
