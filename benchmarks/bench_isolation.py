@@ -380,12 +380,19 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("child", "isolation")},
     }
     modes = args.modes.split(",")
+
+    def keep(key: str, value: dict[str, Any]) -> None:
+        # Written after every mode, so a run cut short by its time limit still leaves data.
+        result[key] = value
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+
     if "raw" in modes:
-        result["raw_mineru"] = _run_child("raw", args)
+        keep("raw_mineru", _run_child("raw", args))
     if "session" in modes:
-        result["session_in_process"] = _run_child("session", args, ["--isolation", "none", "--docs", "0"])
+        keep("session_in_process", _run_child("session", args, ["--isolation", "none", "--docs", "0"]))
     if "isolated" in modes:
-        result["session_isolated"] = _run_child("session", args, ["--isolation", "process"])
+        keep("session_isolated", _run_child("session", args, ["--isolation", "process"]))
     result["summary"] = _summary(result)
     result["total_s"] = time.perf_counter() - t_all
     text = json.dumps(result, indent=2)

@@ -36,9 +36,9 @@ for arg in "$@"; do
                2>&1 | tee $R/gputests.log | tail -30 ;;
     plugintests) $T python3 -m pytest -p no:cacheprovider tests/gpu/test_plugin_gpu.py tests/gpu/test_engine_gpu.py \
                -q -rs --vram-models-dir $MODELS 2>&1 | tee $R/plugintests.log | tail -30 ;;
-    isolation) $T python3 benchmarks/bench_isolation.py --models-dir $MODELS --corpus $CORPUS --docs ${DOCS:-200} \
+    isolation) $T python3 benchmarks/bench_isolation.py --models-dir $MODELS --corpus $CORPUS --docs ${DOCS:-200} ${ISO_ARGS:-} \
                --out $R/isolation.json 2>$R/isolation.err | tail -50 ;;
-    engine) $T python3 benchmarks/bench_engine.py --models-dir $MODELS --corpus $CORPUS \
+    engine) $T python3 benchmarks/bench_engine.py --models-dir $MODELS --corpus $CORPUS ${ENGINE_ARGS:-} \
                --out $R/engine.json 2>$R/engine.err | tail -50 ;;
     queue) $T python3 benchmarks/bench_queue.py --models-dir $MODELS --corpus $CORPUS --tasks ${TASKS:-200} \
                --max-pages ${MAXPAGES:-1} --out $R/queue.json 2>$R/queue.err | tail -50 ;;
