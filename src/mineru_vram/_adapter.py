@@ -26,6 +26,7 @@ A MinerU upgrade should be a change to this module alone. What it relies on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import tempfile
 import threading
@@ -99,8 +100,19 @@ def is_oom(exc: BaseException) -> bool:
 _registry_lock = threading.RLock()
 # (cache name, key) -> ids of open runtimes that use the entry
 _owners: dict[tuple[str, Any], set[int]] = {}
-# device -> number of open runtimes patched onto it (MINERU_DEVICE_MODE is process-wide)
-_active_devices: dict[str, int] = {}
+
+
+@dataclasses.dataclass
+class _SharedEnvironment:
+    """MinerU's process-wide configuration as applied for the open runtimes."""
+
+    settings: dict[str, Any]
+    stack: contextlib.ExitStack
+    count: int
+
+
+# Applied by the first runtime to activate, restored by the last to deactivate.
+_shared: _SharedEnvironment | None = None
 
 
 def _caches() -> dict[str, dict[Any, Any]]:
@@ -125,7 +137,7 @@ def default_models_dir() -> Path:
     import os
 
     mconf = sys.modules.get("mineru.config")
-    if mconf is not None and not _active_devices:
+    if mconf is not None and _shared is None:
         return Path(str(mconf.config.model.base_dir)).expanduser()  # type: ignore[attr-defined]
     env = os.environ.get("MINERU_MODEL_BASE_DIR")
     if env:
@@ -179,36 +191,60 @@ class MineruRuntime:
         self.small_backend = small_backend
         # From the session's VramBudget (issue #6): MINERU_VIRTUAL_VRAM_SIZE, set by activate().
         self.virtual_vram_gb = virtual_vram_gb
-        self._home: tempfile.TemporaryDirectory[str] | None = None
-        self._env_stack: contextlib.ExitStack | None = None
         self._user_keys: set[tuple[str, Any]] = set()
         self._id = id(self)
         self._active = False
 
     # -- environment -------------------------------------------------------------------------
 
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "models_dir": None if self.models_dir is None else str(self.models_dir),
+            "model_source": self.model_source,
+            "small_backend": self.small_backend,
+            "virtual_vram_gb": self.virtual_vram_gb,
+        }
+
     def activate(self) -> None:
         """Point MinerU at this runtime's home, config, models and device.
 
+        MinerU's configuration is process-wide, so it is applied once for all open
+        runtimes and restored when the last one deactivates, whatever the order in
+        which they close.
+
         Raises:
-            ConfigurationError: another in-process session is active on a different
-                device (MinerU's device choice is process-wide).
+            ConfigurationError: another in-process session is open with other settings
+                (device, models, budget): they cannot both hold MinerU's one configuration.
         """
+        global _shared
+        settings = self._settings()
         with _registry_lock:
-            others = {d for d, n in _active_devices.items() if n > 0 and d != self.device}
-            if others:
-                raise ConfigurationError(
-                    f"an in-process session is already open on {sorted(others)[0]}; MinerU picks its device "
-                    f"process-wide, so a second in-process session on {self.device} cannot run beside it. "
-                    "Use isolation='process' for sessions on several devices in one process.",
-                    device=self.device,
-                )
-            _active_devices[self.device] = _active_devices.get(self.device, 0) + 1
+            if _shared is not None:
+                diffs = {k: (v, settings[k]) for k, v in _shared.settings.items() if v != settings[k]}
+                if diffs:
+                    what = ", ".join(f"{k}={old!r} (asked: {new!r})" for k, (old, new) in diffs.items())
+                    raise ConfigurationError(
+                        f"an in-process session is already open with {what}; MinerU's device and configuration "
+                        "are process-wide, so a second in-process session with other settings cannot run beside "
+                        "it. Use isolation='process' for sessions with different settings in one process.",
+                        **{k: new for k, (old, new) in diffs.items()},
+                    )
+                _shared.count += 1
+            else:
+                _shared = _SharedEnvironment(settings, self._apply_environment(), 1)
+            keys = _all_keys()
+            self._user_keys = {k for k in keys if k not in _owners}
+            for k in keys - self._user_keys:
+                _owners[k].add(self._id)
+        self._active = True
+
+    def _apply_environment(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         try:
-            self._home = tempfile.TemporaryDirectory(prefix="mineru-vram-home-")
-            stack.callback(self._home.cleanup)
-            home = Path(self._home.name)
+            home_dir = tempfile.TemporaryDirectory(prefix="mineru-vram-home-")
+            stack.callback(home_dir.cleanup)
+            home = Path(home_dir.name)
             config_file = home / "config.yaml"
             config_file.write_text(self._config_yaml(), encoding="utf-8")
             env = {
@@ -231,39 +267,26 @@ class MineruRuntime:
             stack.enter_context(self._patched_config())
         except BaseException:
             stack.close()
-            self._release_device_slot()
             raise
-        self._env_stack = stack
-        self._active = True
-        with _registry_lock:
-            keys = _all_keys()
-            self._user_keys = {k for k in keys if k not in _owners}
-            for k in keys - self._user_keys:
-                _owners[k].add(self._id)
+        return stack
 
     def deactivate(self) -> None:
-        """Restore environment and config. Idempotent."""
+        """Restore environment and config once the last open runtime deactivates. Idempotent."""
+        global _shared
         if not self._active:
             return
         self._active = False
-        try:
-            if self._env_stack is not None:
-                self._env_stack.close()
-        finally:
-            self._env_stack = None
-            self._release_device_slot()
-            with _registry_lock:
-                last = not _active_devices
-            if last:
-                _stop_render_workers()
-
-    def _release_device_slot(self) -> None:
+        stack = None
         with _registry_lock:
-            n = _active_devices.get(self.device, 0) - 1
-            if n > 0:
-                _active_devices[self.device] = n
-            else:
-                _active_devices.pop(self.device, None)
+            if _shared is not None:
+                _shared.count -= 1
+                if _shared.count <= 0:
+                    stack, _shared = _shared.stack, None
+        if stack is not None:
+            try:
+                stack.close()
+            finally:
+                _stop_render_workers()
 
     def _config_yaml(self) -> str:
         import json

@@ -14,7 +14,9 @@ import mineru_vram as mv
 from mineru_vram import _adapter
 from mineru_vram.testing import make_pdf
 
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+# Our own suite runs under the VRAM-leak plugin (issue #7): every session test must leave no live
+# tensor behind (on CPU the plugin counts live torch tensors; on a GPU also torch/NVML figures).
+pytestmark = [pytest.mark.filterwarnings("ignore::ResourceWarning"), pytest.mark.vram_leak_check]
 
 
 @pytest.fixture
@@ -201,17 +203,28 @@ def test_second_in_process_session_on_another_device_is_refused(session: mv.Mode
 
 
 def test_two_sessions_on_one_device_share_models_until_the_last_closes(random_models_dir: Path) -> None:
+    device_before = os.environ.get("MINERU_DEVICE_MODE")
     a = mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir).open()
     b = mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir).open()
     a.close()
     assert a.release_report is not None
     assert a.release_report.models_released == 0, "b still uses the models"
     assert _adapter.cache_summary()["context"], "models stay for b"
+    assert os.environ.get("MINERU_DEVICE_MODE") == "cpu", "closing a must not restore the environment under b"
     b.parse(make_pdf(1))
     b.close()
+    assert os.environ.get("MINERU_DEVICE_MODE") == device_before, "the last close restores the environment"
     assert b.release_report is not None
     assert b.release_report.models_released >= 2
     assert _adapter.cache_summary() == {"atom": [], "context": []}
+
+
+def test_second_in_process_session_with_other_models_is_refused(session: mv.ModelSession, tmp_path: Path) -> None:
+    with session:
+        other = mv.ModelSession("pipeline", device="cpu", models_dir=tmp_path)
+        with pytest.raises(mv.ConfigurationError, match="models_dir"):
+            other.open()
+        assert other.state is mv.SessionState.CLOSED
 
 
 def test_async_session(random_models_dir: Path) -> None:
