@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,23 @@ def random_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     cache = tmp_path_factory.getbasetemp().parent / "mineru-vram-random-models"
     return write_random_models(cache, seed=0)
+
+
+def _encrypt_pdf(data: bytes, user_password: str = "pw") -> bytes:
+    pypdf = pytest.importorskip("pypdf")
+    import io
+
+    reader = pypdf.PdfReader(io.BytesIO(data))
+    writer = pypdf.PdfWriter()
+    for page in reader.pages:
+        writer.add_page(page)
+    writer.encrypt(user_password=user_password, owner_password="owner")
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def encrypt_pdf() -> Callable[..., bytes]:
+    """A function that returns the given PDF bytes encrypted with a user password (pypdf)."""
+    return _encrypt_pdf

@@ -539,6 +539,15 @@ class ModelSession:
     def __enter__(self) -> ModelSession:
         return self.open()
 
+    def _leak_on_exit(self, leak: VramLeakError, exc: BaseException | None) -> None:
+        """Raise a strict leak from ``__exit__``, unless the body is already raising.
+
+        Never hide the body's own exception behind a leak report; log the leak instead.
+        """
+        if exc is None:
+            raise leak
+        logger.error("VRAM leak while handling %s: %s", type(exc).__name__, self.release_report)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -547,11 +556,8 @@ class ModelSession:
     ) -> None:
         try:
             self.close()
-        except VramLeakError:
-            if exc is None:
-                raise
-            # Never hide the body's own exception behind a leak report; log the leak instead.
-            logger.error("VRAM leak while handling %s: %s", type(exc).__name__, self.release_report)
+        except VramLeakError as leak:
+            self._leak_on_exit(leak, exc)
 
     # -- parsing -------------------------------------------------------------------------------
 
@@ -702,10 +708,8 @@ class ModelSession:
     ) -> None:
         try:
             await self.aclose()
-        except VramLeakError:
-            if exc is None:
-                raise
-            logger.error("VRAM leak while handling %s: %s", type(exc).__name__, self.release_report)
+        except VramLeakError as leak:
+            self._leak_on_exit(leak, exc)
 
 
 def _error_text(exc: BaseException) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -99,9 +100,11 @@ def test_environment_and_mineru_config_are_restored(session: mv.ModelSession) ->
     assert not Path(home).exists(), "the session's MinerU home is removed on exit"
 
 
-def test_bad_inputs_raise_typed_errors_and_the_session_stays_usable(session: mv.ModelSession, tmp_path: Path) -> None:
+def test_bad_inputs_raise_typed_errors_and_the_session_stays_usable(
+    session: mv.ModelSession, tmp_path: Path, encrypt_pdf: Callable[..., bytes]
+) -> None:
     good = make_pdf(1)
-    encrypted = _encrypt(good)
+    encrypted = encrypt_pdf(good)
     empty = tmp_path / "empty.pdf"
     empty.write_bytes(b"")
     cases = [
@@ -177,6 +180,24 @@ def test_models_kept_alive_by_user_code_are_reported_and_strict_raises(random_mo
     assert not report.ok
     assert s.state is mv.SessionState.CLOSED
     del held
+    gc.collect()
+
+
+@pytest.mark.vram_leak_check(enabled=False)  # keeps a model alive on purpose until the end
+def test_strict_exit_raises_the_leak_but_never_hides_the_bodys_own_error(random_models_dir: Path) -> None:
+    held: list[object] = []
+    with pytest.raises(mv.VramLeakError), mv.ModelSession(
+        "pipeline", device="cpu", models_dir=random_models_dir, strict=True
+    ):
+        held.extend(_model_caches()["context"].values())
+    with pytest.raises(KeyError, match="the body's own"), mv.ModelSession(
+        "pipeline", device="cpu", models_dir=random_models_dir, strict=True
+    ) as s:
+        held.extend(_model_caches()["context"].values())
+        raise KeyError("the body's own")
+    assert s.release_report is not None
+    assert not s.release_report.ok
+    held.clear()
     gc.collect()
 
 
@@ -287,20 +308,6 @@ def test_twenty_cycles_do_not_grow_live_tensors_or_rss(random_models_dir: Path) 
     assert tensors1 - tensors0 <= 0, f"live tensors grew from {tensors0} to {tensors1}"
     # RSS tolerance: glibc keeps freed arenas; 20 loads of ~200 MB of weights must not accumulate.
     assert rss1 - rss0 < 300, f"RSS grew {rss1 - rss0:.0f} MiB over 20 cycles"
-
-
-def _encrypt(data: bytes) -> bytes:
-    import io
-
-    pypdf = pytest.importorskip("pypdf")
-    reader = pypdf.PdfReader(io.BytesIO(data))
-    writer = pypdf.PdfWriter()
-    for page in reader.pages:
-        writer.add_page(page)
-    writer.encrypt(user_password="pw", owner_password="owner")
-    buf = io.BytesIO()
-    writer.write(buf)
-    return buf.getvalue()
 
 
 def test_no_torch_cuda_initialised_by_cpu_session(session: mv.ModelSession) -> None:

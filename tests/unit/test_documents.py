@@ -1,6 +1,7 @@
 """Bad input gets a typed error naming the document, before any model runs."""
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,17 +69,9 @@ def test_corrupt_but_complete_looking() -> None:
         load_document(data, name="junk.pdf")
 
 
-def test_encrypted(tmp_path: Path, pdf_bytes: bytes) -> None:
-    pypdf = pytest.importorskip("pypdf")
-    reader = pypdf.PdfReader(io.BytesIO(pdf_bytes))
-    writer = pypdf.PdfWriter()
-    for page in reader.pages:
-        writer.add_page(page)
-    writer.encrypt(user_password="secret", owner_password="owner")
-    buf = io.BytesIO()
-    writer.write(buf)
+def test_encrypted(pdf_bytes: bytes, encrypt_pdf: Callable[..., bytes]) -> None:
     with pytest.raises(mv.EncryptedDocumentError, match="password"):
-        load_document(buf.getvalue(), name="locked.pdf")
+        load_document(encrypt_pdf(pdf_bytes), name="locked.pdf")
 
 
 def test_too_large_by_bytes_is_checked_before_reading(tmp_path: Path, pdf_bytes: bytes) -> None:
