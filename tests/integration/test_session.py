@@ -190,11 +190,15 @@ def test_strict_exit_raises_the_leak_but_never_hides_the_bodys_own_error(random_
         "pipeline", device="cpu", models_dir=random_models_dir, strict=True
     ):
         held.extend(_model_caches()["context"].values())
-    with pytest.raises(KeyError, match="the body's own"), mv.ModelSession(
-        "pipeline", device="cpu", models_dir=random_models_dir, strict=True
-    ) as s:
-        held.extend(_model_caches()["context"].values())
-        raise KeyError("the body's own")
+    s = mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir, strict=True)
+
+    def body_fails() -> None:
+        with s:
+            held.extend(_model_caches()["context"].values())
+            raise KeyError("the body's own")
+
+    with pytest.raises(KeyError, match="the body's own"):
+        body_fails()
     assert s.release_report is not None
     assert not s.release_report.ok
     held.clear()
