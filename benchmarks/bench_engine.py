@@ -256,6 +256,12 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _keep_partial(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Write what is measured so far, so a run cut short by its time limit still leaves data."""
+    if args.out is not None:
+        args.out.write_text(json.dumps({**result, "partial": True}, indent=2, default=str) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     from mineru_vram import testing
@@ -278,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.stop()
     print("bench_engine: resident and sleep/wake done; cold loads next", file=sys.stderr)
+    _keep_partial(args, result)
     result["cold_in_process"] = cold_in_process(args, docs)
+    _keep_partial(args, result)
     if not args.skip_cold_process:
         result["cold_process"] = cold_process(args, docs)
     base = result["resident"]["mean_s"]
