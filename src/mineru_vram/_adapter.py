@@ -40,15 +40,12 @@ from ._release import AliveTracker
 from ._result import ParseResult
 
 __all__ = [
-    "MINERU_TIERS",
     "MineruRuntime",
     "TransformersVlm",
     "drop_http_vlm_clients",
     "is_oom",
     "mineru_version",
 ]
-
-MINERU_TIERS = ("flash", "basic", "standard", "advanced")
 
 # Lazily loaded models that MinerU keeps on HybridLocalModelContext as cached properties.
 _LAZY_MODELS = (

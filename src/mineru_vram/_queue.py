@@ -630,14 +630,9 @@ class TaskQueue:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.01
         while True:
-            info = self.status(task_id)
-            if info.status.terminal:
-                return self._finished(info)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ResultTimeoutError(
-                    f"task {task_id} is still {info.status.value} after {timeout:g}s", task_id=task_id
-                )
-            wait = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            result, wait = self._result_or_wait(task_id, timeout, deadline, delay)
+            if result is not None:
+                return result
             time.sleep(wait)
             delay = min(0.5, delay * 1.5)
 
@@ -646,15 +641,29 @@ class TaskQueue:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.01
         while True:
-            info = self.status(task_id)
-            if info.status.terminal:
-                return self._finished(info)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ResultTimeoutError(
-                    f"task {task_id} is still {info.status.value} after {timeout:g}s", task_id=task_id
-                )
-            await asyncio.sleep(delay)
+            result, wait = self._result_or_wait(task_id, timeout, deadline, delay)
+            if result is not None:
+                return result
+            await asyncio.sleep(wait)
             delay = min(0.5, delay * 1.5)
+
+    def _result_or_wait(
+        self, task_id: str, timeout: float | None, deadline: float | None, delay: float
+    ) -> tuple[ParseResult | None, float]:
+        """One poll of ``result``/``aresult``: the result if the task ended, else how long to wait.
+
+        Raises:
+            ResultTimeoutError: the deadline passed while the task is still running.
+        """
+        info = self.status(task_id)
+        if info.status.terminal:
+            return self._finished(info), 0.0
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise ResultTimeoutError(
+                f"task {task_id} is still {info.status.value} after {timeout:g}s", task_id=task_id
+            )
+        return None, delay if deadline is None else min(delay, max(0.0, deadline - now))
 
     def _finished(self, info: TaskInfo) -> ParseResult:
         if info.status is TaskStatus.CANCELLED:

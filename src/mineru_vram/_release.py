@@ -15,7 +15,6 @@ import logging
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -270,15 +269,3 @@ def settle(device: str, *, reads: int = 3, interval: float = 0.02) -> VramSnapsh
 
 def log_report(report: ReleaseReport) -> None:
     logger.info("%s", report)
-
-
-def track_all(tracker: AliveTracker, items: Iterable[tuple[str, object]]) -> int:
-    n = 0
-    for label, obj in items:
-        tracker.track(label, obj)
-        n += 1
-    return n
-
-
-def steps_total(steps: Sequence[tuple[str, float]]) -> float:
-    return sum(s for _, s in steps)

@@ -156,12 +156,17 @@ def _number(config: pytest.Config, option: str, ini: str, kind: type[float] | ty
         source, raw = f"--{option.replace('_', '-')}", value
     else:
         source, raw = f"ini {ini}", config.getini(ini)
+    return _non_negative(raw, source, kind)
+
+
+def _non_negative(raw: Any, what: str, kind: type[float] | type[int] = float, unit: str = "") -> Any:
+    """``kind(raw)``, or a usage error naming ``what`` when it is not a number >= 0."""
     try:
         number = kind(raw)
     except (TypeError, ValueError):
-        raise pytest.UsageError(f"{source}={raw!r}: expected a number") from None
+        raise pytest.UsageError(f"{what}={raw!r}: expected a number{unit}") from None
     if number < 0:
-        raise pytest.UsageError(f"{source}={raw!r}: must be 0 or more")
+        raise pytest.UsageError(f"{what}={raw!r}: must be 0 or more")
     return number
 
 
@@ -305,13 +310,7 @@ class _Plan:
 
 
 def _mib(value: Any, what: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise pytest.UsageError(f"{what}={value!r}: expected a number of MiB") from None
-    if number < 0:
-        raise pytest.UsageError(f"{what}={value!r}: must be 0 or more")
-    return number
+    return float(_non_negative(value, what, float, " of MiB"))
 
 
 def _plan(item: pytest.Item) -> _Plan:
