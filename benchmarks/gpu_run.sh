@@ -5,21 +5,24 @@
 # Everything is written under /tmp/res and packed into $OUT/results.tgz (the tool returns at most 8 files).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
+# gpu_lanes.sh runs the set-up once and then this script per GPU with SKIP_SETUP=1 and its own R.
 export PYTHONPATH=/tmp/site:$PWD/src
 # Not installed as a distribution here, so the pytest11 entry point is absent: load the plugin by name
 # (PYTEST_PLUGINS reaches pytester's subprocesses too).
 export PYTEST_PLUGINS=mineru_vram.pytest_plugin
 MODELS=/tmp/mv-models
 CORPUS=$PWD/.devcarry/corpus
-R=/tmp/res
+R=${R:-/tmp/res}
 mkdir -p $R
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $R/card.txt
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-t0=$(date +%s)
-python3 -c "from mineru_vram.testing import write_random_models as w; w('$MODELS')" 2>&1 | tail -1
-echo "models ready in $(( $(date +%s) - t0 ))s"
+if [ -z "${SKIP_SETUP:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $R/card.txt
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  t0=$(date +%s)
+  python3 -c "from mineru_vram.testing import write_random_models as w; w('$MODELS')" 2>&1 | tail -1
+  echo "models ready in $(( $(date +%s) - t0 ))s"
+fi
 # Each step may be given a time limit as STEP:SECONDS, so one slow step cannot cost the others' results.
 for arg in "$@"; do
   step=${arg%%:*}
@@ -36,16 +39,18 @@ for arg in "$@"; do
                2>&1 | tee $R/gputests.log | tail -30 ;;
     plugintests) $T python3 -m pytest -p no:cacheprovider tests/gpu/test_plugin_gpu.py tests/gpu/test_engine_gpu.py \
                -q -rs --vram-models-dir $MODELS 2>&1 | tee $R/plugintests.log | tail -30 ;;
-    isolation) $T python3 benchmarks/bench_isolation.py --models-dir $MODELS --corpus $CORPUS --docs ${DOCS:-200} ${ISO_ARGS:-} \
+    isolation) $T python3 benchmarks/bench_isolation.py --models-dir $MODELS --corpus $CORPUS --docs ${DOCS:-200} \
+               --modes ${ISO_MODES:-raw,session,isolated} ${ISO_ARGS:-} \
                --out $R/isolation.json 2>$R/isolation.err | tail -50 ;;
-    engine) $T python3 benchmarks/bench_engine.py --models-dir $MODELS --corpus $CORPUS ${ENGINE_ARGS:-} \
+    engine) $T python3 benchmarks/bench_engine.py --models-dir $MODELS --corpus $CORPUS \
+               --docs ${ENGINE_DOCS:-0} --cold-docs ${ENGINE_COLD_DOCS:-3} ${ENGINE_ARGS:-} \
                --out $R/engine.json 2>$R/engine.err | tail -50 ;;
     queue) $T python3 benchmarks/bench_queue.py --models-dir $MODELS --corpus $CORPUS --tasks ${TASKS:-200} \
-               --max-pages ${MAXPAGES:-1} --out $R/queue.json 2>$R/queue.err | tail -50 ;;
+               ${LOOP_TASKS:+--loop-tasks $LOOP_TASKS} --max-pages ${MAXPAGES:-1} --out $R/queue.json 2>$R/queue.err | tail -50 ;;
     timelines) MODES=${TL_MODES:-raw session isolated engine} $T bash docs/timelines/make_timelines.sh $MODELS $CORPUS \
                $R/timelines > $R/timelines.log 2>&1; tail -5 $R/timelines.log; ls $R/timelines ;;
     *) echo "unknown step $step" ;;
   esac
 done
-tar czf $OUT/results.tgz -C $R .
+[ -z "${NO_TAR:-}" ] && tar czf $OUT/results.tgz -C $R .
 echo "=== done $(date +%T)"
