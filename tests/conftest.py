@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS_DIR = REPO_ROOT.parent / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Budgets' reservation ledger in a folder of the test run, never the machine's real one.
+
+    Set in the environment, so the workers and servers the tests start share it.
+    """
+    import os
+
+    if os.environ.get("MINERU_VRAM_RUNTIME_DIR"):
+        yield
+        return
+    os.environ["MINERU_VRAM_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("runtime"))
+    try:
+        yield
+    finally:
+        os.environ.pop("MINERU_VRAM_RUNTIME_DIR", None)
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,12 @@ Modes:
   engine    a ``ResidentEngine`` (MinerU's transformers VLM, random weights) shared by a ``hybrid``
             session: start, parse, sleep, stop.
 
-Every mode ends with two idle seconds, so the picture shows what stays after the work. Phases
-that mineru-vram does not mark itself (raw MinerU's parses, the engine's steps, the idle tail)
-are marked here through the same events file.
+The documents are parsed twice (``--passes``), so the picture shows whether memory comes
+back to the same level from one pass to the next. Sessions load every model at open
+(``preload="all"``), so their load phase holds the models; raw MinerU loads them lazily
+during its first parse, as it does. Every mode ends with two idle seconds, so the picture
+shows what stays after the work. Phases that mineru-vram does not mark itself (raw MinerU's
+parses, the engine's steps, the idle tail) are marked here through the same events file.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def raw(args: argparse.Namespace) -> None:
     from mineru.parser import parse
 
     tier = "flash" if args.backend == "flash" else "basic"
-    for doc in args.docs:
+    for doc in args.docs * args.passes:
         with phase("parse", document=doc):
             result = parse(doc, tier=tier)
             result.markdown()
@@ -65,8 +68,10 @@ def raw(args: argparse.Namespace) -> None:
 def session(args: argparse.Namespace, isolation: str) -> None:
     from mineru_vram import ModelSession
 
-    with ModelSession(args.backend, device=args.device, models_dir=args.models_dir, isolation=isolation) as s:
-        for doc in args.docs:
+    with ModelSession(
+        args.backend, device=args.device, models_dir=args.models_dir, isolation=isolation, preload=args.preload
+    ) as s:
+        for doc in args.docs * args.passes:
             s.parse(doc)
     print(s.release_report, flush=True)
 
@@ -78,8 +83,10 @@ def engine(args: argparse.Namespace) -> None:
     with phase("engine start"):
         eng.start()
     try:
-        with ModelSession("hybrid", engine=eng, device=args.device, models_dir=args.models_dir) as s:
-            for doc in args.docs:
+        with ModelSession(
+            "hybrid", engine=eng, device=args.device, models_dir=args.models_dir, preload=args.preload
+        ) as s:
+            for doc in args.docs * args.passes:
                 s.parse(doc)
         print(s.release_report, flush=True)
         with phase("engine sleep"):
@@ -98,6 +105,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--backend", choices=("pipeline", "flash"), default="pipeline", help="flash: a CPU smoke run")
     p.add_argument("--idle", type=float, default=2.0, help="idle seconds at the end")
+    p.add_argument("--passes", type=int, default=2, help="times the documents are parsed (pass 2 shows any growth)")
+    p.add_argument(
+        "--preload", choices=("core", "all"), default="all", help="sessions: load every model at open (not raw MinerU)"
+    )
     p.add_argument("docs", nargs="+")
     args = p.parse_args()
     if args.mode == "raw":

@@ -58,15 +58,18 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from ._budget import Ledger, MemoryProbe, Reservation, VramBudget, admit, resolve_budget
 from ._exceptions import (
+    AdmissionTimeoutError,
     BackendNotAvailableError,
     ConfigurationError,
+    EngineAdmissionError,
     EngineCrashedError,
     EngineError,
     EngineStartError,
@@ -92,6 +95,9 @@ logger = logging.getLogger("mineru_vram")
 EngineKind = Literal["sglang", "transformers", "attach"]
 ENGINES = ("sglang", "transformers", "attach")
 MIB = 1024 * 1024
+# Moves smaller than this are not waited for: NVML's per-process figure may not change at all
+# when a few MiB come and go (the driver serves them from memory it already holds).
+NVML_RESOLUTION_MIB = 4.0
 
 
 class EngineState(enum.Enum):
@@ -339,7 +345,6 @@ class Launcher(Protocol):
     def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> ServerProcess: ...
 
 
-MemoryProbe = Callable[[str], "DeviceMemory | None"]
 
 
 def _nvml_device(device: str) -> DeviceMemory | None:
@@ -408,6 +413,7 @@ class EngineSettings:
     device: str
     vram_budget_gib: float | None
     mem_fraction: float | None
+    budget: VramBudget | None
     keep_alive: float | None
     keep_alive_action: str
     url: str | None
@@ -619,6 +625,10 @@ class _Backend:
         loads = body.get("loads") or []
         return any((load.get("num_running_reqs") or 0) + (load.get("num_waiting_reqs") or 0) for load in loads)
 
+    # How far the last release/resume moved the server's memory, as the server measured it
+    # (our transformers server answers with it; SGLang does not: None).
+    moved_mib: float | None = None
+
     def release(self) -> str:
         raise EngineStateError(f"the {type(self).__name__} cannot release memory")
 
@@ -720,7 +730,11 @@ class _ServerBackend(_HttpServerBackend):
         log = runtime / "server.log"
         with open(log, "ab") as fh:
             fh.write(f"\n--- mineru-vram: {' '.join(argv)}\n".encode())
-        self.process = self.engine._launcher(argv, env=dict(os.environ), log_path=log)
+        env = dict(os.environ)
+        reservation = self.engine._reservation
+        if self.name == "transformers" and reservation is not None and reservation.virtual_vram_gb is not None:
+            env["MINERU_VIRTUAL_VRAM_SIZE"] = str(reservation.virtual_vram_gb)  # MinerU sizes its batches by it
+        self.process = self.engine._launcher(argv, env=env, log_path=log)
 
     def wait_ready(self, deadline: float, stop: threading.Event) -> None:
         interval = 0.05
@@ -767,6 +781,7 @@ class _ServerBackend(_HttpServerBackend):
 
     def release(self) -> str:
         answer = self._post("/release_memory_occupation", {}, timeout=120)
+        self.moved_mib = _moved_mib(answer)
         note = _find_key(answer, "note")
         if note:
             return str(note)
@@ -775,7 +790,7 @@ class _ServerBackend(_HttpServerBackend):
         return ""
 
     def resume(self) -> None:
-        self._post("/resume_memory_occupation", {}, timeout=300)
+        self.moved_mib = _moved_mib(self._post("/resume_memory_occupation", {}, timeout=300))
 
     def shutdown(self, grace: float) -> None:
         if self.process is not None:
@@ -850,6 +865,20 @@ class _TransformersBackend(_ServerBackend):
         if s.max_new_tokens is not None:
             argv += ["--max-new-tokens", str(s.max_new_tokens)]
         return argv + list(s.extra_args)
+
+
+def _below_resolution(moved: float | None) -> str:
+    if moved is None or moved >= NVML_RESOLUTION_MIB:
+        return ""
+    return f"the server moved {moved:.1f} MiB, below what NVML's per-process figure resolves"
+
+
+def _moved_mib(answer: Any) -> float | None:
+    value = _find_key(answer, "moved_mib")
+    try:
+        return None if value is None else abs(float(value))
+    except (TypeError, ValueError):
+        return None
 
 
 def _truthy(value: Any) -> bool:
@@ -936,6 +965,14 @@ class ResidentEngine:
             becomes ``--mem-fraction-static`` = budget / the card's total (SGLang applies the
             fraction to the memory it finds free, so a shared card gets less, never more).
         mem_fraction: ``--mem-fraction-static`` given directly (instead of a budget).
+        budget: a :class:`~mineru_vram.VramBudget` (or MiB as ``int``, a fraction as
+            ``float`` <= 1, text like ``"8GiB"``): for SGLang it sizes the pool as
+            ``vram_budget_gib`` does; for the transformers engine it is what admission
+            waits for and sets ``MINERU_VIRTUAL_VRAM_SIZE`` in its process. Either way
+            start and wake wait up to ``budget.timeout`` for the memory to be free
+            (NVML, less what other mineru-vram processes reserved) and reserve it in
+            the machine's ledger while the engine is awake. ``vram_budget_gib`` is the
+            same with no wait.
         keep_alive: idle time before ``keep_alive_action`` (``"10m"``, ``"30s"``, seconds;
             ``None`` never). The next request wakes or restarts the engine.
         keep_alive_action: ``"sleep"`` (release memory, keep the process) or ``"stop"``.
@@ -960,6 +997,7 @@ class ResidentEngine:
         runtime_dir: where the server's log and key file go (default a private temp dir).
         launcher: starts the server command line (default :func:`launch_process`).
         probe: reads a device's memory (default NVML through :func:`vram_snapshot`).
+        ledger: the cross-process reservation ledger (default the machine's runtime folder's).
     """
 
     def __init__(
@@ -970,6 +1008,7 @@ class ResidentEngine:
         device: str | int | None = None,
         vram_budget_gib: float | None = None,
         mem_fraction: float | None = None,
+        budget: VramBudget | int | float | str | None = None,
         keep_alive: str | float | timedelta | None = None,
         keep_alive_action: Literal["sleep", "stop"] = "sleep",
         url: str | None = None,
@@ -992,6 +1031,7 @@ class ResidentEngine:
         runtime_dir: str | os.PathLike[str] | None = None,
         launcher: Launcher | None = None,
         probe: MemoryProbe | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.settings = _resolve_settings(
             engine=engine,
@@ -999,6 +1039,7 @@ class ResidentEngine:
             device=device,
             vram_budget_gib=vram_budget_gib,
             mem_fraction=mem_fraction,
+            budget=budget,
             keep_alive=keep_alive,
             keep_alive_action=keep_alive_action,
             url=url,
@@ -1021,6 +1062,7 @@ class ResidentEngine:
         )
         self._launcher: Launcher = launcher or launch_process
         self._probe: MemoryProbe = probe or _nvml_device
+        self._ledger = ledger
         self._attach_key = api_key
         self.mem_fraction_static: float | None = self.settings.mem_fraction
         self._state = EngineState.NEW
@@ -1040,6 +1082,9 @@ class ResidentEngine:
         self._runtime: Path | None = None
         self._runtime_finalizer: Any = None  # weakref.finalize
         self.last_report: MemoryReport | None = None
+        self._need_mib: float | None = None  # what admission waits for (set by the preflight)
+        self._admission_timeout = 0.0
+        self._reservation: Reservation | None = None  # held in the ledger while the engine is awake
         self._backend: _Backend = self._make_backend()
 
     # -- construction helpers ------------------------------------------------------------------
@@ -1122,8 +1167,9 @@ class ResidentEngine:
         return engine.start()
 
     def _differences(self, asked: Mapping[str, Any]) -> list[str]:
-        ignored = {"launcher", "probe", "api_key"}
-        norm = _resolve_settings(**{**dataclasses.asdict(self.settings), **_user_keys(asked, ignored)})
+        ignored = {"launcher", "probe", "ledger", "api_key"}
+        current = {f.name: getattr(self.settings, f.name) for f in dataclasses.fields(self.settings)}  # shallow
+        norm = _resolve_settings(**{**current, **_user_keys(asked, ignored)})
         out = []
         for key in sorted(_user_keys(asked, ignored)):
             mine, theirs = getattr(self.settings, key), getattr(norm, key)
@@ -1229,6 +1275,7 @@ class ResidentEngine:
             self._preflight()
             self._launch_and_wait()
         except BaseException as exc:
+            self._release_reservation()
             self._state = EngineState.CRASHED
             self._failed_at = time.monotonic()
             self._last_error = str(exc)
@@ -1236,6 +1283,7 @@ class ResidentEngine:
         self._became_ready()
 
     def _became_ready(self) -> None:
+        self._reservation_pids()
         with self._cond:
             self._last_activity = time.monotonic()
             self._state = EngineState.READY
@@ -1259,42 +1307,34 @@ class ResidentEngine:
             raise
 
     def _preflight(self) -> None:
-        """Turn the budget into a fraction, and check the device has the memory free."""
+        """Size the engine from its budget, then admit it: wait for the memory and reserve it."""
         s = self.settings
-        if s.engine == "attach":
-            return
+        self._need_mib = None
+        if s.engine == "attach" or s.device == "cpu":
+            return  # nothing to size, check or reserve on a device
         weights = _weights_mib(s.model_path)
-        if s.device == "cpu":
-            return  # nothing to size or check on a device
         info = self._probe(s.device)
+        budget = s.budget
+        if budget is None and s.vram_budget_gib is not None:
+            budget = VramBudget(mib=s.vram_budget_gib * 1024, timeout=0.0)
         need_mib: float | None = None
         if s.engine == "sglang":
-            if s.vram_budget_gib is not None:
+            if budget is not None:
                 if info is None:
                     raise EngineStartError(
-                        f"cannot turn vram_budget_gib into --mem-fraction-static: NVML cannot read {s.device}; "
+                        f"cannot turn a budget into --mem-fraction-static: NVML cannot read {s.device}; "
                         "pass mem_fraction= instead",
                         device=s.device,
                     )
-                budget_mib = s.vram_budget_gib * 1024
-                if budget_mib >= info.total_mib:
-                    raise ConfigurationError(
-                        f"vram_budget_gib={s.vram_budget_gib:g} is not below {s.device}'s total "
-                        f"{info.total_mib / 1024:.1f} GiB",
-                        vram_budget_gib=s.vram_budget_gib,
-                    )
                 # Rounded down: the fraction never asks SGLang for more than the budget.
-                self.mem_fraction_static = math.floor(budget_mib / info.total_mib * 1000) / 1000
-                if self.mem_fraction_static <= 0:
-                    raise ConfigurationError(
-                        f"vram_budget_gib={s.vram_budget_gib:g} is under 0.1% of {s.device}",
-                        vram_budget_gib=s.vram_budget_gib,
-                    )
+                self.mem_fraction_static = budget.engine_fraction(info.total_mib)
             if self.mem_fraction_static is not None and info is not None:
                 need_mib = self.mem_fraction_static * info.total_mib
+        elif budget is not None:
+            need_mib = budget.need_mib(None if info is None else info.total_mib)
         elif weights is not None:
-            need_mib = weights  # transformers: the weights, plus the headroom below
-        if info is None or need_mib is None:
+            need_mib = weights  # transformers: the weights, plus the headroom
+        if need_mib is None:
             return
         if weights is not None and s.engine == "sglang" and weights >= need_mib:
             raise EngineStartError(
@@ -1303,21 +1343,67 @@ class ResidentEngine:
                 needed_mib=weights,
                 budget_mib=need_mib,
             )
-        required = need_mib + s.headroom_gib * 1024
-        if info.free_mib < required:
-            holders = sorted(info.processes, key=lambda p: -p.used_mib)[:5]
-            held = ", ".join(f"pid {p.pid} ({p.name or '?'}) {p.used_mib / 1024:.1f} GiB" for p in holders)
-            raise EngineStartError(
-                f"not enough free memory on {s.device} ({info.name}) to start the {s.engine} engine: it needs "
-                f"{need_mib / 1024:.1f} GiB plus {s.headroom_gib:g} GiB headroom = {required / 1024:.1f} GiB, and "
-                f"NVML reports {info.free_mib / 1024:.1f} GiB free of {info.total_mib / 1024:.1f} GiB "
-                f"({info.free_mib / 1024 - required / 1024:+.1f} GiB)."
-                + (f" Holding memory: {held}." if held else "")
-                + " Lower vram_budget_gib or free the device.",
-                device=s.device,
-                needed_mib=required,
-                free_mib=info.free_mib,
+        self._need_mib = need_mib
+        self._admission_timeout = 0.0 if s.budget is None else s.budget.timeout
+        self._admit()
+
+    def _admit(self) -> None:
+        """Wait until the device has the engine's memory free, and reserve it in the ledger.
+
+        Free means NVML's figure less what other mineru-vram processes reserved and
+        have not allocated; the wait lasts ``budget.timeout`` (none without ``budget=``).
+        A reservation already held (a restart) is kept.
+
+        Raises:
+            EngineAdmissionError: the memory was not free in time.
+        """
+        s = self.settings
+        need = self._need_mib
+        if need is None or (self._reservation is not None and self._reservation.held):
+            return
+        poll = 0.5 if s.budget is None else s.budget.poll_interval
+        try:
+            self._reservation = admit(
+                VramBudget(mib=need, timeout=self._admission_timeout, headroom_mib=s.headroom_gib * 1024,
+                           poll_interval=poll, probe=self._probe),
+                s.device,
+                what=f"the {s.engine} engine",
+                ledger=self._ledger,
+                pids=(),  # its server does not exist yet: all it will hold is spent from the reservation
             )
+        except AdmissionTimeoutError as exc:
+            free, reserved = float(getattr(exc, "free_mib", 0.0)), float(getattr(exc, "reserved_mib", 0.0))
+            required = need + s.headroom_gib * 1024
+            info = self._probe(s.device)
+            holders = [] if info is None else sorted(info.processes, key=lambda p: -p.used_mib)[:5]
+            held = ", ".join(f"pid {p.pid} ({p.name or '?'}) {p.used_mib / 1024:.1f} GiB" for p in holders)
+            name = "" if info is None else f" ({info.name})"
+            total = "" if info is None else f" of {info.total_mib / 1024:.1f} GiB"
+            waited = f" within {self._admission_timeout:g} s" if self._admission_timeout else ""
+            raise EngineAdmissionError(
+                f"not enough free memory on {s.device}{name} to start the {s.engine} engine{waited}: it needs "
+                f"{need / 1024:.1f} GiB plus {s.headroom_gib:g} GiB headroom = {required / 1024:.1f} GiB, and "
+                f"NVML reports {free / 1024:.1f} GiB free{total}"
+                + (f", of which other mineru-vram processes reserved {reserved / 1024:.1f} GiB" if reserved else "")
+                + f" ({(free - reserved - required) / 1024:+.1f} GiB)."
+                + (f" Holding memory: {held}." if held else "")
+                + " Lower the budget, free the device, or give budget= a timeout to wait.",
+                device=s.device,
+                need_mib=need,
+                needed_mib=required,
+                free_mib=free,
+                reserved_mib=reserved,
+            ) from exc
+
+    def _reservation_pids(self) -> None:
+        """Count what the server's processes hold against the engine's reservation."""
+        if self._reservation is not None:
+            self._reservation.set_pids(self._backend.pids())
+
+    def _release_reservation(self) -> None:
+        reservation, self._reservation = self._reservation, None
+        if reservation is not None:
+            reservation.release()
 
     def _ensure_monitor(self) -> None:
         if self._monitor is not None and self._monitor.is_alive():
@@ -1450,10 +1536,13 @@ class ResidentEngine:
         with self._health_lock:  # no health generation may run into a release
             t0 = time.monotonic()
             before, free_before = self._reading()
+            self._backend.moved_mib = None
             note = self._backend.release()
-            after, free_after, confirmed = self._settle(before, direction=-1)
+            after, free_after, confirmed = self._settle(before, direction=-1, expect_mib=self._backend.moved_mib)
+            note = "; ".join(n for n in (note, _below_resolution(self._backend.moved_mib)) if n)
             with self._cond:
                 self._state = EngineState.SLEEPING
+            self._release_reservation()  # others may be admitted into what the engine gave back
         report = MemoryReport("sleep", time.monotonic() - t0, before, after, free_before, free_after, confirmed, note)
         self.last_report = report
         logger.info("resident engine %s", report)
@@ -1475,13 +1564,21 @@ class ResidentEngine:
     def _wake_locked(self) -> MemoryReport:
         with self._health_lock:
             t0 = time.monotonic()
+            self._admit()  # the memory it gave back may have been taken meanwhile: wait for it
             before, free_before = self._reading()
-            self._backend.resume()
-            after, free_after, confirmed = self._settle(before, direction=+1)
+            self._backend.moved_mib = None
+            try:
+                self._backend.resume()
+            except BaseException:
+                self._release_reservation()
+                raise
+            self._reservation_pids()
+            after, free_after, confirmed = self._settle(before, direction=+1, expect_mib=self._backend.moved_mib)
+            note = _below_resolution(self._backend.moved_mib)
             with self._cond:
                 self._state = EngineState.READY
                 self._last_activity = time.monotonic()
-        report = MemoryReport("wake", time.monotonic() - t0, before, after, free_before, free_after, confirmed)
+        report = MemoryReport("wake", time.monotonic() - t0, before, after, free_before, free_after, confirmed, note)
         self.last_report = report
         logger.info("resident engine %s", report)
         return report
@@ -1493,14 +1590,22 @@ class ResidentEngine:
         return self._backend.memory_mib(info), (None if info is None else info.free_mib)
 
     def _settle(
-        self, before: float | None, *, direction: int, timeout: float = 10.0, pids: Sequence[int] | None = None
+        self,
+        before: float | None,
+        *,
+        direction: int,
+        timeout: float = 10.0,
+        pids: Sequence[int] | None = None,
+        expect_mib: float | None = None,
     ) -> tuple[float | None, float | None, bool | None]:
         """Poll NVML until the engine's memory moved ``direction`` and two readings agree.
 
         SGLang's release can return before the memory is back (MINERU_FACTS); this
-        is the confirmation. Returns ``(after, device free after, confirmed)``.
+        is the confirmation. ``expect_mib`` is how far the server says it moved; a
+        move NVML cannot resolve is not waited for (confirmed ``None``). Returns
+        ``(after, device free after, confirmed)``.
         """
-        if before is None:
+        if before is None or (expect_mib is not None and expect_mib < NVML_RESOLUTION_MIB):
             after, free = self._reading()
             return after, free, None
         deadline = time.monotonic() + timeout
@@ -1560,6 +1665,7 @@ class ResidentEngine:
         with self._health_lock:
             self._backend.shutdown(grace=self.settings.stop_timeout)
         after, free_after, confirmed = self._settle(before, direction=-1, pids=pids)
+        self._release_reservation()
         report = MemoryReport(action, time.monotonic() - t0, before, after, free_before, free_after, confirmed)
         self.last_report = report
         logger.info("resident engine %s", report)
@@ -1689,6 +1795,7 @@ class ResidentEngine:
         s = self.settings
         while True:
             if self._crash_streak > s.max_restarts:
+                self._release_reservation()
                 with self._cond:
                     self._state = EngineState.CRASHED
                     self._failed_at = time.monotonic()
@@ -1751,6 +1858,7 @@ def _resolve_settings(
     device: Any = None,
     vram_budget_gib: float | None = None,
     mem_fraction: float | None = None,
+    budget: Any = None,
     keep_alive: Any = None,
     keep_alive_action: str = "sleep",
     url: str | None = None,
@@ -1807,7 +1915,18 @@ def _resolve_settings(
     if mem_fraction is not None and not 0 < mem_fraction < 1:
         raise ConfigurationError(f"mem_fraction={mem_fraction!r}: must be between 0 and 1", mem_fraction=mem_fraction)
     if (vram_budget_gib is not None or mem_fraction is not None) and kind != "sglang":
-        raise ConfigurationError(f"vram_budget_gib / mem_fraction size SGLang's pool; not used by the {kind} engine")
+        raise ConfigurationError(
+            f"vram_budget_gib / mem_fraction size SGLang's pool; not used by the {kind} engine"
+            + (" (budget= is)" if kind == "transformers" else "")
+        )
+    resolved_budget = resolve_budget(budget)
+    if resolved_budget is not None:
+        if vram_budget_gib is not None or mem_fraction is not None:
+            raise ConfigurationError("pass budget=, vram_budget_gib= or mem_fraction=, one of them")
+        if kind == "attach":
+            raise ConfigurationError(
+                "budget= sizes an engine mineru-vram starts; an attached server is not started here"
+            )
     if keep_alive_action not in ("sleep", "stop"):
         raise ConfigurationError(
             f"keep_alive_action={keep_alive_action!r}: expected 'sleep' or 'stop'", keep_alive_action=keep_alive_action
@@ -1822,14 +1941,15 @@ def _resolve_settings(
     if health_failures < 1 or max_restarts < 0:
         raise ConfigurationError("health_failures must be at least 1 and max_restarts at least 0")
     resolved_device = resolve_device(device)
-    if vram_budget_gib is not None and resolved_device == "cpu":
-        raise ConfigurationError("vram_budget_gib needs a GPU device; this engine runs on cpu", device=resolved_device)
+    if (vram_budget_gib is not None or resolved_budget is not None) and resolved_device == "cpu":
+        raise ConfigurationError("a budget needs a GPU device; this engine runs on cpu", device=resolved_device)
     return EngineSettings(
         engine=kind,
         model_path=path,
         device="cpu" if kind == "attach" and device is None else resolved_device,
         vram_budget_gib=None if vram_budget_gib is None else float(vram_budget_gib),
         mem_fraction=None if mem_fraction is None else float(mem_fraction),
+        budget=resolved_budget,
         keep_alive=parse_keep_alive(keep_alive),
         keep_alive_action=keep_alive_action,
         url=url,

@@ -26,6 +26,7 @@ working in code that does not know about this library::
     │   └── WorkerStartError                    it could not be started
     ├── EngineError                             the resident VLM engine failed
     │   ├── EngineStartError                    it did not become ready
+    │   │   └── EngineAdmissionError            its memory was not free (also an AdmissionTimeoutError)
     │   ├── EngineCrashedError                  it died while serving
     │   └── EngineStateError (RuntimeError)     an operation the engine's state forbids
     ├── TaskNotFoundError (KeyError)            no such task in the queue (or its result was deleted)
@@ -49,6 +50,7 @@ __all__ = [
     "DocumentTooLargeError",
     "EmptyDocumentError",
     "EncryptedDocumentError",
+    "EngineAdmissionError",
     "EngineCrashedError",
     "EngineError",
     "EngineStartError",
@@ -181,6 +183,14 @@ class EngineError(MineruVramError):
 
 class EngineStartError(EngineError):
     """The engine did not become ready. ``log_tail`` holds the end of its log."""
+
+
+class EngineAdmissionError(EngineStartError, AdmissionTimeoutError):
+    """The device did not have the engine's memory free (before a start, a restart or a wake).
+
+    Both an :class:`EngineStartError` and an :class:`AdmissionTimeoutError`:
+    ``need_mib``, ``free_mib`` and ``reserved_mib`` say what was missing.
+    """
 
 
 class EngineCrashedError(EngineError):

@@ -17,7 +17,9 @@ measures only the session's models, a crash cannot take the application down,
 and ``stop()`` returns every byte by ending the process.
 
 Sleep moves the weights to host memory and empties the allocator cache (the
-CUDA context stays); wake moves them back.
+CUDA context stays); wake moves them back. Both answer with ``moved_mib``, the
+change in torch's reserved memory, so the engine knows how far NVML should see
+the process move (a tiny model's weights move less than NVML resolves).
 """
 
 from __future__ import annotations
@@ -129,18 +131,28 @@ class _Server:
             return Response(body={"note": "the transformers engine runs on CPU: nothing to release on a device"})
         from ._release import return_allocator_memory
 
+        before = self._reserved_mib()
         with self.batcher.model_lock:
             self.vlm.to("cpu")
             self.on_device = False
         return_allocator_memory(self.device)
-        return Response(body={"note": ""})
+        return Response(body={"note": "", "moved_mib": round(before - self._reserved_mib(), 3)})
 
     def _resume(self, request: Request) -> Response:
+        before = self._reserved_mib()
         if self.device != "cpu" and not self.on_device:
             with self.batcher.model_lock:
                 self.vlm.to(self.device)
                 self.on_device = True
-        return Response(body={"note": ""})
+        return Response(body={"note": "", "moved_mib": round(self._reserved_mib() - before, 3)})
+
+    def _reserved_mib(self) -> float:
+        """What torch's allocator holds on the device: what NVML should see move on sleep and wake."""
+        if self.device == "cpu":
+            return 0.0
+        import torch
+
+        return float(torch.cuda.memory_reserved(self.device)) / (1024 * 1024)
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -28,7 +28,9 @@ import pytest
 
 import mineru_vram as mv
 from mineru_vram import testing
+from mineru_vram._budget import Ledger, admit, device_key
 from mineru_vram._engine import EngineState, ResidentEngine, _http
+from mineru_vram._probe import DeviceMemory
 from mineru_vram._standin import STANDIN_TEXT, StandinLauncher
 
 Factory = Callable[..., ResidentEngine]
@@ -273,6 +275,47 @@ def test_sleep_and_wake_use_sglangs_memory_endpoints(make_engine: Factory) -> No
         assert config == engine.vlm_config()
         assert _chat(engine) == 200
     assert [c["call"] for c in _stats(engine)["calls"]] == ["release", "resume", "release", "resume"]
+
+
+def test_a_budgeted_engine_holds_its_reservation_only_while_awake(make_engine: Factory, tmp_path: Path) -> None:
+    # The stand-in on "cuda:0" with NVML stood in for (this machine has no GPU): what is
+    # tested is the ledger, which is real files and locks shared with other processes.
+    def probe(device: str) -> DeviceMemory:
+        return DeviceMemory(index=0, name="stand-in card", total_mib=81920.0, used_mib=5120.0, free_mib=76800.0)
+
+    ledger = Ledger(tmp_path / "runtime")
+    engine = make_engine(
+        device="cuda:0",
+        budget=mv.VramBudget(mib=8192, timeout=0.3, poll_interval=0.05),
+        probe=probe,
+        ledger=ledger,
+        headroom_gib=0,
+    )
+    engine.start()
+    (entry,) = ledger.snapshot(device_key("cuda:0"))
+    assert entry.need_mib == 8192
+    assert set(entry.pids) == set(engine._backend.pids()) != set()  # the server's growth spends it
+    assert "--mem-fraction-static 0.100" in _standin_cmdlines()  # 8192 MiB of an 81920 MiB card
+
+    engine.sleep()
+    assert ledger.snapshot(device_key("cuda:0")) == []  # asleep: others may be admitted
+
+    rival = admit(mv.VramBudget(mib=70000, probe=probe, timeout=0), "cuda:0", ledger=ledger, what="rival")
+    with pytest.raises(mv.EngineAdmissionError, match=r"reserved 68\.4 GiB"):
+        engine.wake()
+    assert engine.state is EngineState.SLEEPING  # still asleep, still serving nothing, not broken
+    assert [c["call"] for c in _stats(engine)["calls"]] == ["release"]  # resume was never asked for
+    rival.release()
+
+    engine.wake()
+    assert engine.state is EngineState.READY
+    assert [e.need_mib for e in ledger.snapshot(device_key("cuda:0"))] == [8192]
+    engine.stop()
+    assert ledger.snapshot(device_key("cuda:0")) == []
+
+
+def _standin_cmdlines() -> str:
+    return "\n".join(" ".join(proc.cmdline()) for proc in _standin_processes())
 
 
 def test_sleep_waits_for_running_requests(make_engine: Factory) -> None:
