@@ -627,6 +627,15 @@ class TransformersVlm:
         if model is not None:
             model.to(device)
 
+    def weights_device(self) -> str | None:
+        """Where the model's first parameter lives (``"cpu"``, ``"cuda:0"``), or ``None`` without a model."""
+        model = self.model_object()
+        if model is None:
+            return None
+        for param in model.parameters():
+            return str(param.device)
+        return None
+
     def model_object(self) -> Any:
         return None if self._client is None else self._client.model
 

@@ -247,6 +247,16 @@ def resolve_budget(value: VramBudget | int | float | str | None) -> VramBudget |
     raise ConfigurationError(f"budget={value!r}: expected MiB, a fraction or a VramBudget", budget=repr(value))
 
 
+def holders_text(info: DeviceMemory | None, *, gib: bool = False, most: int = 5) -> str:
+    """The processes holding the most memory on a device, for error messages ("" if none is listed)."""
+    if info is None:
+        return ""
+    holders = sorted(info.processes, key=lambda p: -p.used_mib)[:most]
+    if gib:
+        return ", ".join(f"pid {p.pid} ({p.name or '?'}) {p.used_mib / 1024:.1f} GiB" for p in holders)
+    return ", ".join(f"pid {p.pid} ({p.name or '?'}) {p.used_mib:.0f} MiB" for p in holders)
+
+
 # --- the runtime folder ---------------------------------------------------------------------
 
 
@@ -632,8 +642,7 @@ def _timeout_error(
 ) -> AdmissionTimeoutError:
     assert last is not None
     info, reserved = last
-    holders = sorted(info.processes, key=lambda p: -p.used_mib)[:5]
-    held = ", ".join(f"pid {p.pid} ({p.name or '?'}) {p.used_mib:.0f} MiB" for p in holders)
+    held = holders_text(info)
     headroom = f" plus {budget.headroom_mib:.0f} MiB headroom" if budget.headroom_mib else ""
     return AdmissionTimeoutError(
         f"{what}: {device} ({info.name}) did not have {need:.0f} MiB{headroom} free within {timeout:g}s: "

@@ -64,7 +64,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from ._budget import Ledger, MemoryProbe, Reservation, VramBudget, admit, resolve_budget
+from ._budget import Ledger, MemoryProbe, Reservation, VramBudget, admit, holders_text, resolve_budget
 from ._exceptions import (
     AdmissionTimeoutError,
     BackendNotAvailableError,
@@ -790,7 +790,11 @@ class _ServerBackend(_HttpServerBackend):
         return ""
 
     def resume(self) -> None:
-        self.moved_mib = _moved_mib(self._post("/resume_memory_occupation", {}, timeout=300))
+        answer = self._post("/resume_memory_occupation", {}, timeout=300)
+        self.moved_mib = _moved_mib(answer)
+        where = _find_key(answer, "weights_device")  # our transformers server says where its weights are
+        if where is not None and self.engine.settings.device != "cpu" and not str(where).startswith("cuda"):
+            raise EngineError(f"the {self.name} server resumed, but its weights are on {where}", url=self.url)
 
     def shutdown(self, grace: float) -> None:
         if self.process is not None:
@@ -1375,8 +1379,7 @@ class ResidentEngine:
             free, reserved = float(getattr(exc, "free_mib", 0.0)), float(getattr(exc, "reserved_mib", 0.0))
             required = need + s.headroom_gib * 1024
             info = self._probe(s.device)
-            holders = [] if info is None else sorted(info.processes, key=lambda p: -p.used_mib)[:5]
-            held = ", ".join(f"pid {p.pid} ({p.name or '?'}) {p.used_mib / 1024:.1f} GiB" for p in holders)
+            held = holders_text(info, gib=True)
             name = "" if info is None else f" ({info.name})"
             total = "" if info is None else f" of {info.total_mib / 1024:.1f} GiB"
             waited = f" within {self._admission_timeout:g} s" if self._admission_timeout else ""

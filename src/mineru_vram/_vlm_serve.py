@@ -136,7 +136,8 @@ class _Server:
             self.vlm.to("cpu")
             self.on_device = False
         return_allocator_memory(self.device)
-        return Response(body={"note": "", "moved_mib": round(before - self._reserved_mib(), 3)})
+        moved = round(before - self._reserved_mib(), 3)
+        return Response(body={"note": "", "moved_mib": moved, "weights_device": self.vlm.weights_device()})
 
     def _resume(self, request: Request) -> Response:
         before = self._reserved_mib()
@@ -144,7 +145,8 @@ class _Server:
             with self.batcher.model_lock:
                 self.vlm.to(self.device)
                 self.on_device = True
-        return Response(body={"note": "", "moved_mib": round(self._reserved_mib() - before, 3)})
+        moved = round(self._reserved_mib() - before, 3)
+        return Response(body={"note": "", "moved_mib": moved, "weights_device": self.vlm.weights_device()})
 
     def _reserved_mib(self) -> float:
         """What torch's allocator holds on the device: what NVML should see move on sleep and wake."""
