@@ -100,7 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 3 when memory was not fully released")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     vlm = p.add_argument_group("VLM engine (for --backend vlm or hybrid)")
-    vlm.add_argument("--engine", choices=("sglang", "transformers"), help="start this engine for the run")
+    vlm.add_argument("--engine", choices=("sglang", "vllm", "transformers"), help="start this engine for the run")
     vlm.add_argument("--model-path", metavar="DIR", help="the VLM model directory (--engine)")
     vlm.add_argument("--vram-budget-gib", type=float, metavar="GIB", help="the engine's GPU memory budget")
     vlm.add_argument("--server-url", metavar="URL", help="use a running OpenAI-compatible VLM server instead")
@@ -231,7 +231,7 @@ def _make_engine(args: argparse.Namespace) -> Any:
             vram_budget_gib=args.vram_budget_gib,
         ).start()
     raise ConfigurationError(
-        f"--backend {args.backend} parses through a VLM engine: pass --engine sglang|transformers with "
+        f"--backend {args.backend} parses through a VLM engine: pass --engine sglang|vllm|transformers with "
         "--model-path, or --server-url of a running OpenAI-compatible server"
     )
 

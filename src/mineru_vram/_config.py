@@ -38,7 +38,7 @@ class BackendSpec:
     Attributes:
         name: the canonical name (``pipeline``, ``flash``, ``vlm``, ``hybrid``).
         tier: the MinerU 4 tier that runs it.
-        engine: the VLM engine an alias implies (``sglang``, ``transformers``), if any.
+        engine: the VLM engine an alias implies (``sglang``, ``vllm``, ``transformers``), if any.
         needs_engine: whether parsing needs a VLM engine.
     """
 
@@ -61,6 +61,8 @@ BACKENDS: Mapping[str, BackendSpec] = {
     "vlm-transformers": BackendSpec("vlm", "advanced", engine="transformers", needs_engine=True),
     "vlm-sglang-engine": BackendSpec("vlm", "advanced", engine="sglang", needs_engine=True),
     "vlm-sglang-client": BackendSpec("vlm", "advanced", engine="sglang", needs_engine=True),
+    "vlm-vllm-engine": BackendSpec("vlm", "advanced", engine="vllm", needs_engine=True),
+    "vlm-vllm-async-engine": BackendSpec("vlm", "advanced", engine="vllm", needs_engine=True),
     "vlm-http-client": BackendSpec("vlm", "advanced", engine="attach", needs_engine=True),
 }
 

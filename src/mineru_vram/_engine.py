@@ -10,6 +10,12 @@ its memory under control:
   ``--mem-fraction-static`` computed from ``vram_budget_gib`` and the card's total.
   MinerU 4 dropped its SGLang engine, but its http-client speaks the OpenAI API,
   which SGLang serves.
+* ``vllm``: a ``vllm serve`` process, started with ``--enable-sleep-mode`` and
+  ``VLLM_SERVER_DEV_MODE=1`` so ``sleep()`` is vLLM's level-1 sleep (weights to host
+  memory, KV cache dropped) and ``wake()`` its ``/wake_up``; the budget becomes
+  ``--gpu-memory-utilization``; the key travels in ``VLLM_API_KEY``, the device in
+  ``CUDA_VISIBLE_DEVICES``. (MinerU's own ``vllm-engine`` runs vLLM inside the
+  parsing process, whose memory could only be returned by ending that process.)
 * ``transformers``: MinerU's transformers VLM engine (what MinerU calls its
   in-process engine, ``ModelSingleton().get_model("transformers", ...)``), run in a
   child process that serves it on a loopback OpenAI-compatible endpoint
@@ -36,6 +42,16 @@ idle and does nothing without ``--enable-memory-saver``; ``/v1/loads`` reports
 ``num_running_reqs`` and ``num_waiting_reqs``. SGLang sizes its static pool as
 ``mem_fraction_static`` times the memory it finds free before loading weights,
 so on a card shared with others the pool is smaller than the budget, never larger.
+
+vLLM facts (its ``entrypoints/cli/main.py``, ``entrypoints/serve/sleep/api_router.py``
+and API server): ``vllm serve MODEL`` takes ``--host``, ``--port``,
+``--served-model-name``, ``--gpu-memory-utilization`` (a fraction of the card's
+total for this instance) and ``--enable-sleep-mode``; ``POST /sleep?level=1&mode=...``,
+``POST /wake_up`` and ``GET /is_sleeping`` exist only with ``VLLM_SERVER_DEV_MODE=1``;
+the key is taken from ``VLLM_API_KEY``; ``/metrics`` reports
+``vllm:num_requests_running`` and ``vllm:num_requests_waiting``. Neither SGLang nor
+vLLM can be installed on this project's machines: both paths are tested against
+the stand-in (``_standin.py``), never against the real servers.
 """
 
 from __future__ import annotations
@@ -92,8 +108,10 @@ __all__ = [
 
 logger = logging.getLogger("mineru_vram")
 
-EngineKind = Literal["sglang", "transformers", "attach"]
-ENGINES = ("sglang", "transformers", "attach")
+EngineKind = Literal["sglang", "vllm", "transformers", "attach"]
+ENGINES = ("sglang", "vllm", "transformers", "attach")
+# vLLM's default --gpu-memory-utilization: what a vllm engine without a budget takes of the card.
+VLLM_DEFAULT_UTILIZATION = 0.9
 MIB = 1024 * 1024
 # Moves smaller than this are not waited for: NVML's per-process figure may not change at all
 # when a few MiB come and go (the driver serves them from memory it already holds).
@@ -345,8 +363,6 @@ class Launcher(Protocol):
     def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> ServerProcess: ...
 
 
-
-
 def _nvml_device(device: str) -> DeviceMemory | None:
     return vram_snapshot(device).device_info if device.startswith("cuda") else None
 
@@ -476,6 +492,55 @@ def build_sglang_argv(
         argv += ["--served-model-name", served_model_name]
     argv += list(extra_args)
     return argv
+
+
+def build_vllm_argv(
+    *,
+    model_path: str,
+    port: int,
+    mem_fraction: float | None,
+    served_model_name: str | None = None,
+    extra_args: Sequence[str] = (),
+    python: str | None = None,
+    host: str = "127.0.0.1",
+) -> list[str]:
+    """The ``vllm serve`` command line (``python -m vllm.entrypoints.cli.main serve``).
+
+    ``--enable-sleep-mode`` makes ``/sleep`` and ``/wake_up`` release and resume the
+    weights and KV cache (those endpoints also need ``VLLM_SERVER_DEV_MODE=1`` in the
+    server's environment). The API key is not on the command line: the server reads
+    it from ``VLLM_API_KEY`` in its environment, which other users cannot read. The
+    device is chosen by ``CUDA_VISIBLE_DEVICES``, also in the environment.
+    """
+    argv = [
+        python or sys.executable,
+        "-m",
+        "vllm.entrypoints.cli.main",
+        "serve",
+        model_path,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--enable-sleep-mode",
+    ]
+    if mem_fraction is not None:
+        argv += ["--gpu-memory-utilization", f"{mem_fraction:.3f}"]
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    argv += list(extra_args)
+    return argv
+
+
+def physical_gpu(device: str) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value that shows a child process this process's ``cuda:N``."""
+    index = int(device.partition(":")[2] or "0")
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return str(index)
+    if index >= len(visible):
+        raise ConfigurationError(f"{device} is not among CUDA_VISIBLE_DEVICES={','.join(visible)}", device=device)
+    return visible[index]
 
 
 def _weights_mib(model_path: str | None) -> float | None:
@@ -713,6 +778,19 @@ class _ServerBackend(_HttpServerBackend):
     def argv(self) -> list[str]:
         raise NotImplementedError
 
+    def _launch_args(self) -> dict[str, Any]:
+        """What every server command line takes from the engine's settings."""
+        s = self.engine.settings
+        assert s.model_path is not None  # checked by the engine
+        return {
+            "model_path": s.model_path,
+            "port": self.port,
+            "mem_fraction": self.engine.mem_fraction_static,
+            "served_model_name": s.model_name,
+            "extra_args": s.extra_args,
+            "python": s.python,
+        }
+
     def _config_path(self) -> Path:
         return self.engine._runtime_path() / "server-config.yaml"
 
@@ -730,11 +808,11 @@ class _ServerBackend(_HttpServerBackend):
         log = runtime / "server.log"
         with open(log, "ab") as fh:
             fh.write(f"\n--- mineru-vram: {' '.join(argv)}\n".encode())
-        env = dict(os.environ)
-        reservation = self.engine._reservation
-        if self.name == "transformers" and reservation is not None and reservation.virtual_vram_gb is not None:
-            env["MINERU_VIRTUAL_VRAM_SIZE"] = str(reservation.virtual_vram_gb)  # MinerU sizes its batches by it
-        self.process = self.engine._launcher(argv, env=env, log_path=log)
+        self.process = self.engine._launcher(argv, env=self.server_env(dict(os.environ)), log_path=log)
+
+    def server_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The server process's environment (this process's, plus what the server needs)."""
+        return env
 
     def wait_ready(self, deadline: float, stop: threading.Event) -> None:
         interval = 0.05
@@ -819,17 +897,8 @@ class _SGLangBackend(_ServerBackend):
     name = "sglang"
 
     def argv(self) -> list[str]:
-        s = self.engine.settings
-        assert s.model_path is not None  # checked by the engine
         return build_sglang_argv(
-            model_path=s.model_path,
-            port=self.port,
-            config_path=self._config_path(),
-            device=s.device,
-            mem_fraction=self.engine.mem_fraction_static,
-            served_model_name=s.model_name,
-            extra_args=s.extra_args,
-            python=s.python,
+            **self._launch_args(), config_path=self._config_path(), device=self.engine.settings.device
         )
 
 
@@ -869,6 +938,51 @@ class _TransformersBackend(_ServerBackend):
         if s.max_new_tokens is not None:
             argv += ["--max-new-tokens", str(s.max_new_tokens)]
         return argv + list(s.extra_args)
+
+    def server_env(self, env: dict[str, str]) -> dict[str, str]:
+        reservation = self.engine._reservation
+        if reservation is not None and reservation.virtual_vram_gb is not None:
+            env["MINERU_VIRTUAL_VRAM_SIZE"] = str(reservation.virtual_vram_gb)  # MinerU sizes its batches by it
+        return env
+
+
+class _VLLMBackend(_ServerBackend):
+    """A ``vllm serve`` process with sleep mode: ``/sleep?level=1`` and ``/wake_up``."""
+
+    name = "vllm"
+
+    def argv(self) -> list[str]:
+        return build_vllm_argv(**self._launch_args())
+
+    def server_env(self, env: dict[str, str]) -> dict[str, str]:
+        env["VLLM_API_KEY"] = self.api_key
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM serves /sleep, /wake_up and /is_sleeping only with it
+        env["CUDA_VISIBLE_DEVICES"] = physical_gpu(self.engine.settings.device)
+        return env
+
+    def release(self) -> str:
+        # Level 1: weights to host memory, KV cache dropped; the engine waited for idle already.
+        self._post("/sleep?level=1&mode=wait", None, timeout=120)
+        return ""
+
+    def resume(self) -> None:
+        self._post("/wake_up", None, timeout=300)
+
+    def busy(self, timeout: float) -> bool:
+        """Running or waiting requests, from vLLM's Prometheus ``/metrics``."""
+        try:
+            status, body = _http("GET", f"{self.url}/metrics", api_key=self.api_key, timeout=timeout)
+        except OSError:
+            return False
+        if status != 200 or not isinstance(body, str):
+            return False
+        for line in body.splitlines():
+            name = line.partition("{")[0].partition(" ")[0]
+            if name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+                with contextlib.suppress(ValueError):
+                    if float(line.rsplit(" ", 1)[1]) > 0:
+                        return True
+        return False
 
 
 def _below_resolution(moved: float | None) -> str:
@@ -962,13 +1076,15 @@ class ResidentEngine:
     directly (tests, or several engines on several devices).
 
     Args:
-        engine: ``"sglang"``, ``"transformers"`` or ``"attach"``.
-        model_path: the MinerU 2.5 VLM directory (``sglang``, ``transformers``).
+        engine: ``"sglang"``, ``"vllm"`` (a ``vllm serve`` process with sleep mode),
+            ``"transformers"`` or ``"attach"``.
+        model_path: the MinerU 2.5 VLM directory (``sglang``, ``vllm``, ``transformers``).
         device: ``"cuda:N"``, ``"cpu"``, ``N``; default the first GPU, else CPU.
         vram_budget_gib: the GPU memory SGLang may take for weights and KV cache;
             becomes ``--mem-fraction-static`` = budget / the card's total (SGLang applies the
             fraction to the memory it finds free, so a shared card gets less, never more).
-        mem_fraction: ``--mem-fraction-static`` given directly (instead of a budget).
+        mem_fraction: ``--mem-fraction-static`` given directly (instead of a budget). For
+            ``vllm`` both become ``--gpu-memory-utilization`` (vLLM's default, 0.9, without either).
         budget: a :class:`~mineru_vram.VramBudget` (or MiB as ``int``, a fraction as
             ``float`` <= 1, text like ``"8GiB"``): for SGLang it sizes the pool as
             ``vram_budget_gib`` does; for the transformers engine it is what admission
@@ -1099,6 +1215,8 @@ class ResidentEngine:
             return _SGLangBackend(self)
         if kind == "transformers":
             return _TransformersBackend(self)
+        if kind == "vllm":
+            return _VLLMBackend(self)
         return _AttachBackend(self)
 
     def _runtime_path(self) -> Path:
@@ -1322,7 +1440,7 @@ class ResidentEngine:
         if budget is None and s.vram_budget_gib is not None:
             budget = VramBudget(mib=s.vram_budget_gib * 1024, timeout=0.0)
         need_mib: float | None = None
-        if s.engine == "sglang":
+        if s.engine in ("sglang", "vllm"):
             if budget is not None:
                 if info is None:
                     raise EngineStartError(
@@ -1332,15 +1450,18 @@ class ResidentEngine:
                     )
                 # Rounded down: the fraction never asks SGLang for more than the budget.
                 self.mem_fraction_static = budget.engine_fraction(info.total_mib)
-            if self.mem_fraction_static is not None and info is not None:
-                need_mib = self.mem_fraction_static * info.total_mib
+            fraction = self.mem_fraction_static
+            if fraction is None and s.engine == "vllm":
+                fraction = VLLM_DEFAULT_UTILIZATION  # what vLLM takes when not told
+            if fraction is not None and info is not None:
+                need_mib = fraction * info.total_mib
         elif budget is not None:
             need_mib = budget.need_mib(None if info is None else info.total_mib)
         elif weights is not None:
             need_mib = weights  # transformers: the weights, plus the headroom
         if need_mib is None:
             return
-        if weights is not None and s.engine == "sglang" and weights >= need_mib:
+        if weights is not None and s.engine in ("sglang", "vllm") and weights >= need_mib:
             raise EngineStartError(
                 f"the model's weights ({weights / 1024:.1f} GiB on disk) do not fit the "
                 f"{need_mib / 1024:.1f} GiB budget on {s.device}, which must also hold the KV cache",
@@ -1368,8 +1489,13 @@ class ResidentEngine:
         poll = 0.5 if s.budget is None else s.budget.poll_interval
         try:
             self._reservation = admit(
-                VramBudget(mib=need, timeout=self._admission_timeout, headroom_mib=s.headroom_gib * 1024,
-                           poll_interval=poll, probe=self._probe),
+                VramBudget(
+                    mib=need,
+                    timeout=self._admission_timeout,
+                    headroom_mib=s.headroom_gib * 1024,
+                    poll_interval=poll,
+                    probe=self._probe,
+                ),
                 s.device,
                 what=f"the {s.engine} engine",
                 ledger=self._ledger,
@@ -1884,15 +2010,16 @@ def _resolve_settings(
 ) -> EngineSettings:
     """Validate and normalise the engine's arguments (no side effects)."""
     kind = str(engine).strip().lower()
-    if kind in ("vllm", "vllm-engine"):
+    if kind in ("vllm-engine", "vllm-async-engine"):
         raise BackendNotAvailableError(
-            "engine='vllm' is not built yet; use 'sglang', 'transformers', or attach() to a vLLM server",
+            f"engine={engine!r} (vLLM inside this process) is not supported: its memory could only be returned by "
+            "ending this process. Use engine='vllm', a supervised vLLM server with sleep mode",
             engine=engine,
         )
     if kind not in ENGINES:
         raise ConfigurationError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}", engine=engine)
     path: str | None = None
-    if kind in ("sglang", "transformers"):
+    if kind in ("sglang", "vllm", "transformers"):
         if model_path is None:
             raise ConfigurationError(f"the {kind} engine needs model_path=", engine=kind)
         candidate = Path(os.fspath(model_path)).expanduser()
@@ -1901,7 +2028,7 @@ def _resolve_settings(
         elif kind == "transformers":
             raise ConfigurationError(f"model_path={str(model_path)!r} does not exist", model_path=str(model_path))
         else:
-            path = str(model_path)  # SGLang also takes a hub id
+            path = str(model_path)  # SGLang and vLLM also take a hub id
     if kind == "attach":
         if not url:
             raise ConfigurationError("the attach engine needs url=", engine=kind)
@@ -1917,9 +2044,9 @@ def _resolve_settings(
         )
     if mem_fraction is not None and not 0 < mem_fraction < 1:
         raise ConfigurationError(f"mem_fraction={mem_fraction!r}: must be between 0 and 1", mem_fraction=mem_fraction)
-    if (vram_budget_gib is not None or mem_fraction is not None) and kind != "sglang":
+    if (vram_budget_gib is not None or mem_fraction is not None) and kind not in ("sglang", "vllm"):
         raise ConfigurationError(
-            f"vram_budget_gib / mem_fraction size SGLang's pool; not used by the {kind} engine"
+            f"vram_budget_gib / mem_fraction size SGLang's or vLLM's pool; not used by the {kind} engine"
             + (" (budget= is)" if kind == "transformers" else "")
         )
     resolved_budget = resolve_budget(budget)
@@ -1944,6 +2071,8 @@ def _resolve_settings(
     if health_failures < 1 or max_restarts < 0:
         raise ConfigurationError("health_failures must be at least 1 and max_restarts at least 0")
     resolved_device = resolve_device(device)
+    if kind == "vllm" and resolved_device == "cpu":
+        raise ConfigurationError("the vllm engine needs a GPU (vLLM's CPU build is a different package)", device="cpu")
     if (vram_budget_gib is not None or resolved_budget is not None) and resolved_device == "cpu":
         raise ConfigurationError("a budget needs a GPU device; this engine runs on cpu", device=resolved_device)
     return EngineSettings(

@@ -1,4 +1,4 @@
-"""A STAND-IN for an SGLang server, for tests: it is not SGLang and runs no model.
+"""A STAND-IN for an SGLang or vLLM server, for tests: it is neither, and runs no model.
 
 SGLang cannot be installed on the machines this project is tested on, so the
 resident engine's supervisor (start, readiness, health, crash and restart,
@@ -36,6 +36,14 @@ Fault injection, from the environment (:class:`StandinLauncher` sets these):
 ``MINERU_VRAM_STANDIN_LATENCY``     seconds each chat completion takes
 ``MINERU_VRAM_STANDIN_CAP_MIB``     most GPU memory to allocate (default 1024)
 ================================== ==================================================
+
+vLLM flavour: started as ``python -m mineru_vram._standin serve MODEL --port N
+--gpu-memory-utilization 0.1 --enable-sleep-mode`` (the ``vllm serve`` command line
+with the module swapped), it reads the key from ``VLLM_API_KEY``, serves vLLM's
+``POST /sleep?level=&mode=``, ``POST /wake_up`` and ``GET /is_sleeping`` only when
+``VLLM_SERVER_DEV_MODE=1`` (404 otherwise, as vLLM), answers ``/sleep`` with 500
+without ``--enable-sleep-mode``, and reports running and waiting requests in a
+Prometheus ``/metrics``. Memory: ``min(gpu_memory_utilization * total, cap)``.
 
 ``GET /standin/stats`` (stand-in only) reports request counts, the release and
 resume calls it saw and its memory, for tests to assert on.
@@ -99,9 +107,15 @@ def canned_completion(prompt: str) -> str:
     return STANDIN_TEXT
 
 
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+def _parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> argparse.Namespace:
+    argv = list(argv)
+    flavor = "vllm" if argv[:1] == ["serve"] else "sglang"
+    if flavor == "vllm":  # vllm serve MODEL [flags]: the model is positional
+        argv = ["--model-path", argv[1], *argv[2:]] if len(argv) > 1 else argv[1:]
     parser = argparse.ArgumentParser(prog="python -m mineru_vram._standin", allow_abbrev=False)
     parser.add_argument("--model-path", "--model", dest="model_path", required=True)
+    parser.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float, default=None)
+    parser.add_argument("--enable-sleep-mode", action="store_true")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--mem-fraction-static", type=float, default=None)
@@ -120,6 +134,13 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
             if getattr(args, dest, None) in (None, False):
                 setattr(args, dest, value)
     args.unknown = unknown
+    args.flavor = flavor
+    if flavor == "vllm":
+        env = os.environ if env is None else env
+        args.mem_fraction_static = args.gpu_memory_utilization
+        args.enable_memory_saver = args.enable_sleep_mode
+        args.api_key = args.api_key or env.get("VLLM_API_KEY") or None
+        args.dev_mode = env.get("VLLM_SERVER_DEV_MODE", "") not in ("", "0")
     return args
 
 
@@ -195,16 +216,25 @@ class _Standin:
                 "enable_memory_saver": bool(args.enable_memory_saver),
                 "device": args.device,
                 "base_gpu_id": args.base_gpu_id,
-                "version": "0.5.23 (mineru-vram stand-in, not SGLang)",
+                "version": "0.5.23 (mineru-vram stand-in, not SGLang)"
+                if args.flavor == "sglang"
+                else "vLLM (mineru-vram stand-in, not vLLM)",
                 "launch_command": " ".join([sys.executable, "-m", "mineru_vram._standin", *sys.argv[1:]]),
             },
         )
         self.server.ready = not self.never_ready
         self.server.before = self._before
-        for method in ("GET", "POST"):
-            self.server.routes[(method, "/release_memory_occupation")] = self._release
-            self.server.routes[(method, "/resume_memory_occupation")] = self._resume
-            self.server.routes[(method, "/flush_cache")] = self._flush
+        if args.flavor == "sglang":
+            for method in ("GET", "POST"):
+                self.server.routes[(method, "/release_memory_occupation")] = self._release
+                self.server.routes[(method, "/resume_memory_occupation")] = self._resume
+                self.server.routes[(method, "/flush_cache")] = self._flush
+        else:
+            self.server.routes[("GET", "/metrics")] = self._metrics
+            if args.dev_mode:  # vLLM mounts its sleep router only in dev mode
+                self.server.routes[("POST", "/sleep")] = self._vllm_sleep
+                self.server.routes[("POST", "/wake_up")] = self._vllm_wake
+                self.server.routes[("GET", "/is_sleeping")] = self._is_sleeping
         self.server.routes[("GET", "/standin/stats")] = self._stats
 
     # -- faults ----------------------------------------------------------------------------------
@@ -265,6 +295,37 @@ class _Standin:
             self.released = False
         return Response(body=None)
 
+    # -- vLLM's sleep mode ---------------------------------------------------------------------
+
+    def _vllm_sleep(self, request: Request) -> Response:
+        level, mode = int(request.query.get("level", "1")), request.query.get("mode", "abort")
+        self.calls.append({"call": "sleep", "level": level, "mode": mode, "running": self.server.running})
+        if not self.args.enable_memory_saver:
+            raise HttpError(500, "Sleep mode is not enabled in the model config")
+        self.gpu.free()
+        self.released = True
+        return Response(body="")
+
+    def _vllm_wake(self, request: Request) -> Response:
+        self.calls.append({"call": "wake_up", "tags": request.query.get("tags")})
+        self.gpu.allocate()
+        self.released = False
+        return Response(body="")
+
+    def _is_sleeping(self, request: Request) -> Response:
+        return Response(body={"is_sleeping": self.released})
+
+    def _metrics(self, request: Request) -> Response:
+        labels = f'{{engine="0",model_name="{self.server.model_id}"}}'
+        return Response(
+            body=(
+                "# TYPE vllm:num_requests_running gauge\n"
+                f"vllm:num_requests_running{labels} {float(self.server.running)}\n"
+                "# TYPE vllm:num_requests_waiting gauge\n"
+                f"vllm:num_requests_waiting{labels} 0.0\n"
+            )
+        )
+
     def _flush(self, request: Request) -> Response:
         return Response(body="Cache flushed.\n")
 
@@ -279,6 +340,7 @@ class _Standin:
                 "allocated_mib": self.gpu.allocated_mib,
                 "planned_mib": self.gpu.mib,
                 "memory_saver": bool(self.args.enable_memory_saver),
+                "flavor": self.args.flavor,
                 "unknown_flags": self.args.unknown,
                 "api_key_required": self.server.api_key is not None,
             }
@@ -298,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stand-in: failing at start on purpose (exit {exit_code}): cannot load {args.model_path}", flush=True)
         return int(exit_code)
     delay = float(env.get(STANDIN_ENV["start_delay"]) or 0)
-    print(f"stand-in for sglang.launch_server: {args.model_path}, port {args.port}, pid {os.getpid()}", flush=True)
+    what = "sglang.launch_server" if args.flavor == "sglang" else "vllm serve"
+    print(f"stand-in for {what}: {args.model_path}, port {args.port}, pid {os.getpid()}", flush=True)
     if args.unknown:
         print(f"stand-in: ignoring flags {args.unknown}", flush=True)
     if delay:
@@ -323,9 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class StandinLauncher:
-    """A ``launcher=`` for :class:`ResidentEngine` that runs the stand-in where SGLang would run.
+    """A ``launcher=`` for :class:`ResidentEngine` that runs the stand-in where SGLang or vLLM would run.
 
-    The engine builds its real ``sglang.launch_server`` command line; this
+    The engine builds its real ``sglang.launch_server`` (or ``vllm serve``) command line; this
     launcher swaps the module for ``mineru_vram._standin`` and adds fault
     variables, then starts it through the engine's real process launcher
     (process group, parent-death watch, log file), so everything but SGLang
@@ -361,10 +424,9 @@ class StandinLauncher:
         argv = list(argv)
         self.launches.append(argv)
         faults = self._faults[min(len(self.launches) - 1, len(self._faults) - 1)]
-        try:
-            at = argv.index("sglang.launch_server")
-        except ValueError:
-            raise ValueError(f"not an sglang.launch_server command line: {argv}") from None
+        at = next((i for i, a in enumerate(argv) if a in ("sglang.launch_server", "vllm.entrypoints.cli.main")), None)
+        if at is None:
+            raise ValueError(f"not an sglang.launch_server or vllm serve command line: {argv}")
         swapped = [*argv[:at], "mineru_vram._standin", *argv[at + 1 :]]
         child_env = {k: v for k, v in env.items() if not k.startswith("MINERU_VRAM_STANDIN_")}
         for key, value in faults.items():

@@ -314,6 +314,58 @@ def test_a_budgeted_engine_holds_its_reservation_only_while_awake(make_engine: F
     assert ledger.snapshot(device_key("cuda:0")) == []
 
 
+def test_a_vllm_engine_sleeps_and_wakes_through_vllms_endpoints(model_dir: Path) -> None:
+    # The vLLM-flavoured STAND-IN (not vLLM): the real `vllm serve` command line and
+    # environment, the sleep-mode endpoints vLLM serves in dev mode, /metrics for load.
+    def probe(device: str) -> DeviceMemory:
+        return DeviceMemory(index=0, name="stand-in card", total_mib=81920.0, used_mib=5120.0, free_mib=76800.0)
+
+    engine = ResidentEngine(
+        "vllm",
+        model_path=model_dir,
+        device="cuda:0",
+        mem_fraction=0.2,
+        probe=probe,
+        launcher=StandinLauncher({"latency": 0.6}),
+        start_timeout=30,
+        headroom_gib=0,
+    )
+    try:
+        engine.start()
+        stats = _stats(engine)
+        assert stats["flavor"] == "vllm"
+        assert stats["api_key_required"] is True  # from VLLM_API_KEY: never on the command line
+        assert stats["memory_saver"] is True  # --enable-sleep-mode
+        cmdlines = _standin_cmdlines()
+        assert "serve" in cmdlines
+        assert "--gpu-memory-utilization 0.200" in cmdlines
+        assert engine.vlm_config()["api_key"] not in cmdlines
+
+        results: list[int] = []
+        thread = threading.Thread(target=lambda: results.append(_chat(engine)))
+        thread.start()
+        assert _wait_for(lambda: engine._backend.busy(2.0), timeout=5)  # vllm:num_requests_running > 0
+        thread.join(10)
+        assert results == [200]
+        assert not engine._backend.busy(2.0)
+
+        engine.sleep()
+        assert engine.state is EngineState.SLEEPING
+        key = engine.vlm_config()["api_key"]
+        assert _http("GET", f"{engine.url}/is_sleeping", api_key=key)[1] == {"is_sleeping": True}
+        engine.wake()
+        assert engine.state is EngineState.READY
+        calls = _stats(engine)["calls"]
+        assert calls == [
+            {"call": "sleep", "level": 1, "mode": "wait", "running": 0},
+            {"call": "wake_up", "tags": None},
+        ]
+        assert _chat(engine) == 200
+    finally:
+        engine.stop()
+    assert _standin_processes() == []
+
+
 def _standin_cmdlines() -> str:
     return "\n".join(" ".join(proc.cmdline()) for proc in _standin_processes())
 

@@ -15,7 +15,9 @@ def test_backend_names(name: str, canonical: str, tier: str) -> None:
     assert (spec.name, spec.tier) == (canonical, tier)
 
 
-@pytest.mark.parametrize("name", ["vlm", "hybrid", "vlm-transformers", "vlm-sglang-engine", "vlm-sglang-client"])
+@pytest.mark.parametrize(
+    "name", ["vlm", "hybrid", "vlm-transformers", "vlm-sglang-engine", "vlm-sglang-client", "vlm-vllm-engine"]
+)
 def test_vlm_backends_need_an_engine(name: str) -> None:
     with pytest.raises(mv.BackendNotAvailableError, match="engine"):
         resolve_backend(name)

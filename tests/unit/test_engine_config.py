@@ -22,6 +22,7 @@ from mineru_vram._engine import (
     MemoryReport,
     ResidentEngine,
     build_sglang_argv,
+    build_vllm_argv,
     parse_keep_alive,
 )
 from mineru_vram._probe import DeviceMemory, ProcessMemory
@@ -114,9 +115,65 @@ def test_invalid_settings_raise_configuration_errors(kwargs: dict[str, Any], mat
         ResidentEngine(**kwargs)
 
 
-def test_vllm_is_named_as_not_built() -> None:
-    with pytest.raises(mv.BackendNotAvailableError, match="vllm"):
-        ResidentEngine("vllm", model_path="x")
+def test_minerus_in_process_vllm_engine_is_refused_with_the_alternative() -> None:
+    with pytest.raises(mv.BackendNotAvailableError, match="engine='vllm', a supervised vLLM server"):
+        ResidentEngine("vllm-engine", model_path="x")
+
+
+def test_vllm_needs_a_gpu() -> None:
+    with pytest.raises(mv.ConfigurationError, match="the vllm engine needs a GPU"):
+        ResidentEngine("vllm", model_path="x", device="cpu")
+
+
+def test_vllm_command_line_matches_vllm_serve(tmp_path: Path) -> None:
+    argv = build_vllm_argv(
+        model_path=str(tmp_path), port=30123, mem_fraction=0.1234, served_model_name="mineru-vlm", python="/py"
+    )
+    assert argv[:5] == ["/py", "-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path)]
+    # The flags of vllm serve (EngineArgs / the frontend's args), parsed back the way vLLM spells them.
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--gpu-memory-utilization", type=float)
+    parser.add_argument("--enable-sleep-mode", action="store_true")
+    parser.add_argument("--served-model-name")
+    args = parser.parse_args(argv[5:])
+    assert (args.host, args.port, args.gpu_memory_utilization) == ("127.0.0.1", 30123, 0.123)  # rounded down
+    assert args.enable_sleep_mode
+    assert args.served_model_name == "mineru-vlm"
+    assert not any("key" in a for a in argv)  # the key travels in VLLM_API_KEY, not on the process list
+
+
+def test_vllm_server_environment_carries_key_dev_mode_and_the_physical_gpu(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    engine = ResidentEngine("vllm", model_path=model_dir, device="cuda:1", probe=card())
+    env = engine._backend.server_env({})  # type: ignore[attr-defined]
+    assert env["CUDA_VISIBLE_DEVICES"] == "5"  # this process's cuda:1 is the machine's GPU 5
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert env["VLLM_API_KEY"] == engine.vlm_config()["api_key"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(mv.ConfigurationError, match="not among CUDA_VISIBLE_DEVICES=3"):
+        engine._backend.server_env({})  # type: ignore[attr-defined]
+
+
+def test_a_vllm_budget_becomes_gpu_memory_utilization_and_no_budget_admits_vllms_default(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    ledger = Ledger(tmp_path / "runtime")
+    engine = ResidentEngine(
+        "vllm", model_path=model_dir, device="cuda:0", budget="20GiB", probe=card(total_gib=80), ledger=ledger
+    )
+    engine._preflight()
+    engine._release_reservation()
+    argv = engine._backend.argv()  # type: ignore[attr-defined]
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.250"
+    plain = ResidentEngine("vllm", model_path=model_dir, device="cuda:0", probe=card(total_gib=80), ledger=ledger)
+    plain._preflight()
+    assert _ledger_needs(ledger) == [pytest.approx(0.9 * 80 * 1024)]  # vLLM takes 90 % when not told
+    plain._release_reservation()
+    assert "--gpu-memory-utilization" not in plain._backend.argv()  # type: ignore[attr-defined]
 
 
 def test_constructing_starts_nothing(model_dir: Path) -> None:
