@@ -24,9 +24,11 @@ pytestmark = pytest.mark.skipif(nvml_device_count() == 0, reason="NVML sees no G
 CAP_MIB = 2048
 
 
-def test_standin_sleep_wake_stop_are_confirmed_by_nvml(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["sglang", "vllm"])
+def test_standin_sleep_wake_stop_are_confirmed_by_nvml(kind: str, tmp_path: Path) -> None:
+    # vllm: the stand-in's vLLM flavour, on the card CUDA_VISIBLE_DEVICES gives it, sleeping by /sleep.
     engine = ResidentEngine(
-        "sglang",
+        kind,
         model_path=tmp_path,
         device="cuda:0",
         vram_budget_gib=CAP_MIB / 1024 + 0.5,
