@@ -656,4 +656,5 @@ def _timeout_error(
         reserved_mib=reserved,
         total_mib=info.total_mib,
         waited=waited,
+        device_info=info,
     )

@@ -80,7 +80,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from ._budget import Ledger, MemoryProbe, Reservation, VramBudget, admit, holders_text, resolve_budget
+from ._budget import (
+    Ledger,
+    MemoryProbe,
+    Reservation,
+    VramBudget,
+    admit,
+    holders_text,
+    nvml_probe,
+    resolve_budget,
+)
 from ._exceptions import (
     AdmissionTimeoutError,
     BackendNotAvailableError,
@@ -92,7 +101,7 @@ from ._exceptions import (
     EngineStateError,
     MineruVramError,
 )
-from ._probe import DeviceMemory, resolve_device, vram_snapshot
+from ._probe import DeviceMemory, _visible_devices, resolve_device
 
 __all__ = [
     "EngineState",
@@ -363,10 +372,6 @@ class Launcher(Protocol):
     def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> ServerProcess: ...
 
 
-def _nvml_device(device: str) -> DeviceMemory | None:
-    return vram_snapshot(device).device_info if device.startswith("cuda") else None
-
-
 def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -535,7 +540,7 @@ def build_vllm_argv(
 def physical_gpu(device: str) -> str:
     """The ``CUDA_VISIBLE_DEVICES`` value that shows a child process this process's ``cuda:N``."""
     index = int(device.partition(":")[2] or "0")
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    visible = _visible_devices()
     if not visible:
         return str(index)
     if index >= len(visible):
@@ -1181,7 +1186,7 @@ class ResidentEngine:
             runtime_dir=runtime_dir,
         )
         self._launcher: Launcher = launcher or launch_process
-        self._probe: MemoryProbe = probe or _nvml_device
+        self._probe: MemoryProbe = probe or nvml_probe
         self._ledger = ledger
         self._attach_key = api_key
         self.mem_fraction_static: float | None = self.settings.mem_fraction
@@ -1203,7 +1208,6 @@ class ResidentEngine:
         self._runtime_finalizer: Any = None  # weakref.finalize
         self.last_report: MemoryReport | None = None
         self._need_mib: float | None = None  # what admission waits for (set by the preflight)
-        self._admission_timeout = 0.0
         self._reservation: Reservation | None = None  # held in the ledger while the engine is awake
         self._backend: _Backend = self._make_backend()
 
@@ -1469,7 +1473,6 @@ class ResidentEngine:
                 budget_mib=need_mib,
             )
         self._need_mib = need_mib
-        self._admission_timeout = 0.0 if s.budget is None else s.budget.timeout
         self._admit()
 
     def _admit(self) -> None:
@@ -1486,29 +1489,30 @@ class ResidentEngine:
         need = self._need_mib
         if need is None or (self._reservation is not None and self._reservation.held):
             return
-        poll = 0.5 if s.budget is None else s.budget.poll_interval
+        # budget= waits for its timeout at its poll interval; vram_budget_gib, mem_fraction and no budget do not wait.
+        budget = dataclasses.replace(
+            s.budget or VramBudget(mib=need, timeout=0.0),
+            mib=need,
+            fraction=None,
+            headroom_mib=s.headroom_gib * 1024,
+            probe=self._probe,
+        )
         try:
             self._reservation = admit(
-                VramBudget(
-                    mib=need,
-                    timeout=self._admission_timeout,
-                    headroom_mib=s.headroom_gib * 1024,
-                    poll_interval=poll,
-                    probe=self._probe,
-                ),
+                budget,
                 s.device,
                 what=f"the {s.engine} engine",
                 ledger=self._ledger,
                 pids=(),  # its server does not exist yet: all it will hold is spent from the reservation
             )
         except AdmissionTimeoutError as exc:
-            free, reserved = float(getattr(exc, "free_mib", 0.0)), float(getattr(exc, "reserved_mib", 0.0))
+            info: DeviceMemory = exc.device_info  # type: ignore[attr-defined]  # the reading admission gave up on
+            free, reserved = info.free_mib, float(exc.reserved_mib)  # type: ignore[attr-defined]
             required = need + s.headroom_gib * 1024
-            info = self._probe(s.device)
             held = holders_text(info, gib=True)
-            name = "" if info is None else f" ({info.name})"
-            total = "" if info is None else f" of {info.total_mib / 1024:.1f} GiB"
-            waited = f" within {self._admission_timeout:g} s" if self._admission_timeout else ""
+            name = f" ({info.name})"
+            total = f" of {info.total_mib / 1024:.1f} GiB"
+            waited = f" within {budget.timeout:g} s" if budget.timeout else ""
             raise EngineAdmissionError(
                 f"not enough free memory on {s.device}{name} to start the {s.engine} engine{waited}: it needs "
                 f"{need / 1024:.1f} GiB plus {s.headroom_gib:g} GiB headroom = {required / 1024:.1f} GiB, and "
@@ -1982,33 +1986,36 @@ def _user_keys(asked: Mapping[str, Any], ignored: set[str]) -> dict[str, Any]:
 
 def _resolve_settings(
     *,
-    engine: str = "sglang",
-    model_path: Any = None,
-    device: Any = None,
-    vram_budget_gib: float | None = None,
-    mem_fraction: float | None = None,
-    budget: Any = None,
-    keep_alive: Any = None,
-    keep_alive_action: str = "sleep",
-    url: str | None = None,
-    model_name: str | None = None,
-    extra_args: Sequence[str] = (),
-    start_timeout: float = 600.0,
-    stop_timeout: float = 30.0,
-    idle_timeout: float = 120.0,
-    health_interval: float = 10.0,
-    health_timeout: float = 20.0,
-    health_failures: int = 3,
-    max_restarts: int = 3,
-    restart_backoff: float = 1.0,
-    http_timeout: int = 600,
-    max_concurrency: int = 100,
-    headroom_gib: float = 1.0,
-    max_new_tokens: int | None = None,
-    python: str | None = None,
-    runtime_dir: Any = None,
+    engine: str,
+    model_path: Any,
+    device: Any,
+    vram_budget_gib: float | None,
+    mem_fraction: float | None,
+    budget: Any,
+    keep_alive: Any,
+    keep_alive_action: str,
+    url: str | None,
+    model_name: str | None,
+    extra_args: Sequence[str],
+    start_timeout: float,
+    stop_timeout: float,
+    idle_timeout: float,
+    health_interval: float,
+    health_timeout: float,
+    health_failures: int,
+    max_restarts: int,
+    restart_backoff: float,
+    http_timeout: int,
+    max_concurrency: int,
+    headroom_gib: float,
+    max_new_tokens: int | None,
+    python: str | None,
+    runtime_dir: Any,
 ) -> EngineSettings:
-    """Validate and normalise the engine's arguments (no side effects)."""
+    """Validate and normalise the engine's arguments (no side effects).
+
+    Every argument is required: the defaults live in :class:`ResidentEngine`'s signature alone.
+    """
     kind = str(engine).strip().lower()
     if kind in ("vllm-engine", "vllm-async-engine"):
         raise BackendNotAvailableError(

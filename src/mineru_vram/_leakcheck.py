@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import sys
 import time
 import weakref
@@ -306,14 +305,11 @@ def default_probe(device: str) -> VramProbe:
 
 def visible_device_count() -> int:
     """GPUs this process may use: NVML's count, narrowed by ``CUDA_VISIBLE_DEVICES``."""
-    from ._probe import nvml_device_count
+    from ._probe import _visible_devices, nvml_device_count
 
     count = nvml_device_count()
-    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if raw is None:
-        return count
-    visible = [part for part in raw.split(",") if part.strip()]
-    return min(count, len(visible))
+    visible = _visible_devices()
+    return count if visible is None else min(count, len(visible))
 
 
 def worker_device(worker: str | None, device_count: int) -> str | None:
