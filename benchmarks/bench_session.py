@@ -157,7 +157,7 @@ def child_overhead(args: argparse.Namespace) -> dict[str, Any]:
     conv: dict[str, list[float]] = {d.name: [] for d in docs}
     for rep in range(args.repeat):
         for d in docs:
-            for which in (("raw", "session") if rep % 2 == 0 else ("session", "raw")):
+            for which in ("raw", "session") if rep % 2 == 0 else ("session", "raw"):
                 t = time.perf_counter()
                 if which == "raw":
                     r = parse(d, tier="basic")

@@ -282,8 +282,7 @@ def _cmd_parse(args: argparse.Namespace) -> int:
     report = session.release_report
     print(f"release receipt: {report}", flush=True)
     print(
-        f"mineru-vram parse: {done} parsed, {len(failures)} failed in {time.perf_counter() - t0:.1f}s; "
-        f"output in {out}",
+        f"mineru-vram parse: {done} parsed, {len(failures)} failed in {time.perf_counter() - t0:.1f}s; output in {out}",
         flush=True,
     )
     return _parse_status(failures, report, strict=args.strict)

@@ -82,8 +82,7 @@ def resolve_backend(name: str, *, engine: Any = None) -> BackendSpec:
     if spec.needs_engine and engine is None:
         hint = f" (the {spec.engine} engine)" if spec.engine else ""
         raise BackendNotAvailableError(
-            f"backend {name!r} parses through a VLM engine{hint}: pass engine=ResidentEngine.get(...) "
-            "to ModelSession",
+            f"backend {name!r} parses through a VLM engine{hint}: pass engine=ResidentEngine.get(...) to ModelSession",
             backend=name,
         )
     return spec

@@ -471,13 +471,17 @@ def measure_context_floor(device: str = "cuda:0", *, timeout: float = 120.0, ref
     if not refresh and dev in _floor_cache:
         return _floor_cache[dev]
     try:
-        out = subprocess.run(
-            [sys.executable, "-c", _FLOOR_CODE, dev],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=True,
-        ).stdout.strip().splitlines()
+        out = (
+            subprocess.run(
+                [sys.executable, "-c", _FLOOR_CODE, dev],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
         value = float(out[-1])
     except (subprocess.SubprocessError, OSError, ValueError, IndexError):
         return None

@@ -660,9 +660,7 @@ class TaskQueue:
             return self._finished(info), 0.0
         now = time.monotonic()
         if deadline is not None and now >= deadline:
-            raise ResultTimeoutError(
-                f"task {task_id} is still {info.status.value} after {timeout:g}s", task_id=task_id
-            )
+            raise ResultTimeoutError(f"task {task_id} is still {info.status.value} after {timeout:g}s", task_id=task_id)
         return None, delay if deadline is None else min(delay, max(0.0, deadline - now))
 
     def _finished(self, info: TaskInfo) -> ParseResult:

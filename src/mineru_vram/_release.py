@@ -184,8 +184,10 @@ class ReleaseReport:
         if self.torch_allocated_after_mib:
             out.append(f"torch still has {self.torch_allocated_after_mib:.1f} MiB allocated")
         leaked = self.leaked_mib
-        if leaked is not None and leaked > self.tolerance_mib and not (
-            self.context_created and self.context_floor_mib is None
+        if (
+            leaked is not None
+            and leaked > self.tolerance_mib
+            and not (self.context_created and self.context_floor_mib is None)
         ):
             out.append(f"{leaked:.1f} MiB above baseline exceeds tolerance {self.tolerance_mib:.0f} MiB")
         return out

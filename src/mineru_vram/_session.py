@@ -733,4 +733,3 @@ def _progress_bar(total: int, *, enabled: bool) -> Any:
     except ImportError:  # tqdm is a MinerU dependency, but the session must not need it
         return None
     return tqdm(total=total, unit="doc", desc="mineru-vram")
-

@@ -648,9 +648,7 @@ def _draw(tl: Timeline, *, title: str | None) -> Any:
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch
     except ImportError as exc:
-        raise ImportError(
-            "Timeline.plot() needs matplotlib: pip install 'mineru-vram[plot]' (or matplotlib)"
-        ) from exc
+        raise ImportError("Timeline.plot() needs matplotlib: pip install 'mineru-vram[plot]' (or matplotlib)") from exc
     _register_notebook_display()
     samples = tl.samples
     phases = tl.phases()

@@ -186,8 +186,9 @@ def test_models_kept_alive_by_user_code_are_reported_and_strict_raises(random_mo
 @pytest.mark.vram_leak_check(enabled=False)  # keeps a model alive on purpose until the end
 def test_strict_exit_raises_the_leak_but_never_hides_the_bodys_own_error(random_models_dir: Path) -> None:
     held: list[object] = []
-    with pytest.raises(mv.VramLeakError), mv.ModelSession(
-        "pipeline", device="cpu", models_dir=random_models_dir, strict=True
+    with (
+        pytest.raises(mv.VramLeakError),
+        mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir, strict=True),
     ):
         held.extend(_model_caches()["context"].values())
     s = mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir, strict=True)
