@@ -9,6 +9,7 @@ working in code that does not know about this library::
     ├── ConfigurationError (ValueError)         bad argument or environment value
     │   └── BackendNotAvailableError            a backend that is not built or not installed
     ├── SessionStateError (RuntimeError)        used before open, after close, or re-entered
+    ├── InsecurePathError (PermissionError)     a folder or file another local user owns or can write
     ├── InvalidDocumentError (ValueError)       input that is not a parseable PDF
     │   ├── DocumentNotFoundError (FileNotFoundError)
     │   ├── EmptyDocumentError
@@ -55,6 +56,7 @@ __all__ = [
     "EngineError",
     "EngineStartError",
     "EngineStateError",
+    "InsecurePathError",
     "InvalidDocumentError",
     "MineruVramError",
     "NotAPdfError",
@@ -111,6 +113,15 @@ class BackendNotAvailableError(ConfigurationError):
 
 class SessionStateError(MineruVramError, RuntimeError):
     """A session or other resource owner was used in a state that forbids the call."""
+
+
+class InsecurePathError(MineruVramError, PermissionError):
+    """A folder or file the library would trust is not safe: another user owns it or can write to it.
+
+    ``path`` names it. Nothing was read from it.
+    """
+
+    path: str
 
 
 class InvalidDocumentError(MineruVramError, ValueError):
