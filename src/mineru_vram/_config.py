@@ -26,7 +26,16 @@ from typing import Any
 
 from ._exceptions import BackendNotAvailableError, ConfigurationError
 
-__all__ = ["BACKENDS", "BackendSpec", "env_settings", "patched_environ", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "BackendSpec",
+    "child_environ",
+    "env_settings",
+    "getenv",
+    "patched_environ",
+    "resolve_backend",
+    "visible_devices",
+]
 
 ENV_PREFIX = "MINERU_VRAM_"
 
@@ -126,6 +135,29 @@ def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             continue
         out[field] = parse(name, raw) if parse is not None else raw
     return out
+
+
+def getenv(name: str, default: str | None = None) -> str | None:
+    """Read one environment variable, now. Every read of the environment goes through here or
+    :func:`env_settings`, so the owner table in docs/architecture.md stays true."""
+    return os.environ.get(name, default)
+
+
+def child_environ(overrides: Mapping[str, str] | None = None, *, drop: Iterable[str] = ()) -> dict[str, str]:
+    """The environment for a child process: this process's, less ``drop``, plus ``overrides``."""
+    env = dict(os.environ)
+    for name in drop:
+        env.pop(name, None)
+    env.update(overrides or {})
+    return env
+
+
+def visible_devices() -> list[str] | None:
+    """``CUDA_VISIBLE_DEVICES`` as a list of entries (indices or UUIDs), ``None`` when unset."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    return [part.strip() for part in raw.split(",") if part.strip()]
 
 
 @contextlib.contextmanager

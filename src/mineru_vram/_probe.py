@@ -27,8 +27,10 @@ from typing import Any
 
 __all__ = [
     "DeviceMemory",
+    "MIB",
     "ProcessMemory",
     "VramSnapshot",
+    "device_index",
     "measure_context_floor",
     "nvml_device_count",
     "poll_until",
@@ -82,10 +84,21 @@ def nvml_device_count() -> int:
 
 
 def _visible_devices() -> list[str] | None:
-    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if raw is None:
-        return None
-    return [part.strip() for part in raw.split(",") if part.strip()]
+    from ._config import visible_devices
+
+    return visible_devices()
+
+
+def device_index(device: str) -> int:
+    """The CUDA ordinal of a resolved device string: ``"cuda:3"`` -> 3, ``"cuda"`` -> 0.
+
+    Raises:
+        ValueError: ``device`` is not ``cuda`` or ``cuda:N``.
+    """
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"not a CUDA device: {device!r}")
+    return int(index or 0)
 
 
 def _nvml_handle(cuda_index: int) -> Any | None:
