@@ -18,6 +18,12 @@ A MinerU upgrade should be a change to this module alone. What it relies on
   CUDA tensors alive (found by measurement, see MINERU_FACTS).
 * ``MinerUParser``'s private steps, called with bytes instead of a path so a parse
   never writes the input to disk.
+* How MinerU's PDF renderer (docvortex) starts its page-render workers: with
+  multiprocessing's ``spawn``, whose children re-run the parent's ``__main__``
+  script first. A user's unguarded ``example.py`` would run again inside every
+  render worker (and fail: ``ConnectionResetError``). The workers' targets are
+  docvortex functions that never need ``__main__``, so while this library runs a
+  parse, processes spawned from that thread skip it (:func:`_main_free_spawn`).
 * What sizes batches (for the retry after an OOM, :meth:`MineruRuntime.smaller_batches`):
   ``BATCH_RATIO`` as imported by ``mineru.backend.analysis.pdf.{window,ocr,tables}``,
   ``MINERU_PROCESSING_WINDOW_SIZE`` and ``MINERU_VIRTUAL_VRAM_SIZE``.
@@ -262,6 +268,7 @@ class MineruRuntime:
 
             stack.enter_context(patched_environ(env, also_restore=_MINERU_SIDE_EFFECT_ENV))
             stack.enter_context(self._patched_config())
+            stack.enter_context(_main_free_spawn())
         except BaseException:
             stack.close()
             raise
@@ -388,6 +395,7 @@ class MineruRuntime:
         import time
 
         t0 = time.perf_counter()
+        _spawn_scope.depth = getattr(_spawn_scope, "depth", 0) + 1
         try:
             mres = self._run_mineru(doc, tier=tier, ocr_mode=ocr_mode, page_range=page_range, vlm_config=vlm_config)
             t1 = time.perf_counter()
@@ -401,6 +409,7 @@ class MineruRuntime:
                 ) from exc
             raise ParseError(f"{doc.name}: MinerU failed: {type(exc).__name__}: {exc}", document=doc.name) from exc
         finally:
+            _spawn_scope.depth -= 1
             self.claim_new()
         t2 = time.perf_counter()
         return _replace_timing(result, {"mineru": t1 - t0, "convert": t2 - t1})
@@ -525,6 +534,42 @@ def _replace_timing(result: ParseResult, timings: dict[str, float]) -> ParseResu
     import dataclasses
 
     return dataclasses.replace(result, timings={**result.timings, **timings})
+
+
+# Threads inside a parse of ours: processes they spawn do not re-run the user's __main__.
+_spawn_scope = threading.local()
+
+
+@contextlib.contextmanager
+def _main_free_spawn() -> Iterator[None]:
+    """While the body runs, ``spawn`` children started inside a parse skip the parent's ``__main__``.
+
+    multiprocessing's ``spawn`` child first re-runs the parent's main script (or
+    module) as ``__mp_main__``, so that functions defined there can be unpickled.
+    An unguarded script (no ``if __name__ == "__main__":``) then runs again in the
+    child: a second session, a second parse, and the render worker never answers.
+    MinerU's render workers run docvortex functions only, so for processes started
+    from a thread inside :meth:`MineruRuntime.parse` the preparation data leaves
+    ``__main__`` out, exactly as it does for ``python -c``. Processes started
+    anywhere else (the user's own) are untouched.
+    """
+    import multiprocessing.spawn as spawn
+
+    original = spawn.get_preparation_data
+
+    def get_preparation_data(name: str) -> dict[str, Any]:
+        data: dict[str, Any] = original(name)
+        if getattr(_spawn_scope, "depth", 0) > 0:
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    spawn.get_preparation_data = get_preparation_data
+    try:
+        yield
+    finally:
+        if spawn.get_preparation_data is get_preparation_data:
+            spawn.get_preparation_data = original
 
 
 def _stop_render_workers() -> None:
