@@ -553,7 +553,7 @@ def _main_free_spawn() -> Iterator[None]:
     ``__main__`` out, exactly as it does for ``python -c``. Processes started
     anywhere else (the user's own) are untouched.
     """
-    import multiprocessing.spawn as spawn
+    from multiprocessing import spawn
 
     original = spawn.get_preparation_data
 
