@@ -4,8 +4,8 @@ Importing this package touches no device, starts nothing and reads no
 environment variable; MinerU and torch are imported when a session opens.
 """
 
-from ._budget import VramBudget
-from ._documents import Document
+from ._budget import Reservation, VramBudget
+from ._documents import Document, Source
 from ._engine import EngineState, EngineStatus, MemoryReport, ResidentEngine
 from ._exceptions import (
     AdmissionTimeoutError,
@@ -38,12 +38,12 @@ from ._exceptions import (
     WorkerError,
     WorkerStartError,
 )
-from ._probe import VramSnapshot, measure_context_floor, vram_snapshot
+from ._probe import DeviceMemory, ProcessMemory, VramSnapshot, measure_context_floor, vram_snapshot
 from ._queue import QueueSettings, TaskInfo, TaskQueue, TaskStatus, WorkerStats
 from ._release import ReleaseReport
 from ._result import BatchItem, BatchResult, ParseResult
 from ._session import ModelSession, SessionState
-from ._timeline import Timeline
+from ._timeline import Phase, Sample, Timeline, TimelineState
 from ._version import __version__
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "BatchItem",
     "BatchResult",
     "ConfigurationError",
+    "DeviceMemory",
     "Document",
     "DocumentNotFoundError",
     "DocumentTooLargeError",
@@ -74,12 +75,17 @@ __all__ = [
     "ParseError",
     "ParseResult",
     "ParseTimeoutError",
+    "Phase",
+    "ProcessMemory",
     "QueueSettings",
     "ReleaseReport",
+    "Reservation",
     "ResidentEngine",
     "ResultTimeoutError",
+    "Sample",
     "SessionState",
     "SessionStateError",
+    "Source",
     "TaskCancelledError",
     "TaskFailedError",
     "TaskInfo",
@@ -87,6 +93,7 @@ __all__ = [
     "TaskQueue",
     "TaskStatus",
     "Timeline",
+    "TimelineState",
     "TruncatedDocumentError",
     "VramBudget",
     "VramLeakError",

@@ -35,8 +35,10 @@ working in code that does not know about this library::
     │   └── TaskCancelledError                  it was cancelled before it ran
     └── ResultTimeoutError (TimeoutError)       result(timeout=...) passed before the task ended
 
-Each exception keeps its attributes when pickled (they cross the worker
-boundary), because ``__reduce__`` rebuilds it from its keyword arguments.
+Each class declares its attributes (annotations on the class); an attribute that
+a raise site did not set reads ``None``, so handlers can use them without
+``getattr``. Each exception keeps its attributes when pickled (they cross the
+worker boundary), because ``__reduce__`` rebuilds it from its keyword arguments.
 """
 
 from __future__ import annotations
@@ -83,10 +85,15 @@ class MineruVramError(Exception):
     on the instance and survive pickling.
     """
 
+    message: str
+
     def __init__(self, message: str, **attrs: Any) -> None:
         super().__init__(message)
         self.message = message
         self._attrs = attrs
+        for name in _declared(type(self)):
+            if name not in attrs:
+                setattr(self, name, None)
         for name, value in attrs.items():
             setattr(self, name, value)
 
@@ -99,6 +106,16 @@ class MineruVramError(Exception):
         return self.message
 
 
+def _declared(cls: type) -> list[str]:
+    """The attributes the classes of ``cls``'s MRO declare (their annotations), but ``message``."""
+    names: list[str] = []
+    for klass in reversed(cls.__mro__):
+        for name in vars(klass).get("__annotations__", {}):
+            if name not in names and name != "message" and not name.startswith("_"):
+                names.append(name)
+    return names
+
+
 def _rebuild(cls: type[MineruVramError], message: str, attrs: dict[str, Any]) -> MineruVramError:
     return cls(message, **attrs)
 
@@ -106,13 +123,19 @@ def _rebuild(cls: type[MineruVramError], message: str, attrs: dict[str, Any]) ->
 class ConfigurationError(MineruVramError, ValueError):
     """An argument or ``MINERU_VRAM_*`` variable has a value the library cannot use."""
 
+    variable: str | None  # the environment variable, when one was at fault
+
 
 class BackendNotAvailableError(ConfigurationError):
     """The requested backend is known but not built, or its dependencies are missing."""
 
+    backend: str | None
+
 
 class SessionStateError(MineruVramError, RuntimeError):
     """A session or other resource owner was used in a state that forbids the call."""
+
+    session: str | None
 
 
 class InsecurePathError(MineruVramError, PermissionError):
@@ -153,6 +176,10 @@ class EncryptedDocumentError(InvalidDocumentError):
 class DocumentTooLargeError(InvalidDocumentError):
     """The input exceeds the session's ``max_document_bytes`` or ``max_pages``."""
 
+    size: int | None  # bytes
+    pages: int | None
+    limit: int | None
+
 
 class ParseError(MineruVramError):
     """MinerU raised while parsing a document that passed validation."""
@@ -163,17 +190,34 @@ class ParseError(MineruVramError):
 class ParseTimeoutError(ParseError, TimeoutError):
     """A parse did not finish within its ``timeout``."""
 
+    timeout: float | None
+    pid: int | None
+    exitcode: int | None
+
 
 class VramLeakError(MineruVramError):
     """A strict release left more device memory than the tolerance. ``report`` has the receipt."""
+
+    report: object  # the ReleaseReport
 
 
 class OutOfMemoryError(MineruVramError):
     """The device ran out of memory. The original torch error is the ``__cause__`` in-process."""
 
+    document: str | None
+    device: str | None
+
 
 class AdmissionTimeoutError(MineruVramError, TimeoutError):
     """The device did not have the free memory the work needs before the timeout."""
+
+    device: str | None
+    need_mib: float | None
+    free_mib: float | None
+    reserved_mib: float | None
+    total_mib: float | None
+    waited: float | None  # seconds
+    device_info: object  # the NVML reading admission gave up on
 
 
 class WorkerError(MineruVramError):
@@ -183,17 +227,33 @@ class WorkerError(MineruVramError):
 class WorkerCrashedError(WorkerError):
     """The worker died. ``exitcode``, ``document`` and ``log_tail`` say how and where."""
 
+    document: str | None
+    exitcode: int | None
+    signal: str | None
+    pid: int | None
+    log_tail: str | None
+
 
 class WorkerStartError(WorkerError):
     """The worker process could not be started or did not load its models."""
+
+    exitcode: int | None
+    pid: int | None
+    timeout: float | None
+    log_tail: str | None
 
 
 class EngineError(MineruVramError):
     """The resident VLM engine failed."""
 
+    url: str | None
+
 
 class EngineStartError(EngineError):
     """The engine did not become ready. ``log_tail`` holds the end of its log."""
+
+    exitcode: int | None
+    log_tail: str | None
 
 
 class EngineAdmissionError(EngineStartError, AdmissionTimeoutError):
@@ -207,6 +267,9 @@ class EngineAdmissionError(EngineStartError, AdmissionTimeoutError):
 class EngineCrashedError(EngineError):
     """The engine process died while serving. ``exitcode`` and ``log_tail`` say more."""
 
+    exitcode: int | None
+    log_tail: str | None
+
 
 class EngineStateError(EngineError, RuntimeError):
     """The engine's state forbids the operation (for example ``wake`` after ``stop``)."""
@@ -215,12 +278,19 @@ class EngineStateError(EngineError, RuntimeError):
 class TaskNotFoundError(MineruVramError, KeyError):
     """No task with this id, or its result was deleted after retrieval (``keep_results=False``)."""
 
+    task_id: str | None
+
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
 
 
 class TaskFailedError(MineruVramError):
     """The task ended FAILED. ``task_id``, ``error``, ``error_type`` and ``attempts`` say why."""
+
+    task_id: str | None
+    error: str | None
+    error_type: str | None
+    attempts: int | None
 
 
 class TaskCancelledError(TaskFailedError):
@@ -229,3 +299,5 @@ class TaskCancelledError(TaskFailedError):
 
 class ResultTimeoutError(MineruVramError, TimeoutError):
     """``result(timeout=...)`` passed before the task ended. The task goes on."""
+
+    task_id: str | None

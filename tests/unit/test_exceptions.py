@@ -35,3 +35,20 @@ def test_stdlib_bases_are_mixed_in_where_the_meaning_matches() -> None:
 def test_nested_report_attribute_survives_pickle() -> None:
     exc = mv.VramLeakError("leak", report={"residual_mib": 40.0})
     assert pickle.loads(pickle.dumps(exc)).report == {"residual_mib": 40.0}
+
+
+@pytest.mark.parametrize("cls", _all_exception_classes(), ids=lambda c: c.__name__)
+def test_declared_attributes_read_none_when_a_raise_site_left_them_out(cls: type[mv.MineruVramError]) -> None:
+    declared = _exceptions._declared(cls)
+    exc = cls("bare")
+    for name in declared:
+        assert getattr(exc, name) is None, f"{cls.__name__}.{name}"
+    assert pickle.loads(pickle.dumps(exc)).message == "bare"
+
+
+def test_the_attributes_handlers_rely_on_are_declared() -> None:
+    assert {"document", "exitcode", "signal", "pid", "log_tail"} <= set(_exceptions._declared(mv.WorkerCrashedError))
+    assert {"document", "timeout"} <= set(_exceptions._declared(mv.ParseTimeoutError))
+    assert {"need_mib", "free_mib", "device"} <= set(_exceptions._declared(mv.EngineAdmissionError))
+    assert "path" in _exceptions._declared(mv.InsecurePathError)
+    assert mv.WorkerCrashedError("x").exitcode is None

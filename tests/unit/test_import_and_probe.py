@@ -12,20 +12,37 @@ def _run(code: str, env_extra: dict[str, str] | None = None) -> dict[str, object
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+_SPY = """
+import collections.abc, json, os, sys
+
+class Spy(collections.abc.MutableMapping):
+    # Records which module read which variable, then answers from the real environment.
+    reads = []
+    def __init__(self, real): self.real = real
+    def _note(self, key):
+        Spy.reads.append((sys._getframe(2).f_globals.get('__name__', '?'), key))
+    def __getitem__(self, key): self._note(key); return self.real[key]
+    def get(self, key, default=None): self._note(key); return self.real.get(key, default)
+    def __contains__(self, key): self._note(key); return key in self.real
+    def __setitem__(self, key, value): self.real[key] = value
+    def __delitem__(self, key): del self.real[key]
+    def __iter__(self): return iter(self.real)
+    def __len__(self): return len(self.real)
+
+os.environ = Spy(os.environ)
+import mineru_vram, mineru_vram.testing, mineru_vram.pytest_plugin
+ours = [r for r in Spy.reads if r[0].startswith('mineru_vram')]
+heavy = [m for m in ('torch', 'mineru', 'pynvml', 'transformers', 'numpy') if m in sys.modules]
+mineru_vram._config.getenv('MINERU_VRAM_DEVICE')  # proves the spy sees our reads
+print(json.dumps({'heavy': heavy, 'import_reads': ours, 'probe_read': Spy.reads[-1]}))
+"""
+
+
 def test_import_loads_no_heavy_module_and_reads_no_env() -> None:
-    code = (
-        "import os, sys, json\n"
-        "class Spy(dict):\n"
-        "    reads = []\n"
-        "    def get(self, k, d=None):\n"
-        "        Spy.reads.append(k); return super().get(k, d)\n"
-        "    def __getitem__(self, k):\n"
-        "        Spy.reads.append(k); return super().__getitem__(k)\n"
-        "import mineru_vram, mineru_vram.testing\n"
-        "heavy = [m for m in ('torch', 'mineru', 'pynvml', 'transformers', 'numpy') if m in sys.modules]\n"
-        "print(json.dumps({'heavy': heavy}))\n"
-    )
-    assert _run(code) == {"heavy": []}
+    got = _run(_SPY)
+    assert got["heavy"] == []
+    assert got["import_reads"] == [], "importing mineru_vram read the environment"
+    assert got["probe_read"] == ["mineru_vram._config", "MINERU_VRAM_DEVICE"], "the spy does not see reads"
 
 
 def test_snapshot_on_cpu_says_so_without_importing_torch() -> None:
