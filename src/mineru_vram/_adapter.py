@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import sys
 import tempfile
 import threading
@@ -44,6 +45,8 @@ from ._documents import Document
 from ._exceptions import ConfigurationError, OutOfMemoryError, ParseError
 from ._release import AliveTracker
 from ._result import ParseResult
+
+logger = logging.getLogger("mineru_vram")
 
 __all__ = [
     "MineruRuntime",
@@ -130,33 +133,146 @@ def _all_keys() -> set[tuple[str, Any]]:
     return {(name, key) for name, cache in _caches().items() for key in list(cache)}
 
 
-def default_models_dir() -> Path:
-    """MinerU's own ``model.base_dir`` for this user, found without importing MinerU.
+# MinerU 4.0's model repositories under model.base_dir (mineru/model/registry.py), and the
+# marker its downloader writes into a complete one (mineru/model/download.py).
+MINERU_REPOS = (
+    "MinerU-4_models_torch",
+    "MinerU-4_models_onnx",
+    "MinerU2.5-Pro-2605-1.2B",
+    "MinerU2.5-Pro-2605-1.2B-GGUF",
+)
+COMPLETE_MARKER = ".mineru_complete"
 
-    Precedence as MinerU's: ``MINERU_MODEL_BASE_DIR``, the config file's ``model.base_dir``
-    (``MINERU_CONFIG`` or ``$MINERU_HOME/config.yaml``), then ``$MINERU_HOME/models``
-    (``~/.mineru/models`` by default). MinerU's already-imported config wins when present.
+
+def mineru_paths() -> dict[str, Any]:
+    """Where MinerU would look for its configuration and models, worked out without importing it.
+
+    MinerU's import reads and writes its configuration, so this reads the same sources
+    itself, with MinerU 4.0's precedence: ``MINERU_MODEL_BASE_DIR`` > the config file's
+    ``model.base_dir`` (``MINERU_CONFIG`` or ``$MINERU_HOME/config.yaml``) >
+    ``$MINERU_HOME/models`` (``~/.mineru``). MinerU's already-imported config wins when
+    present (and no session has patched it).
+
+    Returns:
+        ``home``, ``config_file``, ``config_exists``, ``config_error``, ``models_dir``,
+        ``models_dir_exists``, ``model_source`` and ``repos`` (name, path, complete, MiB).
     """
-    import os
+    from ._config import getenv
 
+    home = Path(getenv("MINERU_HOME") or Path.home() / ".mineru").expanduser()
+    config_file = Path(getenv("MINERU_CONFIG") or home / "config.yaml").expanduser()
+    base_dir: str | None = getenv("MINERU_MODEL_BASE_DIR") or None
+    source = getenv("MINERU_MODEL_SOURCE") or None
+    config_error = None
+    if config_file.is_file():
+        try:
+            import yaml
+
+            data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+            model = (data.get("model") or {}) if isinstance(data, dict) else {}
+            base_dir = base_dir or model.get("base_dir")
+            source = source or model.get("source")
+        except Exception as exc:  # unreadable YAML is worth reporting, not crashing over
+            config_error = f"{type(exc).__name__}: {exc}"
+    models = Path(base_dir).expanduser() if base_dir else home / "models"
     mconf = sys.modules.get("mineru.config")
     if mconf is not None and _shared is None:
-        return Path(str(mconf.config.model.base_dir)).expanduser()  # type: ignore[attr-defined]
-    env = os.environ.get("MINERU_MODEL_BASE_DIR")
-    if env:
-        return Path(env).expanduser()
-    home = Path(os.environ.get("MINERU_HOME") or Path.home() / ".mineru").expanduser()
-    config_file = Path(os.environ.get("MINERU_CONFIG") or home / "config.yaml").expanduser()
-    try:
-        import yaml
+        models = Path(str(mconf.config.model.base_dir)).expanduser()  # type: ignore[attr-defined]
+    repos = []
+    for name in MINERU_REPOS:
+        root = models / name
+        if not root.is_dir():
+            continue
+        size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        repos.append({"name": name, "path": str(root), "complete": _has_marker(root), "mib": size / 2**20})
+    return {
+        "home": str(home),
+        "config_file": str(config_file),
+        "config_exists": config_file.is_file(),
+        "config_error": config_error,
+        "models_dir": str(models),
+        "models_dir_exists": models.is_dir(),
+        "model_source": source or "auto",
+        "repos": repos,
+    }
 
-        data = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-        base = data["model"]["base_dir"]
-        if isinstance(base, str) and base:
-            return Path(base).expanduser()
-    except Exception:  # no file, no such key, bad YAML: MinerU reports those itself when it loads
-        pass
-    return home / "models"
+
+def _has_marker(root: Path) -> bool:
+    if (root / COMPLETE_MARKER).is_file():
+        return True
+    return any(p.name == COMPLETE_MARKER for p in root.rglob(COMPLETE_MARKER))
+
+
+def default_models_dir() -> Path:
+    """MinerU's own ``model.base_dir`` for this user (see :func:`mineru_paths`)."""
+    return Path(mineru_paths()["models_dir"])
+
+
+def tier_model_status(tier: str, *, models_dir: Path | None, small_backend: str = "torch") -> list[dict[str, Any]]:
+    """The model repositories ``tier`` needs, and whether each is complete under ``models_dir``.
+
+    Returns:
+        One dict per repository: ``name``, ``path``, ``ready``, ``missing`` (paths), ``download_gb``.
+    """
+    runtime = MineruRuntime(device="cpu", models_dir=models_dir, small_backend=small_backend)
+    runtime.activate()
+    try:
+        from mineru.model.download import verify_model_repo
+        from mineru.model.registry import model_repos_for_tier
+
+        out = []
+        for repo in model_repos_for_tier(tier, small_backend=small_backend):
+            result = verify_model_repo(repo)
+            out.append(
+                {
+                    "name": repo.name,
+                    "path": str(result.root),
+                    "ready": bool(result.ready),
+                    "missing": list(result.missing_paths),
+                    "download_gb": _DOWNLOAD_GB.get(repo.name),
+                }
+            )
+        return out
+    finally:
+        runtime.deactivate()
+
+
+def download_models(
+    tier: str, *, models_dir: Path | None, small_backend: str = "torch", source: str = "auto"
+) -> list[str]:
+    """Download what ``tier`` needs into ``models_dir`` with MinerU's own downloader.
+
+    Args:
+        source: ``auto`` (MinerU probes Hugging Face, else ModelScope), ``huggingface`` or
+            ``modelscope``.
+
+    Returns:
+        The repositories now complete.
+
+    Raises:
+        ModelsNotAvailableError: the model hub cannot be reached (checked first, in seconds).
+    """
+    reason = _hub_unreachable(source)
+    if reason is not None:
+        raise _models_error(
+            [r["name"] for r in tier_model_status(tier, models_dir=models_dir, small_backend=small_backend)],
+            str(models_dir or default_models_dir()),
+            reason,
+            tier=tier,
+        )
+    runtime = MineruRuntime(device="cpu", models_dir=models_dir, small_backend=small_backend)
+    runtime.activate()
+    try:
+        from mineru.model.download import download_model_repo
+        from mineru.model.registry import model_repos_for_tier
+
+        done = []
+        for repo in model_repos_for_tier(tier, small_backend=small_backend):
+            download_model_repo(repo, source=source, reuse_ready=True)
+            done.append(repo.name)
+        return done
+    finally:
+        runtime.deactivate()
 
 
 def cache_summary() -> dict[str, list[str]]:
@@ -174,6 +290,9 @@ class MineruRuntime:
         models_dir: MinerU's ``model.base_dir``; ``None`` keeps MinerU's configured one.
         model_source: MinerU's ``model.source`` (``"local"`` when ``models_dir`` is given).
         small_backend: MinerU's small-model backend (``"torch"`` runs the torch models on CPU too).
+        virtual_vram_gb: ``MINERU_VIRTUAL_VRAM_SIZE`` while active (from the session's budget).
+        allow_download: let MinerU download missing models (when its source is remote and the
+            network answers); ``False`` makes missing models a :class:`ModelsNotAvailableError`.
     """
 
     def __init__(
@@ -184,6 +303,7 @@ class MineruRuntime:
         model_source: str | None = None,
         small_backend: str = "torch",
         virtual_vram_gb: int | None = None,
+        allow_download: bool = True,
     ) -> None:
         self.device = device
         self.model_source = model_source or ("local" if models_dir is not None else None)
@@ -192,8 +312,8 @@ class MineruRuntime:
         # MINERU_HOME at a temporary folder, which must never become the model location.
         self.models_dir = models_dir if models_dir is not None else default_models_dir()
         self.small_backend = small_backend
-        # From the session's VramBudget (issue #6): MINERU_VIRTUAL_VRAM_SIZE, set by activate().
         self.virtual_vram_gb = virtual_vram_gb
+        self.allow_download = allow_download
         self._user_keys: set[tuple[str, Any]] = set()
         self._id = id(self)
         self._active = False
@@ -323,7 +443,12 @@ class MineruRuntime:
     # -- models --------------------------------------------------------------------------------
 
     def load(self, *, tier: str, preload: str) -> None:
-        """Load the models ``tier`` needs now, instead of on the first document."""
+        """Load the models ``tier`` needs now, instead of on the first document.
+
+        Raises:
+            ModelsNotAvailableError: the tier's models are missing and cannot be downloaded.
+        """
+        self.check_models(tier)
         if tier == "flash":
             return
         from mineru.model.runtime.hybrid import HybridLocalModelContextSingleton
@@ -333,6 +458,56 @@ class MineruRuntime:
             for name in _LAZY_MODELS:
                 getattr(ctx, name)
         self.claim_new()
+
+    def check_models(self, tier: str) -> list[str]:
+        """Find the model repositories ``tier`` needs that are not on disk, before MinerU looks.
+
+        MinerU downloads what is missing on first use, and without a network it retries
+        for about half a minute before a raw network error. This asks first: when
+        something is missing and cannot come (downloads off, a local source, no route to
+        the model hub within a few seconds), the session fails at once with the place it
+        looked, the size of the download and the ways out. For ``flash``, which needs OCR
+        models only for scanned pages, a missing tree is not an error here; MinerU's
+        source is set to local for the session so a later need fails at once too
+        (:meth:`parse` reports it as :class:`ModelsNotAvailableError`).
+
+        Returns:
+            The names of the missing repositories (MinerU will download them).
+        """
+        import mineru.config as mconf
+        from mineru.model.download import verify_model_repo
+        from mineru.model.registry import model_repos_for_tier
+
+        cfg = mconf.config.model
+        missing = [
+            repo.name
+            for repo in model_repos_for_tier(tier, small_backend=self.small_backend)
+            if not verify_model_repo(repo).ready
+        ]
+        if not missing:
+            return []
+        source = str(cfg.source or "auto").lower()
+        reason: str | None
+        if source == "local":
+            reason = "MinerU's model source is 'local' (models_dir= was given, or MINERU_MODEL_SOURCE=local)"
+        elif not self.allow_download:
+            reason = "downloads are turned off (allow_download=False or MINERU_VRAM_ALLOW_DOWNLOAD=0)"
+        else:
+            reason = _hub_unreachable(source)
+        if reason is None:
+            logger.warning(
+                "MinerU will now download its %s models (about %.1f GB) into %s; pass models_dir= to use a "
+                "tree you already have",
+                ", ".join(missing),
+                _download_gb(missing),
+                cfg.base_dir,
+            )
+            return missing
+        if tier == "flash":
+            cfg.source = "local"  # restored with the rest of the config when the last session closes
+            self._flash_missing = (missing, reason)
+            return missing
+        raise _models_error(missing, str(cfg.base_dir), reason, tier=tier)
 
     def claim_new(self) -> None:
         """Record cache entries that appeared since activation as (co-)owned by this runtime."""
@@ -401,6 +576,15 @@ class MineruRuntime:
             t1 = time.perf_counter()
             result = _to_result(mres, doc, backend=backend, device=self.device, keep_model_output=keep_model_output)
         except Exception as exc:
+            flash_missing = getattr(self, "_flash_missing", None)
+            if flash_missing is not None and _is_models_not_ready(exc):
+                raise _models_error(
+                    flash_missing[0],
+                    str(self.models_dir),
+                    flash_missing[1],
+                    tier="flash (OCR for scanned pages)",
+                    document=doc.name,
+                ) from exc
             if is_oom(exc):
                 raise OutOfMemoryError(
                     f"{doc.name}: the device {self.device} ran out of memory while parsing",
@@ -534,6 +718,89 @@ def _replace_timing(result: ParseResult, timings: dict[str, float]) -> ParseResu
     import dataclasses
 
     return dataclasses.replace(result, timings={**result.timings, **timings})
+
+
+# About how large MinerU 4.0's model repositories are to download (GB), for messages only:
+# the basic-tier torch tree is measured from the true architectures (testing.write_random_models
+# writes the same tensors), the VLM sizes from their parameter counts (1.2B at bf16, Q8_0 GGUF).
+_DOWNLOAD_GB = {
+    "MinerU-4_models_torch": 0.9,
+    "MinerU-4_models_onnx": 0.9,
+    "MinerU2.5-Pro-2605-1.2B": 2.4,
+    "MinerU2.5-Pro-2605-1.2B-GGUF": 1.3,
+}
+# The hosts MinerU downloads from, per source.
+_HUB_HOSTS = {"huggingface": ("huggingface.co",), "modelscope": ("modelscope.cn",)}
+HUB_CONNECT_TIMEOUT = 3.0
+
+
+def _download_gb(names: list[str]) -> float:
+    return sum(_DOWNLOAD_GB.get(name, 1.0) for name in names)
+
+
+def _hub_unreachable(source: str) -> str | None:
+    """Why MinerU could not download from ``source`` now, or ``None`` when a hub answers.
+
+    A TCP connection to the hub (or to the HTTPS proxy, where one is set) within
+    :data:`HUB_CONNECT_TIMEOUT` seconds; hosts are tried in parallel.
+    """
+    import concurrent.futures
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    hosts = _HUB_HOSTS.get(source, _HUB_HOSTS["huggingface"] + _HUB_HOSTS["modelscope"])
+    proxy = urllib.request.getproxies().get("https")
+    if proxy:
+        parsed = urllib.parse.urlsplit(proxy if "//" in proxy else f"//{proxy}")
+        targets = [(parsed.hostname or "", parsed.port or 443)]
+    else:
+        targets = [(host, 443) for host in hosts]
+
+    def attempt(target: tuple[str, int]) -> str | None:
+        try:
+            socket.create_connection(target, timeout=HUB_CONNECT_TIMEOUT).close()
+        except OSError as exc:
+            return f"{target[0]}:{target[1]}: {exc}"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        errors = list(pool.map(attempt, targets))
+    if any(e is None for e in errors):
+        return None
+    return "the model hub cannot be reached (" + "; ".join(e for e in errors if e) + ")"
+
+
+def _models_error(missing: list[str], models_dir: str, reason: str, *, tier: str, document: str | None = None) -> Any:
+    from ._exceptions import ModelsNotAvailableError
+
+    size = _download_gb(missing)
+    where = f"{document}: " if document else ""
+    return ModelsNotAvailableError(
+        f"{where}MinerU's models for the {tier} tier are not in {models_dir} (missing: {', '.join(missing)}; "
+        f"about {size:.1f} GB to download) and cannot be downloaded now: {reason}. Ways out: pass "
+        "models_dir= (or set MINERU_VRAM_MODELS_DIR) to a complete MinerU model tree; download them ahead "
+        "where the network is reachable with `mineru-vram models download` (or MinerU's "
+        "`mineru-models-download`); for tests and demos without weights, "
+        "mineru_vram.testing.write_random_models(path) writes a tree with random weights.",
+        models_dir=models_dir,
+        missing=list(missing),
+        download_gb=size,
+        reason=reason,
+        document=document,
+    )
+
+
+def _is_models_not_ready(exc: BaseException) -> bool:
+    """MinerU's own "model repo ... is not ready under ..." error, anywhere in the cause chain."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, FileNotFoundError) and "is not ready under" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 # Threads inside a parse of ours: processes they spawn do not re-run the user's __main__.

@@ -41,6 +41,7 @@ examples:
   mineru-vram parse a.pdf b.pdf -o out/ --isolation process   models in a worker process
   mineru-vram probe                                           GPUs, processes, CUDA floor, MinerU
   mineru-vram demo                                            offline demo, CPU is fine
+  mineru-vram models download                                 fetch MinerU's models ahead (then offline)
   mineru-vram timeline -o tl/ -- mineru-vram parse a.pdf -o out/
   mineru-vram worker tasks.db --until-idle                    process a task queue
 
@@ -155,6 +156,29 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", type=float, default=1.0, metavar="S", help="keep sampling after the exit (default 1 s)")
     p.add_argument("--title", help="the plot's title (default: the command)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND...", help="the command to run")
+
+    p = sub.add_parser(
+        "models",
+        parents=[common],
+        formatter_class=_Formatter,
+        help="which MinerU models a backend needs, whether they are on disk; download them ahead",
+        description=(
+            "Show the MinerU model repositories a backend needs and whether each is complete under the\n"
+            "models folder (default: MinerU's own configuration, ~/.mineru/models). With 'download', fetch\n"
+            "the missing ones with MinerU's downloader (Hugging Face, else ModelScope), so later sessions\n"
+            "start offline. Exit status: 0 all present (or downloaded), 1 some missing or a download failed."
+        ),
+        epilog=(
+            "examples:\n  mineru-vram models\n"
+            "  mineru-vram models download --backend pipeline --models-dir /data/mineru"
+        ),
+    )
+    p.add_argument("action", nargs="?", choices=("status", "download"), default="status", help="default status")
+    p.add_argument("--backend", choices=_BACKENDS, default="pipeline", help="default %(default)s")
+    p.add_argument("--models-dir", metavar="DIR", help="the model folder (default: MinerU's configuration)")
+    p.add_argument("--small-backend", choices=("torch", "onnx"), default="torch", help="default %(default)s")
+    p.add_argument("--source", choices=("auto", "huggingface", "modelscope"), default="auto", help="download source")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     # Help listing only: main() hands `worker ...` to the queue's own parser before argparse runs.
     sub.add_parser(
@@ -409,63 +433,6 @@ def _unique_stem(stem: str, used: set[str]) -> str:
 
 # --- probe ------------------------------------------------------------------------------------
 
-# MinerU 4.0.12's model repositories under model.base_dir (mineru/model/registry.py), and the
-# marker its downloader writes into a complete one (mineru/model/download.py).
-_MINERU_REPOS = (
-    "MinerU-4_models_torch",
-    "MinerU-4_models_onnx",
-    "MinerU2.5-Pro-2605-1.2B",
-    "MinerU2.5-Pro-2605-1.2B-GGUF",
-)
-_COMPLETE_MARKER = ".mineru_complete"
-
-
-def _mineru_paths() -> dict[str, Any]:
-    """Where MinerU would look, worked out without importing it (its import reads and writes config).
-
-    Precedence as MinerU 4.0.12's config.py: ``MINERU_MODEL_BASE_DIR`` > the config file's
-    ``model.base_dir`` > ``$MINERU_HOME/models`` (``~/.mineru``).
-    """
-    home = Path(os.environ.get("MINERU_HOME") or "~/.mineru").expanduser()
-    config_file = Path(os.environ.get("MINERU_CONFIG") or home / "config.yaml").expanduser()
-    base_dir: str | None = os.environ.get("MINERU_MODEL_BASE_DIR") or None
-    source = os.environ.get("MINERU_MODEL_SOURCE") or None
-    config_error = None
-    if config_file.is_file():
-        try:
-            import yaml
-
-            data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-            model = data.get("model") or {} if isinstance(data, dict) else {}
-            base_dir = base_dir or model.get("base_dir")
-            source = source or model.get("source")
-        except Exception as exc:  # unreadable YAML is worth reporting, not crashing over
-            config_error = f"{type(exc).__name__}: {exc}"
-    models = Path(base_dir).expanduser() if base_dir else home / "models"
-    repos = []
-    for name in _MINERU_REPOS:
-        root = models / name
-        if not root.is_dir():
-            continue
-        size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
-        repos.append({"name": name, "path": str(root), "complete": _has_marker(root), "mib": size / 2**20})
-    return {
-        "home": str(home),
-        "config_file": str(config_file),
-        "config_exists": config_file.is_file(),
-        "config_error": config_error,
-        "models_dir": str(models),
-        "models_dir_exists": models.is_dir(),
-        "model_source": source or "auto",
-        "repos": repos,
-    }
-
-
-def _has_marker(root: Path) -> bool:
-    if (root / _COMPLETE_MARKER).is_file():
-        return True
-    return any(p.name == _COMPLETE_MARKER for p in root.rglob(_COMPLETE_MARKER))
-
 
 def _torch_info(device: str) -> dict[str, Any]:
     from ._config import patched_environ
@@ -495,7 +462,7 @@ def _torch_info(device: str) -> dict[str, Any]:
 
 def probe_report(*, device: str = "cuda:0", floor: bool = True) -> dict[str, Any]:
     """Everything ``mineru-vram probe`` prints, as a dict (JSON-serialisable)."""
-    from ._adapter import mineru_version
+    from ._adapter import mineru_paths, mineru_version
     from ._config import env_settings
     from ._demo import default_cache_dir
     from ._probe import _device_memory, _nvml, _nvml_error, measure_context_floor, nvml_device_count, resolve_device
@@ -556,7 +523,7 @@ def probe_report(*, device: str = "cuda:0", floor: bool = True) -> dict[str, Any
         "gpus": gpus,
         "this_process": {"pid": os.getpid(), "torch": _torch_info(dev)},
         "context_floor": {"device": dev, "mib": floor_mib, "note": floor_note},
-        "mineru": {"version": mineru_version(), **_mineru_paths()},
+        "mineru": {"version": mineru_version(), **mineru_paths()},
         "settings": {"env": env, "env_error": env_error},
         "random_models_cache": {"path": str(random_cache), "exists": random_cache.is_dir()},
     }
@@ -739,12 +706,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_worker_cli(args_list[1:])
     args = _build_parser().parse_args(args_list)
     _setup_logging(args.verbose)
-    commands = {"parse": _cmd_parse, "probe": _cmd_probe, "timeline": _cmd_timeline, "demo": _cmd_demo}
+    commands = {
+        "parse": _cmd_parse,
+        "probe": _cmd_probe,
+        "timeline": _cmd_timeline,
+        "demo": _cmd_demo,
+        "models": _cmd_models,
+    }
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
         _err("mineru-vram: interrupted")
         return EXIT_INTERRUPTED
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from ._adapter import download_models, tier_model_status
+    from ._config import resolve_backend
+
+    tier = resolve_backend(args.backend, engine=True).tier
+    models_dir = Path(args.models_dir).expanduser() if args.models_dir else None
+    with _mineru_quiet(args.verbose):
+        if args.action == "download":
+            try:
+                download_models(tier, models_dir=models_dir, small_backend=args.small_backend, source=args.source)
+            except Exception as exc:  # MinerU's downloader: network, disk, a repo not on that source
+                _err(f"mineru-vram models: download failed: {type(exc).__name__}: {exc}")
+                return EXIT_FAILED
+        status = tier_model_status(tier, models_dir=models_dir, small_backend=args.small_backend)
+    if args.json:
+        print(json.dumps({"backend": args.backend, "tier": tier, "repos": status}, indent=2))
+    else:
+        print(f"MinerU models for --backend {args.backend} (tier {tier}):")
+        for repo in status:
+            size = f", about {repo['download_gb']:.1f} GB to download" if repo["download_gb"] else ""
+            state = "complete" if repo["ready"] else f"missing {', '.join(repo['missing'])}{size}"
+            print(f"  {repo['name']:<32} {state}\n    {repo['path']}")
+        if not all(r["ready"] for r in status):
+            print("download them with: mineru-vram models download" + (f" --backend {args.backend}"))
+    return EXIT_OK if all(r["ready"] for r in status) else EXIT_FAILED
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

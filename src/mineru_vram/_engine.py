@@ -1506,8 +1506,8 @@ class ResidentEngine:
                 pids=(),  # its server does not exist yet: all it will hold is spent from the reservation
             )
         except AdmissionTimeoutError as exc:
-            info: DeviceMemory = exc.device_info  # type: ignore[attr-defined]  # the reading admission gave up on
-            free, reserved = info.free_mib, float(exc.reserved_mib)  # type: ignore[attr-defined]
+            info: DeviceMemory = exc.device_info  # the reading admission gave up on
+            free, reserved = info.free_mib, float(exc.reserved_mib or 0.0)
             required = need + s.headroom_gib * 1024
             held = holders_text(info, gib=True)
             name = f" ({info.name})"

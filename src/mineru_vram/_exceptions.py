@@ -10,6 +10,7 @@ working in code that does not know about this library::
     │   └── BackendNotAvailableError            a backend that is not built or not installed
     ├── SessionStateError (RuntimeError)        used before open, after close, or re-entered
     ├── InsecurePathError (PermissionError)     a folder or file another local user owns or can write
+    ├── ModelsNotAvailableError (FileNotFoundError)  MinerU's models are missing and cannot be downloaded
     ├── InvalidDocumentError (ValueError)       input that is not a parseable PDF
     │   ├── DocumentNotFoundError (FileNotFoundError)
     │   ├── EmptyDocumentError
@@ -61,6 +62,7 @@ __all__ = [
     "InsecurePathError",
     "InvalidDocumentError",
     "MineruVramError",
+    "ModelsNotAvailableError",
     "NotAPdfError",
     "OutOfMemoryError",
     "ParseError",
@@ -147,6 +149,22 @@ class InsecurePathError(MineruVramError, PermissionError):
     path: str
 
 
+class ModelsNotAvailableError(MineruVramError, FileNotFoundError):
+    """MinerU's model files are not on disk and cannot be downloaded now.
+
+    Raised before MinerU spends time retrying a network it cannot reach. ``models_dir``
+    is where they were looked for, ``missing`` the model repositories not there,
+    ``download_gb`` about how much a download would be, ``reason`` why it cannot
+    happen (no network, downloads turned off, a local-only source).
+    """
+
+    models_dir: str | None
+    missing: list[str] | None
+    download_gb: float | None
+    reason: str | None
+    document: str | None  # set when a parse needed models the session did not load (flash OCR)
+
+
 class InvalidDocumentError(MineruVramError, ValueError):
     """The input is not a document MinerU can parse. ``document`` names it."""
 
@@ -217,7 +235,7 @@ class AdmissionTimeoutError(MineruVramError, TimeoutError):
     reserved_mib: float | None
     total_mib: float | None
     waited: float | None  # seconds
-    device_info: object  # the NVML reading admission gave up on
+    device_info: Any  # the NVML reading admission gave up on (a DeviceMemory)
 
 
 class WorkerError(MineruVramError):
