@@ -49,10 +49,11 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from ._exceptions import AdmissionTimeoutError, ConfigurationError
 from ._probe import DeviceMemory
+from ._process import OwnerLock, exclusive, owner_alive, private_dir, private_file
 
 __all__ = [
     "Ledger",
@@ -265,13 +266,18 @@ def default_runtime_dir(configured: str | os.PathLike[str] | None = None) -> Pat
 
     Every process of a user that should see the others' reservations must resolve
     the same folder; the default does, for processes of one user on one machine.
+    The name in the temporary folder is predictable, so it is used only through
+    :func:`~mineru_vram._process.private_dir`, which refuses a folder another user
+    created or can write to.
     """
+    from ._config import getenv
+
     if configured is not None:
         return Path(configured)
-    env = os.environ.get("MINERU_VRAM_RUNTIME_DIR")
+    env = getenv("MINERU_VRAM_RUNTIME_DIR")
     if env:
         return Path(env)
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    xdg = getenv("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK):
         return Path(xdg) / "mineru-vram"
     uid = os.getuid() if hasattr(os, "getuid") else 0
@@ -285,9 +291,9 @@ def device_key(device: str) -> str:
     devices per process, the UUID does not); else the device string.
     """
     if device.startswith("cuda"):
-        from ._probe import _nvml, _nvml_handle
+        from ._probe import _nvml, _nvml_handle, device_index
 
-        handle = _nvml_handle(int(device.partition(":")[2] or 0))
+        handle = _nvml_handle(device_index(device))
         nvml = _nvml()
         if handle is not None and nvml is not None:
             try:
@@ -300,14 +306,6 @@ def device_key(device: str) -> str:
 
 
 # --- the ledger -----------------------------------------------------------------------------
-
-
-def _fcntl() -> Any | None:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: the ledger degrades to this process only
-        return None
-    return fcntl
 
 
 @dataclass(frozen=True)
@@ -326,56 +324,48 @@ class LedgerEntry:
 class Ledger:
     """The reservations of every mineru-vram process on this machine, for one runtime folder.
 
+    Each reservation is a file held by an :class:`~mineru_vram._process.OwnerLock` for
+    its holder's life; the ledger's folders are private (``0700``, ours, refused otherwise).
+
     Args:
         root: the runtime folder (default :func:`default_runtime_dir`).
     """
 
+    # How long admission waits for another process's brief hold on a device's ledger.
+    LOCK_TIMEOUT = 60.0
+
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = default_runtime_dir(root) / "ledger"
-        # flock is per open file description, so threads of one process exclude each
-        # other too; the thread lock only keeps them from spinning on the file.
-        self._thread_lock = threading.Lock()
+        self.runtime_dir = default_runtime_dir(root)
+        self.root = self.runtime_dir / "ledger"
 
     def _folder(self, key: str) -> Path:
-        folder = self.root / key
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return folder
+        return private_dir(self.root / key, within=self.runtime_dir)
 
     @contextlib.contextmanager
     def locked(self, key: str) -> Iterator[Path]:
-        """Hold the device's ledger lock (exclusive, across processes) for the body."""
+        """Hold the device's ledger lock (exclusive, across processes and threads) for the body.
+
+        Raises:
+            InsecurePathError: the ledger folder is not private to this user.
+            TimeoutError: another process held the lock for :attr:`LOCK_TIMEOUT` seconds.
+        """
         folder = self._folder(key)
-        fcntl = _fcntl()
-        with self._thread_lock, open(folder / "ledger.lock", "a+b") as fh:
-            if fcntl is not None:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield folder
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with exclusive(folder / "ledger.lock", timeout=self.LOCK_TIMEOUT):
+            yield folder
 
     def entries(self, folder: Path) -> list[LedgerEntry]:
         """Live reservations in ``folder``; stale ones (holder gone) are removed. Call under :meth:`locked`."""
-        fcntl = _fcntl()
         out: list[LedgerEntry] = []
         for path in sorted(folder.glob("res-*.json")):
-            try:
-                fh = open(path, "rb")  # noqa: SIM115 - closed below on every path
-            except OSError:
+            alive = owner_alive(path, remove_if_dead=True)
+            if alive is False:
+                logger.info("removed a stale VRAM reservation %s (its process is gone)", path.name)
+                continue
+            if alive is None:
                 continue  # released meanwhile
             try:
-                if fcntl is not None:
-                    try:
-                        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError:
-                        pass  # held: its owner is alive
-                    else:
-                        # Nobody holds it: the process that reserved it is gone.
-                        logger.info("removing a stale VRAM reservation %s", path.name)
-                        path.unlink(missing_ok=True)
-                        continue
-                data = json.loads(fh.read().decode("utf-8") or "{}")
+                with private_file(path, "rb") as fh:
+                    data = json.loads(fh.read().decode("utf-8") or "{}")
                 out.append(
                     LedgerEntry(
                         id=str(data["id"]),
@@ -387,36 +377,17 @@ class Ledger:
                         created=float(data.get("created", 0.0)),
                     )
                 )
-            except (OSError, ValueError, KeyError):
-                continue  # half-written or unreadable: not a reservation we can count
-            finally:
-                fh.close()
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # half-written, unreadable or not ours: not a reservation we can count
         return out
 
-    def write(self, folder: Path, entry: LedgerEntry) -> IO[bytes]:
-        """Create a reservation file, locked before it becomes visible. Returns the held handle."""
-        fcntl = _fcntl()
-        tmp = folder / f".tmp-{entry.id}"
-        fh = open(tmp, "w+b")  # noqa: SIM115 - held for the reservation's life
-        try:
-            if fcntl is not None:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fh.write(json.dumps(entry.__dict__).encode("utf-8"))
-            fh.flush()
-            # Renamed only once locked: a reader never sees an unlocked live entry.
-            os.replace(tmp, folder / f"res-{entry.id}.json")
-        except BaseException:
-            fh.close()
-            tmp.unlink(missing_ok=True)
-            raise
-        return fh
+    def write(self, folder: Path, entry: LedgerEntry) -> OwnerLock:
+        """Create a reservation file, locked before it becomes visible. Returns the held lock."""
+        return OwnerLock(folder / f"res-{entry.id}.json").acquire(json.dumps(entry.__dict__).encode("utf-8"))
 
-    def rewrite(self, folder: Path, entry: LedgerEntry, fh: IO[bytes]) -> None:
+    def rewrite(self, entry: LedgerEntry, lock: OwnerLock) -> None:
         """Replace a held reservation's content in place (the lock stays on the same file)."""
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps(entry.__dict__).encode("utf-8"))
-        fh.flush()
+        lock.rewrite(json.dumps(entry.__dict__).encode("utf-8"))
 
     def snapshot(self, key: str) -> list[LedgerEntry]:
         """The live reservations on a device (for diagnostics and tests)."""
@@ -471,7 +442,7 @@ class Reservation:
         ledger: Ledger | None = None,
         folder: Path | None = None,
         entry: LedgerEntry | None = None,
-        handle: IO[bytes] | None = None,
+        handle: OwnerLock | None = None,
     ) -> None:
         self.device = device
         self.budget = budget
@@ -506,19 +477,15 @@ class Reservation:
                 return
             entry = LedgerEntry(**{**self._entry.__dict__, "pids": tuple(pids)})
             with self._ledger.locked(self._folder.name):
-                self._ledger.rewrite(self._folder, entry, self._handle)
+                self._ledger.rewrite(entry, self._handle)
             self._entry = entry
 
     def release(self) -> None:
         """Remove the reservation from the ledger. Idempotent."""
         with self._lock:
             handle, self._handle = self._handle, None
-            if handle is None:
-                return
-            if self._folder is not None and self._entry is not None:
-                with contextlib.suppress(OSError):
-                    (self._folder / f"res-{self._entry.id}.json").unlink()
-            handle.close()
+            if handle is not None:
+                handle.release()
 
     def __enter__(self) -> Reservation:
         return self

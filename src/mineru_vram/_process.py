@@ -488,18 +488,43 @@ def trim_log(path: str | os.PathLike[str], limit: int, keep_chars: int = 64_000)
 # --- private files and folders --------------------------------------------------------------------
 
 
-def private_dir(path: str | os.PathLike[str], *, create: bool = True) -> Path:
+def private_dir(
+    path: str | os.PathLike[str], *, create: bool = True, within: str | os.PathLike[str] | None = None
+) -> Path:
     """A folder only this user can write to: created ``0700``, or checked when it exists.
 
     A folder another local user created first (a predictable name in ``/tmp``) or
     can write to (mode ``0777``) is refused, never adopted: they could swap what we
-    later read there. Parents are created ``0700`` too where missing.
+    later read there. The same holds for every folder between ``within`` and
+    ``path``: whoever owns a parent can rename what is in it.
+
+    Args:
+        path: the folder.
+        create: create it (and missing parents, ``0700``) when absent.
+        within: the outermost folder of ours on the way to ``path`` (default: ``path``
+            alone is checked). Folders above it (``/tmp``) are not ours to judge.
 
     Raises:
-        InsecurePathError: the folder (or a file where it should be) is not ours, is
-            a symbolic link, or others can write to it.
+        InsecurePathError: the folder (or one between ``within`` and it) is not ours,
+            is a symbolic link, or others can write to it.
     """
     folder = Path(path)
+    chain = [folder]
+    if within is not None:
+        top = Path(within)
+        try:
+            rel = folder.relative_to(top)
+        except ValueError:
+            raise ValueError(f"{folder} is not inside {top}") from None
+        chain = [top]
+        for part in rel.parts:
+            chain.append(chain[-1] / part)
+    for one in chain:
+        _private_one(one, create=create)
+    return folder
+
+
+def _private_one(folder: Path, *, create: bool) -> None:
     if create:
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -521,7 +546,6 @@ def private_dir(path: str | os.PathLike[str], *, create: bool = True) -> Path:
             "remove it or choose another folder (MINERU_VRAM_RUNTIME_DIR).",
             path=str(folder),
         )
-    return folder
 
 
 def _ownership_problem(info: os.stat_result, *, want_dir: bool) -> str | None:
@@ -686,6 +710,20 @@ class OwnerLock:
             raise
         self._fh = fh
         return self
+
+    def rewrite(self, content: bytes) -> None:
+        """Replace the file's content in place; the lock stays on the same file.
+
+        Raises:
+            RuntimeError: the lock is not held.
+        """
+        fh = self._fh
+        if fh is None:
+            raise RuntimeError(f"{self.path}: the owner lock is not held")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(content)
+        fh.flush()
 
     def release(self, *, remove: bool = True) -> None:
         """Drop the lock (and the file, unless ``remove=False``). Idempotent."""

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,9 @@ from mineru_vram._budget import (
     resolve_budget,
 )
 from mineru_vram._probe import DeviceMemory, ProcessMemory
+from support import as_nobody, needs_root, shared_tmp
+
+__all__ = ["shared_tmp"]  # a fixture, used by name
 
 GIB = 1024.0
 KEY = device_key("cuda:0")  # the ledger's name for the device (NVML's UUID where there is a GPU)
@@ -359,3 +363,26 @@ def test_a_killed_holders_reservation_is_recognised_as_stale(tmp_path: Path) -> 
     finally:
         holder.kill()
         holder.communicate(timeout=30)  # reaps it and closes its pipe
+
+
+@needs_root
+def test_a_ledger_folder_another_user_made_first_is_refused_typed(shared_tmp: Path) -> None:
+    # The default folder, <tmp>/mineru-vram-<uid>, is predictable: another local user can make it
+    # first (to read or block our reservations). Admission refuses it with a typed error.
+    squatted = shared_tmp / "mineru-vram-0"
+    as_nobody(["mkdir", "-m", "777", str(squatted)])
+    as_nobody(["mkdir", "-m", "777", str(squatted / "ledger")])
+    device = StandInDevice(20 * GIB)
+    with pytest.raises(mv.InsecurePathError, match="belongs to uid 65534") as info:
+        admit(VramBudget(GIB, probe=device), "cuda:0", ledger=Ledger(squatted))
+    assert isinstance(info.value, PermissionError)
+
+
+def test_ledger_folders_are_private(ledger: Ledger) -> None:
+    device = StandInDevice(20 * GIB)
+    with admit(VramBudget(GIB, probe=device), "cuda:0", ledger=ledger):
+        folders = [ledger.root, *ledger.root.iterdir()]
+        files = list(ledger.root.rglob("res-*.json"))
+        assert files
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o700 for f in folders)
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
