@@ -221,7 +221,7 @@ def tier_model_status(tier: str, *, models_dir: Path | None, small_backend: str 
         from mineru.model.registry import model_repos_for_tier
 
         out = []
-        for repo in model_repos_for_tier(tier, small_backend=small_backend):
+        for repo in model_repos_for_tier(_model_tier(tier), small_backend=small_backend):
             result = verify_model_repo(repo)
             out.append(
                 {
@@ -267,7 +267,7 @@ def download_models(
         from mineru.model.registry import model_repos_for_tier
 
         done = []
-        for repo in model_repos_for_tier(tier, small_backend=small_backend):
+        for repo in model_repos_for_tier(_model_tier(tier), small_backend=small_backend):
             download_model_repo(repo, source=source, reuse_ready=True)
             done.append(repo.name)
         return done
@@ -481,7 +481,7 @@ class MineruRuntime:
         cfg = mconf.config.model
         missing = [
             repo.name
-            for repo in model_repos_for_tier(tier, small_backend=self.small_backend)
+            for repo in model_repos_for_tier(_model_tier(tier), small_backend=self.small_backend)
             if not verify_model_repo(repo).ready
         ]
         if not missing:
@@ -734,6 +734,14 @@ _HUB_HOSTS = {"huggingface": ("huggingface.co",), "modelscope": ("modelscope.cn"
 HUB_CONNECT_TIMEOUT = 3.0
 
 
+def _model_tier(tier: str) -> str:
+    """The tier MinerU's model registry knows (``basic`` or ``standard``) for a parse tier.
+
+    ``flash`` needs the small models (OCR) for scanned pages; ``advanced`` the VLM, as ``standard``.
+    """
+    return {"flash": "basic", "advanced": "standard"}.get(tier, tier)
+
+
 def _download_gb(names: list[str]) -> float:
     return sum(_DOWNLOAD_GB.get(name, 1.0) for name in names)
 
@@ -803,6 +811,11 @@ def _is_models_not_ready(exc: BaseException) -> bool:
     return False
 
 
+# pypdfium2 logs "Explicitly closing <PdfBitmap ...>. This is a potentially unsafe operation!" at
+# WARNING each time MinerU's renderer closes a page bitmap it made (pypdfium2 >= 5.14); nothing a
+# user can act on. Quieted while sessions are open, here and in the render workers.
+_PDFIUM_BITMAP_LOGGER = "pypdfium2._helpers.bitmap"
+
 # Threads inside a parse of ours: processes they spawn do not re-run the user's __main__.
 _spawn_scope = threading.local()
 
@@ -828,13 +841,19 @@ def _main_free_spawn() -> Iterator[None]:
         data: dict[str, Any] = original(name)
         if getattr(_spawn_scope, "depth", 0) > 0:
             data.pop("init_main_from_path", None)
-            data.pop("init_main_from_name", None)
+            # Instead of the user's __main__, the child runs a module of ours that only quiets
+            # pypdfium2's per-bitmap "potentially unsafe operation" warning there (see below).
+            data["init_main_from_name"] = "mineru_vram._render_child"
         return data
 
     spawn.get_preparation_data = get_preparation_data
+    bitmap_log = logging.getLogger(_PDFIUM_BITMAP_LOGGER)
+    level = bitmap_log.level
+    bitmap_log.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        bitmap_log.setLevel(level)
         if spawn.get_preparation_data is get_preparation_data:
             spawn.get_preparation_data = original
 

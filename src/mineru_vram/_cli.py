@@ -33,6 +33,7 @@ EXIT_LEAK = 3  # --strict, and the release receipt is not clean
 EXIT_INTERRUPTED = 130
 
 _BACKENDS = ("pipeline", "flash", "vlm", "hybrid")
+_PROGRESS_DESC = "mineru-vram"  # our own progress bar; every other tqdm bar is silenced unless -v
 
 _EXAMPLES = """\
 examples:
@@ -210,11 +211,35 @@ def _mineru_quiet(verbose: int) -> Iterator[None]:
         yield
         return
     # MinerU reads MINERU_LOG_LEVEL (config field log.level) and sets LOGURU_LEVEL itself.
-    # TQDM_DISABLE turns off MinerU's per-stage progress bars; ours passes `disable` explicitly,
-    # which tqdm lets override the variable.
-    quiet = {"MINERU_LOG_LEVEL": "warning", "LOGURU_LEVEL": "WARNING", "TQDM_DISABLE": "1"}
-    with patched_environ(quiet):
+    quiet = {"MINERU_LOG_LEVEL": "warning", "LOGURU_LEVEL": "WARNING"}
+    with patched_environ(quiet), _no_foreign_progress_bars():
         yield
+
+
+@contextlib.contextmanager
+def _no_foreign_progress_bars() -> Iterator[None]:
+    """Turn off every tqdm bar but ours for the body (this process is the command line's own).
+
+    MinerU's OCR and layout stages pass ``disable=False`` explicitly, which tqdm lets
+    win over ``TQDM_DISABLE``; the class's ``__init__`` is wrapped instead, and restored.
+    """
+    try:
+        from tqdm import std
+    except ImportError:  # tqdm comes with MinerU; without it there is nothing to silence
+        yield
+        return
+    original = std.tqdm.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("desc") != _PROGRESS_DESC:
+            kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = original  # type: ignore[method-assign]
 
 
 def _err(message: str) -> None:
@@ -264,7 +289,7 @@ def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     # disable=None: tqdm draws only on a terminal, so logs and pipes get the plain lines.
-    return tqdm(total=total, unit="doc", desc="mineru-vram", file=sys.stderr, disable=None if enabled else True)
+    return tqdm(total=total, unit="doc", desc=_PROGRESS_DESC, file=sys.stderr, disable=None if enabled else True)
 
 
 def _cmd_parse(args: argparse.Namespace) -> int:
@@ -298,7 +323,7 @@ def _cmd_parse(args: argparse.Namespace) -> int:
             done, failures = _parse_all(session, files, out, args)
         except _SessionFailed as exc:
             _err(f"mineru-vram parse: the session failed: {exc}")
-            return EXIT_FAILED
+            return exc.status
         finally:
             if engine is not None:
                 with contextlib.suppress(Exception):
@@ -325,7 +350,11 @@ def _parse_status(failures: Sequence[tuple[str, BaseException]], report: Any, *,
 
 
 class _SessionFailed(Exception):
-    """The session itself failed (open or release), not one document."""
+    """The session itself failed (open or release), not one document. ``status`` is the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _new_session(args: argparse.Namespace) -> tuple[Any, Any] | int:
@@ -345,6 +374,10 @@ def _new_session(args: argparse.Namespace) -> tuple[Any, Any] | int:
             engine=engine,
             ocr_mode=args.ocr_mode,
         )
+        if args.timeout is not None and session.settings.isolation != "process":
+            raise ConfigurationError(
+                "--timeout needs --isolation process (a parse running in this process cannot be interrupted safely)"
+            )
     except ConfigurationError as exc:
         _err(f"mineru-vram parse: {exc}")
         if engine is not None:
@@ -362,7 +395,7 @@ def _parse_all(session: Any, files: Sequence[str], out: Path, args: argparse.Nam
     Raises:
         _SessionFailed: the session could not open, or its release failed.
     """
-    from ._exceptions import MineruVramError, SessionStateError
+    from ._exceptions import ConfigurationError, MineruVramError, SessionStateError
 
     failures: list[tuple[str, BaseException]] = []
     done = 0
@@ -390,8 +423,10 @@ def _parse_all(session: Any, files: Sequence[str], out: Path, args: argparse.Nam
                         file=sys.stdout,
                     )
                 bar.update(1)
+    except ConfigurationError as exc:  # a setting only the open could judge (a device NVML does not see)
+        raise _SessionFailed(f"{type(exc).__name__}: {exc}", EXIT_USAGE) from exc
     except MineruVramError as exc:  # opening failed (models, worker, admission), or release raised
-        raise _SessionFailed(f"{type(exc).__name__}: {exc}") from exc
+        raise _SessionFailed(f"{type(exc).__name__}: {exc}", EXIT_FAILED) from exc
     finally:
         bar.close()
     return done, failures
@@ -704,7 +739,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._queue import run_worker_cli
 
         return run_worker_cli(args_list[1:])
-    args = _build_parser().parse_args(args_list)
+    parser = _build_parser()
+    if not args_list:
+        parser.print_help()
+        return EXIT_USAGE
+    args = parser.parse_args(args_list)
     _setup_logging(args.verbose)
     commands = {
         "parse": _cmd_parse,
