@@ -1,14 +1,24 @@
-"""The documentation: its runnable examples run, and the site builds.
+"""The documentation: every Python example runs as a script file, and the site builds.
 
-A ```python block preceded by ``<!-- test -->`` in README.md or docs/**.md is run here, on the CPU.
-The blocks of one page run in order in one namespace (a later block may use what an earlier one
-made, as in a notebook), in a temporary folder holding:
+Each ```python block in README.md and docs/**.md is an example, run as a user runs it: saved as a
+file and started with ``python example.py`` (not ``exec`` inside pytest, which would hide what a
+script does differently: ``__main__``, spawned children re-importing it, interpreter exit). The
+examples run on the CPU (or the first GPU where NVML sees one), in a temporary folder holding:
 
 * ``paper.pdf``: a generated two-page text PDF;
-* ``papers/``: ``a.pdf`` (one page), ``b.pdf`` (two pages) and ``notes.txt`` (not a PDF).
+* ``papers/``: ``a.pdf`` (one page), ``b.pdf`` (two pages) and ``notes.txt`` (not a PDF);
 
-``<!-- test: gpu -->`` marks a block that needs a GPU: it runs only where NVML sees one.
-Runnable examples use the ``flash`` backend (MinerU's model-free tier) so they take seconds.
+with ``MINERU_VRAM_MODELS_DIR`` pointing at a random-weight MinerU model tree, so
+``ModelSession(backend="pipeline")`` loads real architectures offline.
+
+A comment on the line before a block changes how it runs:
+
+* ``<!-- test: continues -->``: the block continues the page's previous example (one script, as
+  the cells of a notebook);
+* ``<!-- test: gpu -->``: runs only where NVML sees a GPU;
+* ``<!-- test: pytest -->``: the block is a test module; it runs under ``python -m pytest``;
+* ``<!-- no-test: REASON -->``: not run, and the reason says why (a fragment, a server that cannot
+  be installed here).
 """
 
 from __future__ import annotations
@@ -18,85 +28,151 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from mineru_vram._probe import nvml_device_count
+from mineru_vram._process import child_sys_path
 from mineru_vram.testing import make_pdf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]
-MARKER = re.compile(r"^<!--\s*test(?::\s*(?P<option>[\w-]+))?\s*-->[ \t]*$", re.M)  # alone on its line
-BLOCK = re.compile(
-    r"^<!--\s*test(?::\s*(?P<option>[\w-]+))?\s*-->[ \t]*\n```python[ \t]*\n(?P<code>.*?)^```",
-    re.S | re.M,
-)
-OPTIONS = {None, "gpu"}
+FENCE = re.compile(r"^```python[ \t]*\n(?P<code>.*?)^```", re.S | re.M)
+MARKER = re.compile(r"^<!--\s*(?P<kind>test|no-test)(?::\s*(?P<option>[^>]*?))?\s*-->[ \t]*$")
+OPTIONS = {"continues", "gpu", "pytest"}
+SCRIPT_TIMEOUT = 600  # seconds: a pipeline example loads MinerU's models on 2 CPU cores
+HAS_GPU = nvml_device_count() > 0
 
 
-@dataclass(frozen=True)
-class Block:
+@dataclass
+class Example:
     page: Path
     line: int
     code: str
-    option: str | None
+    gpu: bool = False
+    pytest: bool = False
+    skip: str | None = None  # the no-test reason
+    parts: list[int] = field(default_factory=list)  # lines of the blocks it was built from
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.relative_to(REPO_ROOT).as_posix()}:{self.line}"
 
 
-def blocks_of(page: Path) -> list[Block]:
+def examples_of(page: Path) -> list[Example]:
     text = page.read_text(encoding="utf-8")
-    found = [
-        Block(page, text.count("\n", 0, m.start("code")) + 1, m.group("code"), m.group("option"))
-        for m in BLOCK.finditer(text)
-    ]
-    # A marker that is not directly followed by a python block would silently test nothing.
-    markers = len(MARKER.findall(text))
-    assert markers == len(found), f"{page}: {markers} <!-- test --> markers but {len(found)} python blocks after them"
-    for block in found:
-        assert block.option in OPTIONS, f"{page}:{block.line}: unknown test option {block.option!r}"
-    return found
+    out: list[Example] = []
+    for match in FENCE.finditer(text):
+        line = text.count("\n", 0, match.start()) + 1
+        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        marker = MARKER.match(before)
+        kind = option = None
+        if marker:
+            kind, option = marker.group("kind"), (marker.group("option") or "").strip() or None
+        if kind == "no-test":
+            assert option, f"{page}:{line}: <!-- no-test --> needs a reason"
+            out.append(Example(page, line, match.group("code"), skip=option, parts=[line]))
+            continue
+        assert kind is None or option in OPTIONS, f"{page}:{line}: unknown test option {option!r}"
+        if option == "continues":
+            assert out and out[-1].skip is None, f"{page}:{line}: 'continues' needs a runnable example before it"
+            out[-1].code += "\n" + match.group("code")
+            out[-1].parts.append(line)
+            continue
+        out.append(
+            Example(page, line, match.group("code"), gpu=option == "gpu", pytest=option == "pytest", parts=[line])
+        )
+    return out
 
 
-RUNNABLE = [page for page in PAGES if blocks_of(page)]
+EXAMPLES = [example for page in PAGES for example in examples_of(page)]
 
 
 def test_the_docs_have_runnable_examples() -> None:
-    total = sum(len(blocks_of(p)) for p in PAGES)
-    assert total >= 12, f"only {total} runnable examples: was the <!-- test --> marker renamed?"
-    names = {p.relative_to(REPO_ROOT).as_posix() for p in RUNNABLE}
-    for page in ("docs/index.md", "docs/guides/notebook.md", "docs/guides/web-app.md", "docs/guides/batch.md"):
-        assert page in names
+    runnable = [e for e in EXAMPLES if e.skip is None]
+    assert len(runnable) >= 12, f"only {len(runnable)} runnable examples"
+    pages = {e.page.relative_to(REPO_ROOT).as_posix() for e in runnable}
+    for page in ("README.md", "docs/index.md", "docs/guides/notebook.md", "docs/guides/batch.md"):
+        assert page in pages
+    readme = [e for e in EXAMPLES if e.page.name == "README.md"]
+    assert readme and all(e.skip is None for e in readme), "every README example runs"
 
 
-@pytest.fixture
-def example_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+@pytest.fixture(scope="module")
+def example_env(random_models_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINERU_VRAM_")}
+    env["MINERU_VRAM_MODELS_DIR"] = str(random_models_dir)
+    env["MINERU_VRAM_RUNTIME_DIR"] = os.environ.get("MINERU_VRAM_RUNTIME_DIR", "")
+    if not HAS_GPU:
+        env["MINERU_VRAM_DEVICE"] = "cpu"
+    # The examples import the package under test the way an installed one is found.
+    env["PYTHONPATH"] = os.pathsep.join(child_sys_path())
+    env["PYTHONUNBUFFERED"] = "1"
+    return {k: v for k, v in env.items() if v != ""}
+
+
+def _folder(tmp_path: Path) -> Path:
     (tmp_path / "paper.pdf").write_bytes(make_pdf(2))
     papers = tmp_path / "papers"
     papers.mkdir()
     (papers / "a.pdf").write_bytes(make_pdf(1))
     (papers / "b.pdf").write_bytes(make_pdf(2))
     (papers / "notes.txt").write_bytes(b"Meeting notes, not a PDF\n")
-    monkeypatch.chdir(tmp_path)
-    for key in list(os.environ):
-        if key.startswith("MINERU_VRAM_"):
-            monkeypatch.delenv(key)
     return tmp_path
 
 
-@pytest.mark.parametrize("page", RUNNABLE, ids=lambda p: p.relative_to(REPO_ROOT).as_posix())
-def test_examples_run(page: Path, example_folder: Path) -> None:
-    namespace: dict[str, object] = {"__name__": "__docs_example__"}
-    has_gpu = nvml_device_count() > 0
-    ran = 0
-    for block in blocks_of(page):
-        if block.option == "gpu" and not has_gpu:
-            continue
-        code = compile(block.code, f"{page.relative_to(REPO_ROOT)}:{block.line}", "exec")
-        exec(code, namespace)
-        ran += 1
-    if ran == 0:
-        pytest.skip(f"every example in {page.name} needs a GPU and NVML sees none")
+@pytest.mark.timeout(SCRIPT_TIMEOUT + 60)
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.id)
+def test_example_runs_as_a_script(example: Example, tmp_path: Path, example_env: dict[str, str]) -> None:
+    if example.skip is not None:
+        pytest.skip(f"not runnable here: {example.skip}")
+    if example.gpu and not HAS_GPU:
+        pytest.skip("needs a GPU and NVML sees none")
+    folder = _folder(tmp_path)
+    if example.pytest:
+        script = folder / "test_example.py"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)]
+    else:
+        script = folder / "example.py"
+        command = [sys.executable, str(script)]
+    script.write_text(example.code, encoding="utf-8")
+    run = subprocess.run(
+        command,
+        cwd=folder,
+        env=example_env,
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+        check=False,
+    )
+    assert run.returncode == 0, (
+        f"{example.id} (blocks at lines {example.parts}) failed as a script:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    )
+
+
+@pytest.mark.timeout(SCRIPT_TIMEOUT)
+def test_readme_example_without_models_or_network_fails_fast_and_typed(tmp_path: Path) -> None:
+    """The first thing a user types, on a machine with no models and no route to the model hub."""
+    example = next(e for e in EXAMPLES if e.page.name == "README.md")
+    folder = _folder(tmp_path)
+    (folder / "example.py").write_text(example.code, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MINERU_VRAM_", "MINERU_"))}
+    env.update(
+        HOME=str(tmp_path / "home"),  # no ~/.mineru: MinerU's default model folder is empty
+        HTTPS_PROXY="http://127.0.0.1:9",  # the discard port: nothing listens, so no hub answers
+        MINERU_VRAM_DEVICE="cpu",
+        PYTHONPATH=os.pathsep.join(child_sys_path()),
+    )
+    run = subprocess.run(
+        [sys.executable, "example.py"], cwd=folder, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("mineru_vram._exceptions.ModelsNotAvailableError:"), run.stderr[-3000:]
+    assert "models_dir=" in last and "mineru-vram models download" in last and "about 0.9 GB" in last
+    assert "Traceback" in run.stderr and run.stderr.count("\n") < 60, "one short traceback, not MinerU's retries"
 
 
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
