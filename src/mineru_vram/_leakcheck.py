@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ._probe import MIB
+
 __all__ = [
     "CensusBaseline",
     "CpuProbe",
@@ -49,8 +51,6 @@ __all__ = [
     "visible_device_count",
     "worker_device",
 ]
-
-MIB = 1024 * 1024
 
 
 # --- readings and probes ------------------------------------------------------------------------
@@ -132,7 +132,9 @@ def _cuda_torch(device: str) -> Any | None:
 
 
 def _index(device: str) -> int:
-    return int(device.partition(":")[2] or 0)
+    from ._probe import device_index
+
+    return device_index(device)
 
 
 class CudaProbe:

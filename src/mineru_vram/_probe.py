@@ -232,8 +232,7 @@ def process_memory_mib(device: str = "cuda:0", pid: int | None = None) -> float 
     """
     if not device.startswith("cuda"):
         return None
-    index = int(device.partition(":")[2] or 0)
-    handle = _nvml_handle(index)
+    handle = _nvml_handle(device_index(device))
     if handle is None:
         return None
     target = os.getpid() if pid is None else pid
@@ -256,7 +255,7 @@ def _torch_counters(device: str) -> tuple[float | None, float | None, float | No
     try:
         if not torch.cuda.is_initialized():
             return 0.0, 0.0, 0.0, False
-        index = int(device.partition(":")[2] or 0)
+        index = device_index(device)
         return (
             torch.cuda.memory_allocated(index) / MIB,
             torch.cuda.memory_reserved(index) / MIB,
@@ -382,7 +381,7 @@ def vram_snapshot(device: str | int | None = None) -> VramSnapshot:
     if dev == "cpu":
         reason = _nvml_error() or ("no GPU visible to NVML" if nvml_device_count() == 0 else "cpu device selected")
         return VramSnapshot(device=dev, time=now, gpu_available=False, reason=reason, rss_mib=rss)
-    index = int(dev.partition(":")[2])
+    index = device_index(dev)
     handle = _nvml_handle(index)
     allocated, reserved, peak, initialised = _torch_counters(dev)
     if handle is None:
@@ -448,15 +447,10 @@ del x, w, a
 torch._C._cuda_clearCublasWorkspaces()
 torch.cuda.empty_cache()
 torch.cuda.synchronize()
-import pynvml
-pynvml.nvmlInit()
-idx = dev.index or 0
-vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-if vis:
-    idx = int(vis.split(",")[idx])
-h = pynvml.nvmlDeviceGetHandleByIndex(idx)
+from mineru_vram._probe import _nvml_handle, _running_processes
+h = _nvml_handle(dev.index or 0)  # honours CUDA_VISIBLE_DEVICES, indices or UUIDs
 time.sleep(0.05)
-for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+for p in _running_processes(h):
     if p.pid == os.getpid():
         print(p.usedGpuMemory / 1048576)
         break
@@ -478,6 +472,8 @@ def measure_context_floor(device: str = "cuda:0", *, timeout: float = 120.0, ref
     """
     import subprocess
 
+    from ._process import python_command
+
     dev = resolve_device(device)
     if not dev.startswith("cuda") or nvml_device_count() == 0:
         return None
@@ -486,7 +482,7 @@ def measure_context_floor(device: str = "cuda:0", *, timeout: float = 120.0, ref
     try:
         out = (
             subprocess.run(
-                [sys.executable, "-c", _FLOOR_CODE, dev],
+                python_command("-c", _FLOOR_CODE, dev),
                 capture_output=True,
                 text=True,
                 timeout=timeout,

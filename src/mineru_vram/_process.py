@@ -181,14 +181,19 @@ def child_sys_path() -> list[str]:
 
 
 # Run first in every Python child of ours: take the parent's import path (as multiprocessing's
-# spawn does), then run the named module as __main__. Only ``sys`` is imported before the path
-# is set, and with -I nothing comes from the current directory.
+# spawn does), then run the named module as __main__ (or, after "-c", the given code). Only
+# ``sys`` is imported before the path is set, and with -I nothing comes from the current directory.
 _BOOTSTRAP = (
     "import sys\n"
     "sys.path[:] = [p for p in __import__('json').loads(sys.argv[1]) if p] + sys.path\n"
-    "module = sys.argv[2]\n"
-    "sys.argv = [module, *sys.argv[3:]]\n"
-    "__import__('runpy').run_module(module, run_name='__main__', alter_sys=True)\n"
+    "target = sys.argv[2]\n"
+    "if target == '-c':\n"
+    "    code = sys.argv[3]\n"
+    "    sys.argv = ['-c', *sys.argv[4:]]\n"
+    "    exec(compile(code, '<mineru-vram child>', 'exec'), {'__name__': '__main__'})\n"
+    "else:\n"
+    "    sys.argv = [target, *sys.argv[3:]]\n"
+    "    __import__('runpy').run_module(target, run_name='__main__', alter_sys=True)\n"
 )
 
 
@@ -196,7 +201,8 @@ def python_command(module: str, *args: str) -> list[str]:
     """The command line that runs ``python -m module args...`` isolated from the current folder.
 
     Args:
-        module: a module of this package or of the parent's import path (``mineru_vram._standin``).
+        module: a module of this package or of the parent's import path
+            (``mineru_vram._standin``), or ``"-c"`` followed by code in ``args[0]``.
         args: its arguments.
     """
     return [sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(child_sys_path()), module, *args]

@@ -18,7 +18,7 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._probe import VramSnapshot, _fmt, _html_table, vram_snapshot
+from ._probe import VramSnapshot, _fmt, _html_table, device_index, vram_snapshot
 
 __all__ = ["AliveTracker", "ReleaseReport", "return_allocator_memory"]
 
@@ -65,7 +65,7 @@ def return_allocator_memory(device: str) -> list[tuple[str, float]]:
             return steps
     except Exception:
         return steps
-    index = int(device.partition(":")[2] or 0)
+    index = device_index(device)
     with torch.cuda.device(index):
         t0 = time.perf_counter()
         torch.cuda.synchronize()

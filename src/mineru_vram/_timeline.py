@@ -39,12 +39,12 @@ from typing import Any
 
 from ._events import Event, read_events, subscribe
 from ._exceptions import ConfigurationError, SessionStateError
+from ._probe import MIB
 
 __all__ = ["Phase", "Sample", "Timeline", "TimelineState"]
 
 logger = logging.getLogger("mineru_vram")
 
-MIB = 1024 * 1024
 DEFAULT_HZ = 50.0
 # Descendants (workers, servers) are looked up this often, not at every sample: finding
 # them means reading every process's /proc entry.
@@ -317,13 +317,13 @@ class Timeline:
     # -- sampling --------------------------------------------------------------------------------
 
     def _open_device(self) -> None:
-        from ._probe import _nvml, _nvml_error, _nvml_handle, nvml_device_count
+        from ._probe import _nvml, _nvml_error, _nvml_handle, device_index, nvml_device_count
 
         if not self.device.startswith("cuda"):
             gpus = nvml_device_count()
             self.reason = "cpu device selected" if gpus else (_nvml_error() or "no GPU visible to NVML")
             return
-        handle = _nvml_handle(int(self.device.partition(":")[2] or 0))
+        handle = _nvml_handle(device_index(self.device))
         if handle is None:
             self.reason = _nvml_error() or f"NVML has no device for {self.device}"
             return
