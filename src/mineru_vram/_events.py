@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._config import getenv
+
 __all__ = ["ENV_EVENTS_FILE", "Event", "emit", "subscribe"]
 
 logger = logging.getLogger("mineru_vram")
@@ -68,7 +70,7 @@ def subscribe(callback: Callback) -> Callable[[], None]:
 def emit(event: str, **info: Any) -> None:
     """Tell listeners that ``event`` happened now. Never raises."""
     subscribers = _subscribers
-    path = os.environ.get(ENV_EVENTS_FILE)
+    path = getenv(ENV_EVENTS_FILE)
     if not subscribers and not path:
         return
     record: Event = {"event": event, "time": time.time(), "pid": os.getpid(), **info}
