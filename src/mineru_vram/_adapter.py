@@ -618,12 +618,11 @@ class MineruRuntime:
             The settings in force during the body.
         """
         import importlib
-        import os
 
-        from ._config import patched_environ
+        from ._config import getenv, patched_environ
 
-        window = _positive_int(os.environ.get("MINERU_PROCESSING_WINDOW_SIZE"), 64)
-        vram = _positive_int(os.environ.get("MINERU_VIRTUAL_VRAM_SIZE"), 0) or self._device_total_gb()
+        window = _positive_int(getenv("MINERU_PROCESSING_WINDOW_SIZE"), 64)
+        vram = _positive_int(getenv("MINERU_VIRTUAL_VRAM_SIZE"), 0) or self._device_total_gb()
         env = {"MINERU_PROCESSING_WINDOW_SIZE": str(max(1, window // 2))}
         if vram:
             env["MINERU_VIRTUAL_VRAM_SIZE"] = str(max(1, vram // 2))

@@ -659,6 +659,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_timeline(args: argparse.Namespace) -> int:
+    from ._config import child_environ
     from ._events import ENV_EVENTS_FILE
     from ._exceptions import ConfigurationError
     from ._timeline import Timeline
@@ -680,7 +681,7 @@ def _cmd_timeline(args: argparse.Namespace) -> int:
         _err(f"mineru-vram timeline: {exc}")
         return EXIT_USAGE
     # The command alone gets the variable: its sessions append their phases to the file.
-    env = {**os.environ, ENV_EVENTS_FILE: str(events.resolve())}
+    env = child_environ({ENV_EVENTS_FILE: str(events.resolve())})
     try:
         proc = subprocess.Popen(cmd, env=env)
     except OSError as exc:
