@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 from ._loopback import ChatRequest, HttpError, LoopbackServer, Request, Response
 
 if TYPE_CHECKING:
-    from ._engine import ServerProcess
+    from ._process import ProcessGroup
 
 __all__ = ["STANDIN_ENV", "StandinLauncher", "canned_completion", "main"]
 
@@ -390,9 +390,9 @@ class StandinLauncher:
 
     The engine builds its real ``sglang.launch_server`` (or ``vllm serve``) command line; this
     launcher swaps the module for ``mineru_vram._standin`` and adds fault
-    variables, then starts it through the engine's real process launcher
-    (process group, parent-death watch, log file), so everything but SGLang
-    itself is exercised.
+    variables, then starts it through the library's real process layer
+    (:func:`mineru_vram._process.spawn`: process group, keeper, log file), so
+    everything but SGLang itself is exercised.
 
     Args:
         faults: fault variables by the keys of :data:`STANDIN_ENV` (``crash_after=2``),
@@ -418,8 +418,10 @@ class StandinLauncher:
         self.cap_mib = cap_mib
         self.launches: list[list[str]] = []  # each argv as the engine built it (before the swap)
 
-    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> ServerProcess:
-        from ._engine import launch_process
+    def __call__(
+        self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, cwd: Path | None = None
+    ) -> ProcessGroup:
+        from ._process import python_command, spawn
 
         argv = list(argv)
         self.launches.append(argv)
@@ -427,13 +429,14 @@ class StandinLauncher:
         at = next((i for i, a in enumerate(argv) if a in ("sglang.launch_server", "vllm.entrypoints.cli.main")), None)
         if at is None:
             raise ValueError(f"not an sglang.launch_server or vllm serve command line: {argv}")
-        swapped = [*argv[:at], "mineru_vram._standin", *argv[at + 1 :]]
+        # Our own interpreter, isolated from the working folder, whatever python= the engine was given.
+        command = python_command("mineru_vram._standin", *argv[at + 1 :])
         child_env = {k: v for k, v in env.items() if not k.startswith("MINERU_VRAM_STANDIN_")}
         for key, value in faults.items():
             child_env[STANDIN_ENV[key]] = "1" if value is True else str(value)
         if self.cap_mib is not None:
             child_env[STANDIN_ENV["cap_mib"]] = str(self.cap_mib)
-        return launch_process(swapped, env=child_env, log_path=log_path)
+        return spawn(command, env=child_env, log_path=log_path, cwd=cwd)
 
 
 if __name__ == "__main__":

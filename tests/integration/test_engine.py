@@ -29,9 +29,10 @@ import pytest
 import mineru_vram as mv
 from mineru_vram import testing
 from mineru_vram._budget import Ledger, admit, device_key
-from mineru_vram._engine import EngineState, ResidentEngine, _http
+from mineru_vram._engine import EngineState, ResidentEngine, http
 from mineru_vram._probe import DeviceMemory
 from mineru_vram._standin import STANDIN_TEXT, StandinLauncher
+from support import alive, all_gone, wait_for
 
 Factory = Callable[..., ResidentEngine]
 
@@ -76,7 +77,7 @@ def _standin_processes() -> list[psutil.Process]:
 
 
 def _stats(engine: ResidentEngine) -> dict[str, Any]:
-    status, body = _http("GET", f"{engine.url}/standin/stats", api_key=engine.vlm_config()["api_key"])
+    status, body = http.request("GET", f"{engine.url}/standin/stats", api_key=engine.vlm_config()["api_key"])
     assert status == 200, body
     return body  # type: ignore[no-any-return]
 
@@ -84,27 +85,7 @@ def _stats(engine: ResidentEngine) -> dict[str, Any]:
 def _chat(engine: ResidentEngine, prompt: str = "\nText Recognition:", timeout: float = 30) -> int:
     payload = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]}
     key = engine.vlm_config()["api_key"]
-    return _http("POST", f"{engine.url}/v1/chat/completions", api_key=key, body=payload, timeout=timeout)[0]
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-def _gone(pids: list[int], timeout: float = 5.0) -> bool:
-    return _wait_for(lambda: not any(psutil.pid_exists(p) and _alive(p) for p in pids), timeout)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return http.request("POST", f"{engine.url}/v1/chat/completions", api_key=key, body=payload, timeout=timeout)[0]
 
 
 # --- start, status, stop ------------------------------------------------------------------------
@@ -134,7 +115,7 @@ def test_start_status_and_stop_leave_no_process(make_engine: Factory, model_dir:
 
     engine.stop()
     assert engine.state is EngineState.STOPPED
-    assert _gone([server.pid, keeper.pid], timeout=2)
+    assert all_gone([server.pid, keeper.pid], timeout=2)
     assert not log.parent.exists(), "stop removes the key file and the log folder"
     assert _standin_processes() == []
     assert engine.stop() is engine.last_report  # idempotent
@@ -151,7 +132,7 @@ def test_readiness_timeout_reports_the_log_tail(make_engine: Factory) -> None:
     assert "did not become ready within 1 s" in str(info.value)
     assert "stand-in: never ready" in info.value.log_tail  # type: ignore[attr-defined]
     assert engine.state is EngineState.CRASHED
-    assert _wait_for(lambda: _standin_processes() == [], 5)
+    assert wait_for(lambda: _standin_processes() == [], 5)
 
 
 def test_a_server_that_exits_at_start_fails_fast_with_its_exit_code(make_engine: Factory) -> None:
@@ -175,7 +156,7 @@ def test_a_crashed_server_is_restarted_on_the_same_url(make_engine: Factory) -> 
     url = engine.url
     with pytest.raises((ConnectionError, urllib.error.URLError)):
         _chat(engine)  # the stand-in exits on purpose while answering
-    assert _wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
+    assert wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
     status = engine.status()
     assert status.pid != first_pid
     assert engine.url == url
@@ -200,7 +181,7 @@ def test_callers_get_a_typed_error_not_a_hang(make_engine: Factory) -> None:
     with pytest.raises(mv.EngineCrashedError, match="crashed during the parse") as info:
         parse_through(engine)
     assert isinstance(info.value.__cause__, mv.ParseError)
-    assert _wait_for(lambda: engine.state is EngineState.CRASHED, 10)
+    assert wait_for(lambda: engine.state is EngineState.CRASHED, 10)
     t0 = time.monotonic()
     with pytest.raises(mv.EngineCrashedError, match="is down"), engine.lease():
         pass
@@ -230,7 +211,7 @@ def test_a_hung_server_is_killed_and_restarted(make_engine: Factory) -> None:
     assert not thread.is_alive(), "a request to a hung server must end when the supervisor kills it"
     assert time.monotonic() - t0 < 20
     assert isinstance(outcome[0], OSError)
-    assert _wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
+    assert wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
     assert "health checks in a row (hung)" in (engine.status().last_error or "")
     assert _chat(engine) == 200
 
@@ -243,7 +224,7 @@ def test_a_server_killed_while_asleep_comes_back_asleep(make_engine: Factory) ->
     victim = engine.status().pid
     assert victim is not None
     os.kill(victim, signal.SIGKILL)  # a real crash: the OOM killer, a driver fault
-    assert _wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.SLEEPING, 15)
+    assert wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.SLEEPING, 15)
     assert engine.status().pid != victim
     assert len(launcher.launches) == 2
     assert [c["call"] for c in _stats(engine)["calls"]] == ["release"], "the new server was put back to sleep"
@@ -344,7 +325,7 @@ def test_a_vllm_engine_sleeps_and_wakes_through_vllms_endpoints(model_dir: Path)
         results: list[int] = []
         thread = threading.Thread(target=lambda: results.append(_chat(engine)))
         thread.start()
-        assert _wait_for(lambda: engine._backend.busy(2.0), timeout=5)  # vllm:num_requests_running > 0
+        assert wait_for(lambda: engine._backend.busy(2.0), timeout=5)  # vllm:num_requests_running > 0
         thread.join(10)
         assert results == [200]
         assert not engine._backend.busy(2.0)
@@ -352,7 +333,7 @@ def test_a_vllm_engine_sleeps_and_wakes_through_vllms_endpoints(model_dir: Path)
         engine.sleep()
         assert engine.state is EngineState.SLEEPING
         key = engine.vlm_config()["api_key"]
-        assert _http("GET", f"{engine.url}/is_sleeping", api_key=key)[1] == {"is_sleeping": True}
+        assert http.request("GET", f"{engine.url}/is_sleeping", api_key=key)[1] == {"is_sleeping": True}
         engine.wake()
         assert engine.state is EngineState.READY
         calls = _stats(engine)["calls"]
@@ -395,7 +376,7 @@ def test_keep_alive_puts_an_idle_engine_to_sleep_and_a_request_wakes_it(make_eng
     engine = make_engine(keep_alive="300ms", health_interval=0.1)
     engine.start()
     t0 = time.monotonic()
-    assert _wait_for(lambda: engine.state is EngineState.SLEEPING, 10)
+    assert wait_for(lambda: engine.state is EngineState.SLEEPING, 10)
     assert time.monotonic() - t0 >= 0.25
     assert engine.status().idle_seconds >= 0.3
     assert engine.last_report is not None
@@ -411,9 +392,9 @@ def test_keep_alive_stop_unloads_and_the_next_request_starts_it_again(make_engin
     engine.start()
     first = engine.status().pid
     url = engine.url
-    assert _wait_for(lambda: engine.state is EngineState.UNLOADED, 10)
+    assert wait_for(lambda: engine.state is EngineState.UNLOADED, 10)
     assert first is not None
-    assert _gone([first], 5)
+    assert all_gone([first], 5)
     assert engine.status().pid is None
     with engine.lease():
         assert engine.state is EngineState.READY
@@ -450,10 +431,10 @@ def test_killing_the_parent_leaves_no_orphan(model_dir: Path) -> None:
             assert child.stdout is not None
             pids = json.loads(child.stdout.readline())
             assert len(pids) == 2  # keeper and stand-in
-            assert all(_alive(p) for p in pids)
+            assert all(alive(p) for p in pids)
             child.send_signal(signal.SIGKILL)
             child.wait(10)
-            assert _gone(pids, timeout=5), f"orphans left after the parent was killed: {pids}"
+            assert all_gone(pids, timeout=5), f"orphans left after the parent was killed: {pids}"
         finally:
             child.kill()
 
@@ -465,7 +446,7 @@ def test_exiting_without_stop_runs_the_engines_atexit_hook(model_dir: Path) -> N
     lines = out.stdout.splitlines()
     pids = json.loads(lines[0])
     assert lines[-1] == "state at exit: stopped"
-    assert _gone(pids, timeout=5)
+    assert all_gone(pids, timeout=5)
 
 
 # --- the process-wide engine ----------------------------------------------------------------------
@@ -503,7 +484,7 @@ def test_32_threads_asking_at_once_start_exactly_one_engine(model_dir: Path) -> 
     assert ResidentEngine.current() is None
     assert engine.state is EngineState.STOPPED
     assert pid is not None
-    assert _gone([pid])
+    assert all_gone([pid])
 
 
 def test_asking_with_other_settings_names_each_difference(model_dir: Path, tmp_path: Path) -> None:
@@ -556,7 +537,7 @@ def test_attach_uses_a_server_it_does_not_own(make_engine: Factory) -> None:
     attached.wake()
     attached.stop()
     assert owner.state is EngineState.READY
-    assert _http("GET", f"{owner.url}/health")[0] == 200, "stopping an attached engine leaves the server running"
+    assert http.request("GET", f"{owner.url}/health")[0] == 200, "stopping an attached engine leaves the server running"
     with pytest.raises(mv.EngineStartError, match="refused the API key"):
         ResidentEngine.attach(owner.url, api_key="wrong-key", start_timeout=2)
     owner.stop()
@@ -585,7 +566,7 @@ def test_vlm_session_parses_through_minerus_http_client(make_engine: Factory, ra
     assert session.release_report.models_alive == []
     assert engine.state is EngineState.READY, "closing a session never stops the shared engine"
     assert owner.state is EngineState.READY
-    assert _http("GET", f"{owner.url}/health")[0] == 200
+    assert http.request("GET", f"{owner.url}/health")[0] == 200
     assert engine.status().idle_seconds < 60
     engine.stop()
     from mineru.model.vlm.runtime import ModelSingleton
@@ -612,7 +593,7 @@ def test_transformers_engine_for_real_on_cpu(random_models_dir: Path, random_vlm
         assert status.pid != os.getpid(), "MinerU's transformers engine runs in a child process of its own"
         server = psutil.Process(status.pid)
         assert "mineru_vram._vlm_serve" in " ".join(server.cmdline())
-        seen = _http("GET", f"{engine.url}/server_info", api_key=engine.vlm_config()["api_key"])[1]
+        seen = http.request("GET", f"{engine.url}/server_info", api_key=engine.vlm_config()["api_key"])[1]
         assert seen["max_new_tokens"] == 16
         with mv.ModelSession("hybrid", engine=engine, device="cpu", models_dir=random_models_dir) as session:
             result = session.parse(testing.make_pdf(1, table=False))
@@ -620,7 +601,7 @@ def test_transformers_engine_for_real_on_cpu(random_models_dir: Path, random_vlm
         assert result.backend == "hybrid"
         assert session.release_report is not None
         assert session.release_report.ok
-        served = _http("GET", f"{engine.url}/server_info", api_key=engine.vlm_config()["api_key"])[1]
+        served = http.request("GET", f"{engine.url}/server_info", api_key=engine.vlm_config()["api_key"])[1]
         assert served["requests"].get("/v1/chat/completions", 0) >= 1, "MinerU's client reached the engine"
         assert engine.state is EngineState.READY, "closing the session leaves the engine loaded"
         assert server.is_running()
@@ -630,4 +611,4 @@ def test_transformers_engine_for_real_on_cpu(random_models_dir: Path, random_vlm
     finally:
         engine.stop()
     assert engine.state is EngineState.STOPPED
-    assert _gone(pids)
+    assert all_gone(pids)

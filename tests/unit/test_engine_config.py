@@ -7,6 +7,9 @@ command line and refuses to run anything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import json
 import threading
 import time
 from datetime import timedelta
@@ -18,6 +21,7 @@ import pytest
 import mineru_vram as mv
 from mineru_vram._budget import Ledger, admit, device_key
 from mineru_vram._engine import (
+    EngineSettings,
     EngineState,
     MemoryReport,
     ResidentEngine,
@@ -25,6 +29,7 @@ from mineru_vram._engine import (
     build_vllm_argv,
     parse_keep_alive,
 )
+from mineru_vram._engine.settings import SETTING_NAMES
 from mineru_vram._probe import DeviceMemory, ProcessMemory
 
 
@@ -74,7 +79,7 @@ class RefusingLauncher:
     def __init__(self) -> None:
         self.argv: list[list[str]] = []
 
-    def __call__(self, argv: Any, *, env: Any, log_path: Path) -> Any:
+    def __call__(self, argv: Any, *, env: Any, log_path: Path, cwd: Path) -> Any:
         self.argv.append(list(argv))
         raise AssertionError("this test must not launch a server")
 
@@ -149,13 +154,13 @@ def test_vllm_server_environment_carries_key_dev_mode_and_the_physical_gpu(
 ) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     engine = ResidentEngine("vllm", model_path=model_dir, device="cuda:1", probe=card())
-    env = engine._backend.server_env({})  # type: ignore[attr-defined]
+    env = engine._backend.server_env(engine._context())  # type: ignore[attr-defined]
     assert env["CUDA_VISIBLE_DEVICES"] == "5"  # this process's cuda:1 is the machine's GPU 5
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
     assert env["VLLM_API_KEY"] == engine.vlm_config()["api_key"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     with pytest.raises(mv.ConfigurationError, match="not among CUDA_VISIBLE_DEVICES=3"):
-        engine._backend.server_env({})  # type: ignore[attr-defined]
+        engine._backend.server_env(engine._context())  # type: ignore[attr-defined]
 
 
 def test_a_vllm_budget_becomes_gpu_memory_utilization_and_no_budget_admits_vllms_default(
@@ -167,13 +172,13 @@ def test_a_vllm_budget_becomes_gpu_memory_utilization_and_no_budget_admits_vllms
     )
     engine._preflight()
     engine._release_reservation()
-    argv = engine._backend.argv()  # type: ignore[attr-defined]
+    argv = engine._backend.argv(engine._context())  # type: ignore[attr-defined]
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.250"
     plain = ResidentEngine("vllm", model_path=model_dir, device="cuda:0", probe=card(total_gib=80), ledger=ledger)
     plain._preflight()
     assert _ledger_needs(ledger) == [pytest.approx(0.9 * 80 * 1024)]  # vLLM takes 90 % when not told
     plain._release_reservation()
-    assert "--gpu-memory-utilization" not in plain._backend.argv()  # type: ignore[attr-defined]
+    assert "--gpu-memory-utilization" not in plain._backend.argv(plain._context())  # type: ignore[attr-defined]
 
 
 def test_constructing_starts_nothing(model_dir: Path) -> None:
@@ -271,8 +276,8 @@ def test_budget_becomes_a_fraction_of_the_total_rounded_down(
     engine._release_reservation()  # the preflight reserved the budget in the ledger; nothing runs
     assert engine.mem_fraction_static == pytest.approx(fraction)
     assert engine.mem_fraction_static * total_gib <= budget_gib
-    assert "--mem-fraction-static" in engine._backend.argv()  # type: ignore[attr-defined]
-    assert engine._backend.argv()[engine._backend.argv().index("--mem-fraction-static") + 1] == f"{fraction:.3f}"  # type: ignore[attr-defined]
+    argv = engine._backend.argv(engine._context())  # type: ignore[attr-defined]
+    assert argv[argv.index("--mem-fraction-static") + 1] == f"{fraction:.3f}"
 
 
 def test_budget_above_the_card_is_a_configuration_error(model_dir: Path) -> None:
@@ -413,7 +418,7 @@ class EnvRecordingLauncher:
     def __init__(self) -> None:
         self.env: dict[str, str] = {}
 
-    def __call__(self, argv: Any, *, env: Any, log_path: Path) -> Any:
+    def __call__(self, argv: Any, *, env: Any, log_path: Path, cwd: Path) -> Any:
         self.env = dict(env)
         raise OSError("this test launches nothing")
 
@@ -489,13 +494,60 @@ def test_memory_report_arithmetic_and_text() -> None:
     assert "NVML cannot tell" in str(MemoryReport("wake", 0.0, None, None))
 
 
-def test_states_have_the_documented_values() -> None:
-    assert {s.value for s in EngineState} == {
-        "new",
-        "starting",
-        "ready",
-        "sleeping",
-        "unloaded",
-        "crashed",
-        "stopped",
-    }
+@pytest.mark.parametrize("state", list(EngineState))
+def test_each_state_decides_what_the_engine_allows(model_dir: Path, state: EngineState) -> None:
+    engine = ResidentEngine("sglang", model_path=model_dir, device="cpu", launcher=RefusingLauncher())
+    engine._state = state  # what the lifecycle would have led to; nothing runs
+    running = state in (EngineState.READY, EngineState.SLEEPING)
+    assert engine.is_running() is running
+    if state is EngineState.SLEEPING:
+        assert engine.sleep().note == "already sleeping"
+    elif state is not EngineState.READY:
+        with pytest.raises(mv.EngineStateError, match=f"cannot sleep: the engine is {state.value}$"):
+            engine.sleep()
+    if state is EngineState.READY:
+        assert engine.wake().note == "already awake"
+    elif state is not EngineState.SLEEPING:
+        with pytest.raises(mv.EngineStateError, match=f"cannot wake: the engine is {state.value}$"):
+            engine.wake()
+    if running:
+        assert engine.start() is engine  # idempotent while it runs: launches nothing
+    status = engine.status().to_dict()
+    assert status["state"] == state.value
+    assert json.loads(json.dumps(status))["state"] == state.value  # a status is plain JSON
+    engine._state = EngineState.NEW
+    engine.stop()
+
+
+def test_a_stopped_engine_refuses_every_use(model_dir: Path) -> None:
+    engine = ResidentEngine("sglang", model_path=model_dir, device="cpu", launcher=RefusingLauncher())
+    engine.stop()
+    for use in (engine.start, engine.sleep, engine.wake):
+        with pytest.raises(mv.EngineStateError):
+            use()
+    with pytest.raises(mv.EngineStateError, match="stopped"), engine.lease():
+        pass
+
+
+# --- the one list of settings ---------------------------------------------------------------------
+
+
+def test_the_public_signature_takes_every_setting_with_the_settings_default() -> None:
+    params = inspect.signature(ResidentEngine.__init__).parameters
+    collaborators = {"self", "api_key", "launcher", "probe", "ledger"}
+    assert set(params) - collaborators == set(SETTING_NAMES)
+    for field in dataclasses.fields(EngineSettings):
+        assert params[field.name].default == field.default, field.name
+
+
+def test_settings_resolve_to_a_fixed_point_and_refuse_unknown_names(model_dir: Path) -> None:
+    settings = EngineSettings.resolve(
+        engine="SGLang", model_path=model_dir, device=0, keep_alive="10m", budget="8GiB", start_timeout=5
+    )
+    assert (settings.engine, settings.device, settings.keep_alive) == ("sglang", "cuda:0", 600.0)
+    assert settings.budget == mv.VramBudget(mib=8192)
+    assert isinstance(settings.start_timeout, float)
+    assert EngineSettings.resolve(settings) == settings
+    assert EngineSettings.resolve(settings, keep_alive=None).keep_alive is None
+    with pytest.raises(TypeError, match="unexpected engine setting"):
+        EngineSettings.resolve(settings, keepalive=1)

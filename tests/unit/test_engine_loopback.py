@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mineru_vram._engine import _http
+from mineru_vram._engine import http
 from mineru_vram._loopback import ChatRequest, HttpError, LoopbackServer, parse_chat_request
 from mineru_vram._standin import STANDIN_LAYOUT, STANDIN_TEXT, StandinLauncher, _parse_args, canned_completion
 
@@ -60,27 +60,29 @@ def _chat(prompt: str, image: bytes | None = b"\x89PNG fake") -> dict[str, Any]:
 
 def test_health_needs_no_key_everything_else_does(server: tuple[LoopbackServer, EchoCompleter]) -> None:
     srv, _ = server
-    assert _http("GET", f"{srv.url}/health")[0] == 200
-    assert _http("GET", f"{srv.url}/health_generate")[0] == 200
+    assert http.request("GET", f"{srv.url}/health")[0] == 200
+    assert http.request("GET", f"{srv.url}/health_generate")[0] == 200
     for path in ("/v1/models", "/v1/loads", "/server_info", "/model_info"):
-        assert _http("GET", f"{srv.url}{path}")[0] == 401, path
-        assert _http("GET", f"{srv.url}{path}", api_key="wrong")[0] == 401, path
-        assert _http("GET", f"{srv.url}{path}", api_key="sekret")[0] == 200, path
-    status, body = _http("POST", f"{srv.url}/v1/chat/completions", body=_chat("x"))
+        assert http.request("GET", f"{srv.url}{path}")[0] == 401, path
+        assert http.request("GET", f"{srv.url}{path}", api_key="wrong")[0] == 401, path
+        assert http.request("GET", f"{srv.url}{path}", api_key="sekret")[0] == 200, path
+    status, body = http.request("POST", f"{srv.url}/v1/chat/completions", body=_chat("x"))
     assert status == 401
     assert body["error"]["type"] == "invalid_api_key"
 
 
 def test_models_lists_exactly_one(server: tuple[LoopbackServer, EchoCompleter]) -> None:
     srv, _ = server
-    status, body = _http("GET", f"{srv.url}/v1/models", api_key="sekret")
+    status, body = http.request("GET", f"{srv.url}/v1/models", api_key="sekret")
     assert status == 200
     assert [m["id"] for m in body["data"]] == ["tiny-vlm"]
 
 
 def test_chat_completion_round_trip(server: tuple[LoopbackServer, EchoCompleter]) -> None:
     srv, completer = server
-    status, body = _http("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("\nLayout Detection:"))
+    status, body = http.request(
+        "POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("\nLayout Detection:")
+    )
     assert status == 200
     choice = body["choices"][0]
     assert choice["message"]["content"] == "echo:\nLayout Detection:"
@@ -101,13 +103,13 @@ def test_chat_completion_round_trip(server: tuple[LoopbackServer, EchoCompleter]
 
 def test_errors_are_openai_shaped(server: tuple[LoopbackServer, EchoCompleter]) -> None:
     srv, _ = server
-    status, body = _http("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("boom"))
+    status, body = http.request("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("boom"))
     assert status == 500
     assert "model failed" in body["error"]["message"]
     assert srv.running == 0, "a failed completion must not stay counted as running"
-    assert _http("GET", f"{srv.url}/nope", api_key="sekret")[0] == 404
-    assert _http("GET", f"{srv.url}/v1/chat/completions", api_key="sekret")[0] == 405
-    status, body = _http("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body={"messages": "x"})
+    assert http.request("GET", f"{srv.url}/nope", api_key="sekret")[0] == 404
+    assert http.request("GET", f"{srv.url}/v1/chat/completions", api_key="sekret")[0] == 405
+    status, body = http.request("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body={"messages": "x"})
     assert status == 400
 
 

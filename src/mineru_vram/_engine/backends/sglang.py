@@ -1,0 +1,88 @@
+"""SGLang: a ``sglang.launch_server`` process with the memory saver, so sleep really returns memory.
+
+SGLang facts this relies on (sglang 0.5.23, ``sglang/srt/server_args.py`` and
+``sglang/srt/entrypoints/http_server.py``): the flags ``--model-path``, ``--host``,
+``--port``, ``--mem-fraction-static``, ``--enable-memory-saver``, ``--device``,
+``--base-gpu-id``, ``--served-model-name`` and ``--config`` (a YAML file, whose
+keys become flags; JSON is valid YAML); ``/health`` needs no key, every other
+endpoint needs the key; ``/release_memory_occupation`` asserts the server is
+idle and does nothing without ``--enable-memory-saver``; ``/v1/loads`` reports
+``num_running_reqs`` and ``num_waiting_reqs``. SGLang sizes its static pool as
+``mem_fraction_static`` times the memory it finds free before loading weights,
+so on a card shared with others the pool is smaller than the budget, never larger.
+MinerU 4 dropped its SGLang engine, but its http-client speaks the OpenAI API,
+which SGLang serves.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from .base import BackendContext, EngineTraits
+from .server import ServerBackend, gpu_flags
+
+__all__ = ["SGLangBackend", "build_sglang_argv"]
+
+
+def build_sglang_argv(
+    *,
+    model_path: str,
+    port: int,
+    config_path: Path,
+    device: str,
+    mem_fraction: float | None,
+    served_model_name: str | None = None,
+    extra_args: Sequence[str] = (),
+    python: str | None = None,
+    host: str = "127.0.0.1",
+) -> list[str]:
+    """The ``sglang.launch_server`` command line for sglang 0.5.23's ``server_args``.
+
+    The API key is not on it: it is in ``config_path`` (SGLang's ``--config`` YAML),
+    so other users of the machine cannot read it from the process list.
+    """
+    argv = [
+        python or sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        model_path,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--config",
+        str(config_path),
+        "--enable-memory-saver",
+    ]
+    if mem_fraction is not None:
+        argv += ["--mem-fraction-static", f"{mem_fraction:.3f}"]
+    argv += gpu_flags(device)
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    argv += list(extra_args)
+    return argv
+
+
+class SGLangBackend(ServerBackend):
+    """An SGLang server of ours."""
+
+    traits: ClassVar[EngineTraits] = EngineTraits(pool_fraction=True)
+    name = "sglang"
+
+    def argv(self, ctx: BackendContext) -> list[str]:
+        s = ctx.settings
+        assert s.model_path is not None  # the settings require it
+        return build_sglang_argv(
+            model_path=s.model_path,
+            port=self.port,
+            config_path=ctx.config_path,
+            device=s.device,
+            mem_fraction=ctx.mem_fraction,
+            served_model_name=s.model_name,
+            extra_args=s.extra_args,
+            python=s.python,
+        )
