@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,3 +156,46 @@ def test_standin_launcher_validates_faults() -> None:
         StandinLauncher({"explode": 1})
     with pytest.raises(ValueError, match=r"not an sglang\.launch_server"):
         StandinLauncher()(["python", "-m", "other"], env={}, log_path=Path("/dev/null"))
+
+
+def _raw_request(srv: LoopbackServer, head: str, timeout: float = 5.0) -> str:
+    """Send request headers (and no body) on a raw socket; the status line the server answers with."""
+    with socket.create_connection((srv.host, srv.port), timeout=timeout) as sock:
+        sock.sendall(head.encode())
+        return sock.makefile("rb").readline().decode().strip()
+
+
+def test_the_key_is_checked_before_any_body_is_read(server: tuple[LoopbackServer, EchoCompleter]) -> None:
+    srv, _ = server
+    # 400 MiB announced, nothing sent: a server that reads before checking the key would wait for it.
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 419430400\r\n\r\n"
+    assert _raw_request(srv, head) == "HTTP/1.1 401 Unauthorized"
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        "Authorization: Bearer wrong\r\nContent-Length: 419430400\r\n\r\n"
+    )
+    assert _raw_request(srv, head) == "HTTP/1.1 401 Unauthorized"
+
+
+def test_a_body_over_the_cap_is_refused_unread(server: tuple[LoopbackServer, EchoCompleter]) -> None:
+    srv, completer = server
+    too_big = srv.max_body_bytes + 1
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer sekret\r\nContent-Length: {too_big}\r\n\r\n"
+    )
+    assert _raw_request(srv, head) == "HTTP/1.1 413 Request Entity Too Large"
+    assert completer.seen == []
+    assert http.request("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("ok"))[0] == 200
+
+
+def test_only_authorised_requests_are_counted(server: tuple[LoopbackServer, EchoCompleter]) -> None:
+    srv, _ = server
+    for _ in range(3):
+        assert http.request("GET", f"{srv.url}/v1/models")[0] == 401
+        assert http.request("POST", f"{srv.url}/v1/chat/completions", body=_chat("x"))[0] == 401
+    assert "/v1/models" not in srv.counts
+    assert "/v1/chat/completions" not in srv.counts
+    assert http.request("GET", f"{srv.url}/v1/models", api_key="sekret")[0] == 200
+    assert http.request("GET", f"{srv.url}/health")[0] == 200  # open probes count: they need no key
+    assert srv.counts == {"/v1/models": 1, "/health": 1}
