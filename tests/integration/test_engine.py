@@ -32,7 +32,7 @@ from mineru_vram._budget import Ledger, admit, device_key
 from mineru_vram._engine import EngineState, ResidentEngine, http
 from mineru_vram._probe import DeviceMemory
 from mineru_vram._standin import STANDIN_TEXT, StandinLauncher
-from support import alive, all_gone, wait_for
+from support import alive, all_gone, as_nobody, needs_root, wait_for
 
 Factory = Callable[..., ResidentEngine]
 
@@ -154,6 +154,7 @@ def test_a_crashed_server_is_restarted_on_the_same_url(make_engine: Factory) -> 
     engine.start()
     first_pid = engine.status().pid
     url = engine.url
+    first_key = engine.vlm_config()["api_key"]
     with pytest.raises((ConnectionError, urllib.error.URLError)):
         _chat(engine)  # the stand-in exits on purpose while answering
     assert wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
@@ -164,6 +165,9 @@ def test_a_crashed_server_is_restarted_on_the_same_url(make_engine: Factory) -> 
     assert "exited with code 70" in (status.last_error or "")
     assert "crashing on purpose" in (status.last_error or "")
     assert _chat(engine) == 200
+    # Each launch has its own key: one that leaked from the first server opens nothing on the second.
+    assert engine.vlm_config()["api_key"] != first_key
+    assert http.request("GET", f"{engine.url}/v1/models", api_key=first_key)[0] == 401
 
 
 def test_callers_get_a_typed_error_not_a_hang(make_engine: Factory) -> None:
@@ -229,6 +233,97 @@ def test_a_server_killed_while_asleep_comes_back_asleep(make_engine: Factory) ->
     assert len(launcher.launches) == 2
     assert [c["call"] for c in _stats(engine)["calls"]] == ["release"], "the new server was put back to sleep"
     assert "exited with code" in (engine.status().last_error or "")
+
+
+# --- another user on the same machine -------------------------------------------------------------
+
+# A squatter: listens on the port it is given, answers every request as a healthy OpenAI server
+# would, and prints what it received.
+_SQUATTER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+print("up", flush=True)
+answer = b'{"data": [{"id": "squatted"}]}'
+while True:
+    conn, _ = s.accept()
+    conn.settimeout(2)
+    try:
+        print(repr(conn.recv(65536)), flush=True)
+        conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nConnection: close\\r\\n"
+                     b"Content-Length: %d\\r\\n\\r\\n%s" % (len(answer), answer))
+    except OSError:
+        pass
+    conn.close()
+"""
+
+
+class SquattingLauncher(StandinLauncher):
+    """Lets the user nobody bind the engine's port just before a launch: the race a free port leaves.
+
+    Args:
+        times: how many launches, from the first, find their port taken.
+    """
+
+    def __init__(self, times: int = 1) -> None:
+        super().__init__()
+        self.times = times
+        self.squatters: list[Any] = []
+        self.ports: list[int] = []
+
+    def __call__(self, argv: Any, *, env: Any, log_path: Path, cwd: Path | None = None) -> Any:
+        if len(self.squatters) < self.times:
+            port = int(argv[argv.index("--port") + 1])
+            squatter = as_nobody([sys.executable, "-I", "-c", _SQUATTER, str(port)], wait=False)
+            self.squatters.append(squatter)
+            self.ports.append(port)
+            assert squatter.stdout.readline().strip() == "up"
+        return super().__call__(argv, env=env, log_path=log_path, cwd=cwd)
+
+    def heard(self) -> str:
+        """Stop the squatters; everything they received."""
+        out = []
+        for squatter in self.squatters:
+            squatter.kill()
+            out.append(squatter.stdout.read())
+            squatter.wait(10)
+            squatter.stdout.close()
+        return "".join(out)
+
+
+@needs_root
+def test_a_port_another_user_holds_is_never_sent_the_key(make_engine: Factory) -> None:
+    launcher = SquattingLauncher()
+    engine = make_engine(launcher)
+    try:
+        engine.start()
+        key = engine.vlm_config()["api_key"]
+        assert engine.state is EngineState.READY
+        assert engine.url != f"http://127.0.0.1:{launcher.ports[0]}", "the engine moved to a port of its own"
+        assert len(launcher.launches) == 2
+        assert _chat(engine) == 200
+        assert _stats(engine)["pid"] == engine.status().pid, "the server answering is ours"
+    finally:
+        heard = launcher.heard()
+    assert key not in heard
+    assert heard == "", f"requests were sent to another user's port: {heard}"
+
+
+@needs_root
+def test_a_start_whose_every_port_is_taken_fails_typed_and_sends_nothing(make_engine: Factory) -> None:
+    launcher = SquattingLauncher(times=3)
+    engine = make_engine(launcher)
+    try:
+        with pytest.raises(mv.EngineStartError, match="held by a process that is not ours") as info:
+            engine.start()
+    finally:
+        heard = launcher.heard()
+    assert info.value.ports == launcher.ports  # type: ignore[attr-defined]
+    assert heard == ""
+    assert engine.state is EngineState.CRASHED
+    assert wait_for(lambda: _standin_processes() == [], 5)
 
 
 # --- sleep, wake, keep-alive --------------------------------------------------------------------

@@ -188,6 +188,7 @@ class ResidentEngine:
         self._last_activity = time.monotonic()
         self._generation = 0  # bumped on every crash; a lease compares it
         self._restarts = 0
+        self._launches = 0
         self._crash_streak = 0
         self._last_error: str | None = None
         self._failed_at = -math.inf
@@ -417,6 +418,9 @@ class ResidentEngine:
 
     def _launch_and_wait(self) -> None:
         deadline = time.monotonic() + self.settings.start_timeout
+        if self._traits.launched and self._launches:
+            self._api_key = new_api_key()  # every launch has its own key: a restart never reuses one
+        self._launches += 1
         try:
             self._backend.launch(self._context())
             self._backend.wait_ready(deadline, self._stop_event)

@@ -4,12 +4,21 @@
 someone else's); :class:`ServerBackend` is one we launch: a free loopback port, the
 API key in a ``0600`` file, a private working folder, the process group under the
 keeper, and a log.
+
+**Proving the port is ours.** A free port is only free when it is picked: another
+local user can bind it before our server does, answer the readiness probe, and
+collect the API key and then the page images of every parse. So nothing at all
+is sent to the port until the kernel shows its listening socket held by one of
+our server's own processes (:func:`mineru_vram._process.listening_pids`, which
+never reports another user's process). A port someone else holds is given up for
+another (a few times), and the key is never sent there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -28,8 +37,12 @@ from .base import BackendContext, EngineTraits, MemoryMove
 
 __all__ = ["HttpBackend", "ServerBackend", "gpu_flags", "new_api_key", "physical_gpu"]
 
+logger = logging.getLogger("mineru_vram")
+
 # Lines of the server's log that go into error messages.
 LOG_TAIL_LINES = 40
+# How many ports one start tries when another process holds the port picked.
+PORT_ATTEMPTS = 3
 
 
 class HttpBackend:
@@ -143,6 +156,8 @@ class ServerBackend(HttpBackend):
         super().__init__(settings)
         self.process: _process.ProcessGroup | None = None
         self._server_pid: int | None = None
+        self._ctx: BackendContext | None = None
+        self._ports_given_up: list[int] = []
         self.port = _process.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -155,6 +170,11 @@ class ServerBackend(HttpBackend):
         return {}
 
     def launch(self, ctx: BackendContext) -> None:
+        self._ctx = ctx
+        self._ports_given_up = []
+        self._start(ctx)
+
+    def _start(self, ctx: BackendContext) -> None:
         self.api_key = ctx.api_key
         # The key in a file only this user can read; JSON is valid YAML for SGLang's --config.
         with _process.private_file(ctx.config_path, "wb") as fh:
@@ -169,10 +189,54 @@ class ServerBackend(HttpBackend):
         env = {**ctx.environ, **self.server_env(ctx)}
         self.process = ctx.launcher(argv, env=env, log_path=ctx.log_path, cwd=ctx.cwd)
 
+    def holds_port(self) -> bool | None:
+        """Whether the port's listening socket belongs to one of our server's processes.
+
+        ``None`` where the operating system cannot tell (no ``/proc``): readiness then
+        trusts the port as earlier versions did.
+        """
+        holders = _process.listening_pids(self.port)
+        if holders is None:
+            return None
+        return bool(holders & set(self.pids()))
+
+    def _move_port(self) -> None:
+        """Give up a port another process holds: stop our server, and start it on another port.
+
+        Raises:
+            EngineStartError: ``PORT_ATTEMPTS`` ports were taken in turn.
+        """
+        taken = self.port
+        self._ports_given_up.append(taken)
+        if len(self._ports_given_up) >= PORT_ATTEMPTS:
+            raise EngineStartError(
+                f"the {self.name} server could not take a loopback port: ports "
+                f"{', '.join(map(str, self._ports_given_up))} were each held by a process that is not ours "
+                "(another local user?). Nothing was sent to them.",
+                ports=list(self._ports_given_up),
+            )
+        logger.warning("port %d is held by a process that is not our %s server; trying another", taken, self.name)
+        if self.process is not None:
+            self.process.kill()
+        self.port = _process.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        assert self._ctx is not None  # set by launch()
+        self._start(self._ctx)
+
     def wait_ready(self, deadline: float, stop: threading.Event) -> None:
         interval = 0.05
+        taken_before = False
         while True:
+            ours = self.holds_port()
+            taken = ours is False and not _process.port_free(self.port)
             code = self.exitcode()
+            # Taken twice in a row (our own server may be between bind and listen once), or taken
+            # while ours is dead: someone else listens there. Never probe it.
+            if taken and (taken_before or code is not None):
+                self._move_port()
+                taken_before = False
+                continue
+            taken_before = taken
             if code is not None:
                 tail = self.log_tail()
                 raise EngineStartError(
@@ -180,7 +244,7 @@ class ServerBackend(HttpBackend):
                     exitcode=code,
                     log_tail=tail,
                 )
-            if self._check_ready():
+            if ours is not False and self._check_ready():
                 assert self.process is not None
                 self._server_pid = self.process.command_pid()
                 return
