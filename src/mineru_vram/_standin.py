@@ -33,6 +33,7 @@ Fault injection, from the environment (:class:`StandinLauncher` sets these):
 ``MINERU_VRAM_STANDIN_EXIT_AT_START`` exit at once with this code (a bad model path)
 ``MINERU_VRAM_STANDIN_CRASH_AFTER`` exit (code 70) on the chat request after N answered
 ``MINERU_VRAM_STANDIN_HANG_AFTER``  after N chat answers, chat and ``/health`` never answer
+``MINERU_VRAM_STANDIN_HANG_ASLEEP`` ``1``: once its memory is released, nothing answers
 ``MINERU_VRAM_STANDIN_LATENCY``     seconds each chat completion takes
 ``MINERU_VRAM_STANDIN_CAP_MIB``     most GPU memory to allocate (default 1024)
 ================================== ==================================================
@@ -78,6 +79,7 @@ STANDIN_ENV = {
     "exit_at_start": "MINERU_VRAM_STANDIN_EXIT_AT_START",
     "crash_after": "MINERU_VRAM_STANDIN_CRASH_AFTER",
     "hang_after": "MINERU_VRAM_STANDIN_HANG_AFTER",
+    "hang_asleep": "MINERU_VRAM_STANDIN_HANG_ASLEEP",
     "latency": "MINERU_VRAM_STANDIN_LATENCY",
     "cap_mib": "MINERU_VRAM_STANDIN_CAP_MIB",
 }
@@ -195,6 +197,7 @@ class _Standin:
         self.hang_after = _int(env.get(STANDIN_ENV["hang_after"]))
         self.latency = float(env.get(STANDIN_ENV["latency"]) or 0)
         self.never_ready = env.get(STANDIN_ENV["never_ready"], "") not in ("", "0")
+        self.hang_asleep = env.get(STANDIN_ENV["hang_asleep"], "") not in ("", "0")
         self.answered = 0
         self.hanging = False
         self.released = False
@@ -240,6 +243,10 @@ class _Standin:
     # -- faults ----------------------------------------------------------------------------------
 
     def _before(self, request: Request) -> Response | None:
+        if self.hang_asleep and self.released and request.path != "/standin/stats":
+            print(f"stand-in: hanging on purpose while asleep ({request.path})", flush=True)
+            while True:  # a server that hangs while asleep: only a health check can find it
+                time.sleep(3600)
         if self.hanging and (request.path.startswith("/health") or request.path == "/v1/chat/completions"):
             while True:  # a hung server: the engine's health check must notice and kill us
                 time.sleep(3600)

@@ -326,6 +326,20 @@ def test_a_start_whose_every_port_is_taken_fails_typed_and_sends_nothing(make_en
     assert wait_for(lambda: _standin_processes() == [], 5)
 
 
+def test_a_server_that_hangs_while_asleep_is_found_and_replaced_asleep(make_engine: Factory) -> None:
+    launcher = StandinLauncher([{"hang_asleep": True}, {}])
+    engine = make_engine(launcher, health_interval=0.2, health_timeout=0.3, health_failures=2)
+    engine.start()
+    engine.sleep()
+    hung = engine.status().pid
+    assert wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.SLEEPING, 15)
+    assert engine.status().pid != hung
+    assert "health checks in a row (hung)" in (engine.status().last_error or "")
+    assert [c["call"] for c in _stats(engine)["calls"]] == ["release"], "the new server was put back to sleep"
+    with engine.lease():  # the next parse wakes the new server, and does not wait on the hung one
+        assert _chat(engine) == 200
+
+
 # --- sleep, wake, keep-alive --------------------------------------------------------------------
 
 

@@ -199,3 +199,17 @@ def test_only_authorised_requests_are_counted(server: tuple[LoopbackServer, Echo
     assert http.request("GET", f"{srv.url}/v1/models", api_key="sekret")[0] == 200
     assert http.request("GET", f"{srv.url}/health")[0] == 200  # open probes count: they need no key
     assert srv.counts == {"/v1/models": 1, "/health": 1}
+
+
+def test_a_memory_call_that_gets_no_answer_fails_within_its_bound_and_names_it() -> None:
+    from mineru_vram import EngineError
+    from mineru_vram._engine import EngineSettings
+    from mineru_vram._engine.backends.attach import AttachBackend
+
+    with socket.socket() as silent:  # accepts connections, never answers: a hung server
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        backend = AttachBackend(EngineSettings.resolve(engine="attach", url=url))
+        with pytest.raises(EngineError, match=r"POST /release_memory_occupation .* got no answer \(bound 0.3 s\)"):
+            backend.release(0.3)

@@ -490,7 +490,10 @@ class ResidentEngine:
         s = self.settings
         wait = s.start_timeout + s.idle_timeout + 60 * max(1, s.max_restarts)
         if not self._lifecycle.acquire(timeout=wait):
-            raise EngineStateError(f"the engine did not become available within {wait:.0f} s")
+            raise EngineStateError(
+                f"the engine did not become available within {wait:.0f} s "
+                "(start_timeout + idle_timeout + 60 s per restart): a start, sleep, wake or stop held it"
+            )
         try:
             state = self._state
             if state is EngineState.STOPPED:

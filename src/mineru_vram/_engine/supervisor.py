@@ -8,7 +8,7 @@ at most 0.25 s) it:
 * notices a server that exited, and restarts it (the crash streak doubles the
   delay each time, up to 30 s; after ``max_restarts`` in a row the engine is
   ``CRASHED`` and callers get :class:`~mineru_vram.EngineCrashedError`);
-* every ``health_interval`` asks the server's health, and after
+* every ``health_interval`` asks the server's health, awake or asleep, and after
   ``health_failures`` failures in a row kills it as hung and restarts it;
 * puts an engine idle for ``keep_alive`` to sleep, or unloads it.
 
@@ -98,15 +98,19 @@ class Supervisor:
             self.on_crash(engine, f"exited with code {code}")
             return True
         now = time.monotonic()
-        if state is EngineState.READY and now >= self._next_check:
-            # No health check while asleep: SGLang's /health runs a generation.
+        if now >= self._next_check:
+            # Asleep too: a server that hangs while asleep must not wait for the next parse to be
+            # found (the backend asks a sleeping server something that needs no device memory).
             s = engine.settings
             self._next_check = now + s.health_interval
             # Never during a sleep, wake or stop (they hold the lock); parses do not take it.
             if not engine._health_lock.acquire(blocking=False):
                 return True
             try:
-                ok = engine._state is not EngineState.READY or engine._backend.healthy(s.health_timeout, asleep=False)
+                current = engine._state
+                ok = current not in (EngineState.READY, EngineState.SLEEPING) or engine._backend.healthy(
+                    s.health_timeout, asleep=current is EngineState.SLEEPING
+                )
             finally:
                 engine._health_lock.release()
             if ok:

@@ -107,7 +107,9 @@ class HttpBackend:
         try:
             status, answer = http.request("POST", f"{self.url}{path}", api_key=self.api_key, body=body, timeout=timeout)
         except OSError as exc:
-            raise EngineError(f"POST {path} to {self.url} failed: {exc}", url=self.url) from exc
+            raise EngineError(
+                f"POST {path} to {self.url} got no answer (bound {timeout:g} s): {exc}", url=self.url, timeout=timeout
+            ) from exc
         if status != 200:
             message = http.find_key(answer, "message") or answer
             raise EngineError(f"POST {path} to {self.url} answered {status}: {message}", url=self.url, status=status)

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
+from mineru_vram._engine import http
+
 from .base import BackendContext, EngineTraits
 from .server import ServerBackend, gpu_flags
 
@@ -72,6 +74,17 @@ class SGLangBackend(ServerBackend):
 
     traits: ClassVar[EngineTraits] = EngineTraits(pool_fraction=True)
     name = "sglang"
+
+    def healthy(self, timeout: float, *, asleep: bool = False) -> bool:
+        """``/health`` while awake; asleep, ``/v1/models``: SGLang's ``/health`` runs a generation,
+        which a server whose memory is released cannot do."""
+        if not asleep:
+            return super().healthy(timeout)
+        try:
+            status, _ = http.request("GET", f"{self.url}/v1/models", api_key=self.api_key, timeout=timeout)
+        except OSError:
+            return False
+        return status == 200
 
     def argv(self, ctx: BackendContext) -> list[str]:
         s = ctx.settings
