@@ -558,6 +558,72 @@ def test_exiting_without_stop_runs_the_engines_atexit_hook(model_dir: Path) -> N
     assert all_gone(pids, timeout=5)
 
 
+_ABANDON = textwrap.dedent(
+    """
+    import sys, time
+    from mineru_vram._engine import ResidentEngine
+    from mineru_vram._standin import StandinLauncher
+
+    engine = ResidentEngine("sglang", model_path=sys.argv[1], device="cpu", runtime_dir=sys.argv[2],
+                            launcher=StandinLauncher())
+    engine.start()
+    print(engine.status().log_path, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_runtime_folders_of_dead_owners_are_swept_at_the_next_start(
+    make_engine: Factory, model_dir: Path, tmp_path: Path
+) -> None:
+    runtime = tmp_path / "runtime"
+    with subprocess.Popen(
+        [sys.executable, "-c", _ABANDON, str(model_dir), str(runtime)], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None
+            abandoned = Path(child.stdout.readline().strip()).parent
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+        finally:
+            child.kill()
+    assert (abandoned / "server-config.yaml").is_file(), "SIGKILL left the folder, key file and all"
+    engine = make_engine(runtime_dir=runtime)
+    engine.start()
+    own = Path(engine.status().log_path or "").parent
+    assert not abandoned.exists(), "the folder of a dead owner is removed at the next start"
+    assert oct(own.stat().st_mode & 0o777) == "0o700"
+    make_engine(runtime_dir=runtime).start()
+    assert own.is_dir(), "the folder of a live owner is kept"
+
+
+def test_an_engine_started_inside_a_session_does_not_inherit_its_temporary_home(
+    make_engine: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mineru_vram._adapter import MineruRuntime
+
+    users_home = str(tmp_path / "users-mineru-home")
+    monkeypatch.setenv("MINERU_HOME", users_home)
+    monkeypatch.delenv("MINERU_CONFIG", raising=False)
+    monkeypatch.delenv("MINERU_DEVICE_MODE", raising=False)
+    runtime = MineruRuntime(device="cpu", models_dir=tmp_path)
+    runtime.activate()  # what an open in-process session does to the environment
+    try:
+        session_home = os.environ["MINERU_HOME"]
+        assert session_home != users_home
+        engine = make_engine()
+        engine.start()
+        pid = engine.status().pid
+        assert pid is not None
+        seen = psutil.Process(pid).environ()
+    finally:
+        runtime.deactivate()
+    assert not Path(session_home).exists(), "the session's home is gone once it closes"
+    assert seen["MINERU_HOME"] == users_home
+    assert "MINERU_CONFIG" not in seen
+    assert "MINERU_DEVICE_MODE" not in seen
+
+
 # --- the process-wide engine ----------------------------------------------------------------------
 
 

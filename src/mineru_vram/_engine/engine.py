@@ -17,13 +17,11 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 from mineru_vram import _process
@@ -42,6 +40,7 @@ from .admission import admit_engine, size_engine
 from .backends import BACKENDS, Backend, BackendContext, Launcher
 from .backends.server import new_api_key
 from .reports import EngineState, EngineStatus, MemoryReport
+from .runtime import RuntimeFolder
 from .settings import SETTING_NAMES, EngineKind, EngineSettings
 from .supervisor import Supervisor
 
@@ -195,8 +194,7 @@ class ResidentEngine:
         self._stop_event = threading.Event()
         self._supervisor = Supervisor(self)
         self._atexit_registered = False
-        self._runtime: Path | None = None
-        self._runtime_finalizer: Any = None  # weakref.finalize
+        self._runtime = RuntimeFolder(self.settings.runtime_dir)  # the key file and the log
         self.last_report: MemoryReport | None = None
         self._need_mib: float | None = None  # what admission waits for (set by the preflight)
         self._reservation: Reservation | None = None  # held in the ledger while the engine is awake
@@ -204,26 +202,15 @@ class ResidentEngine:
 
     # -- what a backend gets -------------------------------------------------------------------
 
-    def _runtime_path(self) -> Path:
-        if self._runtime is None:
-            parent = self.settings.runtime_dir
-            if parent is not None:
-                _process.private_dir(parent)
-            # mkdtemp makes it 0700: the key file and the log are this user's only. Removed by
-            # stop(), or when the engine is collected without ever having been stopped.
-            self._runtime = Path(tempfile.mkdtemp(prefix="mineru-vram-engine-", dir=parent))
-            self._runtime_finalizer = weakref.finalize(self, _remove_dir, str(self._runtime), os.getpid())
-        return self._runtime
-
     def _context(self) -> BackendContext:
         """What the backend gets for one launch: settings, folder, key, sizing, environment."""
         reservation = self._reservation
         return BackendContext(
             settings=self.settings,
             launcher=self._launcher,
-            runtime_dir=self._runtime_path(),
+            runtime_dir=self._runtime.path(),
             api_key=self._api_key,
-            environ=child_environ(),
+            environ=_server_environ(),
             mem_fraction=self.mem_fraction_static,
             virtual_vram_gb=None if reservation is None else reservation.virtual_vram_gb,
         )
@@ -706,10 +693,7 @@ class ResidentEngine:
                 atexit.unregister(self._atexit)
                 self._atexit_registered = False
             _live.discard(self)
-            if self._runtime_finalizer is not None:
-                self._runtime_finalizer()
-                self._runtime_finalizer = None
-                self._runtime = None
+            self._runtime.remove()
         if url:
             with contextlib.suppress(Exception):
                 from mineru_vram._adapter import drop_http_vlm_clients
@@ -735,11 +719,18 @@ class ResidentEngine:
             logger.debug("stopping the resident engine at exit: %s", exc)
 
 
-def _remove_dir(path: str, pid: int) -> None:
-    if os.getpid() == pid:  # never from a forked child
-        import shutil
+def _server_environ() -> dict[str, str]:
+    """This process's environment for a server, without what an open in-process session set.
 
-        shutil.rmtree(path, ignore_errors=True)
+    A session points ``MINERU_HOME`` and ``MINERU_CONFIG`` at a temporary folder it
+    deletes on close; a server started meanwhile must not inherit them (nor the
+    session's device or models): it gets the values from before the session.
+    """
+    from mineru_vram._adapter import environment_before_sessions
+
+    before = environment_before_sessions()
+    restore = {name: value for name, value in before.items() if value is not None}
+    return child_environ(restore, drop=[name for name, value in before.items() if value is None])
 
 
 def _reset_for_tests() -> None:
