@@ -23,7 +23,9 @@ Memory: where torch and a CUDA device are present, it really allocates
 ``min(mem_fraction_static * total, cap)`` on the GPU at start, frees it on
 release (only with ``--enable-memory-saver``, like SGLang, which silently does
 nothing without it) and allocates it again on resume, so NVML sees sleep and
-wake. On CPU it only reports.
+wake. On CPU it only reports. Like SGLang, a release without
+``--enable-weights-cpu-backup`` loses the weights: after the resume every answer
+is garbage (:data:`STANDIN_GARBAGE`).
 
 Fault injection, from the environment (:class:`StandinLauncher` sets these):
 
@@ -94,6 +96,8 @@ STANDIN_LAYOUT = (
     "<|box_start|>100 160 900 520<|box_end|><|ref_start|>text<|ref_end|><|rotate_up|>"
 )
 STANDIN_TEXT = "Text read by the SGLang stand-in."
+# What the stand-in answers after a wake that lost its weights (SGLang without --enable-weights-cpu-backup).
+STANDIN_GARBAGE = "!!!!!!!!!!!!!!!! weights lost on release !!!!!!!!!!!!!!!!"
 
 
 def canned_completion(prompt: str) -> str:
@@ -122,6 +126,7 @@ def _parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ar
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--mem-fraction-static", type=float, default=None)
     parser.add_argument("--enable-memory-saver", action="store_true")
+    parser.add_argument("--enable-weights-cpu-backup", action="store_true")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--device", default=None)
@@ -141,6 +146,7 @@ def _parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ar
         env = os.environ if env is None else env
         args.mem_fraction_static = args.gpu_memory_utilization
         args.enable_memory_saver = args.enable_sleep_mode
+        args.enable_weights_cpu_backup = args.enable_sleep_mode  # level-1 sleep keeps a host copy
         args.api_key = args.api_key or env.get("VLLM_API_KEY") or None
         args.dev_mode = env.get("VLLM_SERVER_DEV_MODE", "") not in ("", "0")
     return args
@@ -201,6 +207,7 @@ class _Standin:
         self.answered = 0
         self.hanging = False
         self.released = False
+        self.weights_lost = False  # released without a host copy: answers are garbage from then on
         self.calls: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         cap = float(env.get(STANDIN_ENV["cap_mib"]) or 1024)
@@ -268,6 +275,8 @@ class _Standin:
     def complete(self, request: ChatRequest) -> str:
         if self.released:
             raise HttpError(400, "memory is released: call /resume_memory_occupation first")
+        if self.weights_lost:
+            return STANDIN_GARBAGE
         if self.latency:
             time.sleep(self.latency)
         with self.lock:
@@ -300,6 +309,8 @@ class _Standin:
         if self.args.enable_memory_saver:
             self.gpu.allocate()
             self.released = False
+            # As SGLang: the weights' memory was freed without a host copy, and comes back uninitialised.
+            self.weights_lost = self.weights_lost or not self.args.enable_weights_cpu_backup
         return Response(body=None)
 
     # -- vLLM's sleep mode ---------------------------------------------------------------------
@@ -347,6 +358,8 @@ class _Standin:
                 "allocated_mib": self.gpu.allocated_mib,
                 "planned_mib": self.gpu.mib,
                 "memory_saver": bool(self.args.enable_memory_saver),
+                "weights_cpu_backup": bool(self.args.enable_weights_cpu_backup),
+                "weights_lost": self.weights_lost,
                 "flavor": self.args.flavor,
                 "unknown_flags": self.args.unknown,
                 "api_key_required": self.server.api_key is not None,

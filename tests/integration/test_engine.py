@@ -367,6 +367,25 @@ def test_sleep_and_wake_use_sglangs_memory_endpoints(make_engine: Factory) -> No
     assert [c["call"] for c in _stats(engine)["calls"]] == ["release", "resume", "release", "resume"]
 
 
+def test_a_wake_answers_as_the_engine_did_before_its_sleep(make_engine: Factory) -> None:
+    engine = make_engine()
+    engine.start()
+    before = _answer(engine)
+    engine.sleep()
+    engine.wake()
+    assert _answer(engine) == before, "the weights must come back as they were"
+    assert _stats(engine)["weights_cpu_backup"] is True
+
+
+def _answer(engine: ResidentEngine) -> str:
+    payload = {"model": "m", "messages": [{"role": "user", "content": "\nText Recognition:"}]}
+    status, body = http.request(
+        "POST", f"{engine.url}/v1/chat/completions", api_key=engine.vlm_config()["api_key"], body=payload
+    )
+    assert status == 200, body
+    return str(body["choices"][0]["message"]["content"])
+
+
 def test_a_budgeted_engine_holds_its_reservation_only_while_awake(make_engine: Factory, tmp_path: Path) -> None:
     # The stand-in on "cuda:0" with NVML stood in for (this machine has no GPU): what is
     # tested is the ledger, which is real files and locks shared with other processes.

@@ -217,6 +217,7 @@ def _sglang_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int)
     parser.add_argument("--mem-fraction-static", type=float)
     parser.add_argument("--enable-memory-saver", action="store_true")
+    parser.add_argument("--enable-weights-cpu-backup", action="store_true")
     parser.add_argument("--device")
     parser.add_argument("--base-gpu-id", type=int)
     parser.add_argument("--served-model-name")
@@ -243,6 +244,7 @@ def test_sglang_command_line_matches_sglang_server_args(tmp_path: Path) -> None:
     assert args.port == 31234
     assert args.mem_fraction_static == pytest.approx(0.1)
     assert args.enable_memory_saver is True
+    assert args.enable_weights_cpu_backup is True, "without it SGLang's wake brings back garbage weights"
     assert (args.device, args.base_gpu_id) == ("cuda", 1)
     assert args.served_model_name == "mineru"
     assert args.config == str(tmp_path / "k.yaml")
@@ -551,3 +553,33 @@ def test_settings_resolve_to_a_fixed_point_and_refuse_unknown_names(model_dir: P
     assert EngineSettings.resolve(settings, keep_alive=None).keep_alive is None
     with pytest.raises(TypeError, match="unexpected engine setting"):
         EngineSettings.resolve(settings, keepalive=1)
+
+
+def _sglang_config_to_argv(config: dict[str, Any]) -> list[str]:
+    """SGLang's rule for its ``--config`` file: each key becomes ``--key``, each value the next argument.
+
+    (``ConfigArgumentMerger`` in sglang/srt/server_args_config_parser.py: ``True`` is a bare flag,
+    a list is spread, anything else is ``str(value)``.)
+    """
+    argv: list[str] = []
+    for key, value in config.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def test_ten_thousand_api_keys_survive_sglangs_config_to_argv() -> None:
+    from mineru_vram._engine.backends.server import new_api_key
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--api-key")
+    keys = {new_api_key() for _ in range(10_000)}
+    assert len(keys) == 10_000
+    for key in keys:
+        assert len(key) >= 32
+        # argparse exits on "--api-key -xyz": a value that looks like an option is not taken.
+        assert parser.parse_args(_sglang_config_to_argv({"api-key": key})).api_key == key

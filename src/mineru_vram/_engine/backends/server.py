@@ -318,8 +318,16 @@ class ServerBackend(HttpBackend):
 
 
 def new_api_key() -> str:
-    """A random API key for a server of ours (24 random bytes, URL-safe text)."""
-    return secrets.token_urlsafe(24)
+    """A random API key for a server of ours: 24 random bytes as URL-safe text, never starting with ``-``.
+
+    SGLang turns each key of its ``--config`` file into command-line arguments
+    (``--api-key VALUE``), and argparse takes a value that starts with ``-`` for an
+    option and exits: one URL-safe token in 64 begins with ``-``.
+    """
+    while True:
+        key = secrets.token_urlsafe(24)
+        if not key.startswith("-"):
+            return key
 
 
 def physical_gpu(device: str) -> str:

@@ -2,14 +2,17 @@
 
 SGLang facts this relies on (sglang 0.5.23, ``sglang/srt/server_args.py`` and
 ``sglang/srt/entrypoints/http_server.py``): the flags ``--model-path``, ``--host``,
-``--port``, ``--mem-fraction-static``, ``--enable-memory-saver``, ``--device``,
-``--base-gpu-id``, ``--served-model-name`` and ``--config`` (a YAML file, whose
-keys become flags; JSON is valid YAML); ``/health`` needs no key, every other
-endpoint needs the key; ``/release_memory_occupation`` asserts the server is
-idle and does nothing without ``--enable-memory-saver``; ``/v1/loads`` reports
-``num_running_reqs`` and ``num_waiting_reqs``. SGLang sizes its static pool as
-``mem_fraction_static`` times the memory it finds free before loading weights,
-so on a card shared with others the pool is smaller than the budget, never larger.
+``--port``, ``--mem-fraction-static``, ``--enable-memory-saver``,
+``--enable-weights-cpu-backup``, ``--device``, ``--base-gpu-id``,
+``--served-model-name`` and ``--config`` (a YAML file whose keys become flags; JSON
+is valid YAML); ``/health`` needs no key, every other endpoint needs the key;
+``/release_memory_occupation`` asserts the server is idle, does nothing without
+``--enable-memory-saver``, and frees the weights without a host copy unless
+``--enable-weights-cpu-backup`` is given (after the resume the model then answers
+garbage); ``/v1/loads`` reports ``num_running_reqs`` and ``num_waiting_reqs``.
+SGLang sizes its static pool as ``mem_fraction_static`` times the memory it finds
+free before loading weights, so on a card shared with others the pool is smaller
+than the budget, never larger.
 MinerU 4 dropped its SGLang engine, but its http-client speaks the OpenAI API,
 which SGLang serves.
 """
@@ -59,6 +62,8 @@ def build_sglang_argv(
         "--config",
         str(config_path),
         "--enable-memory-saver",
+        # Without a host copy, the release frees the weights and the resume brings back garbage.
+        "--enable-weights-cpu-backup",
     ]
     if mem_fraction is not None:
         argv += ["--mem-fraction-static", f"{mem_fraction:.3f}"]
