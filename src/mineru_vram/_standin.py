@@ -37,6 +37,7 @@ Fault injection, from the environment (:class:`StandinLauncher` sets these):
 ``MINERU_VRAM_STANDIN_HANG_AFTER``  after N chat answers, chat and ``/health`` never answer
 ``MINERU_VRAM_STANDIN_HANG_ASLEEP`` ``1``: once its memory is released, nothing answers
 ``MINERU_VRAM_STANDIN_LATENCY``     seconds each chat completion takes
+``MINERU_VRAM_STANDIN_HEALTH_DELAY`` seconds ``/health`` takes (SGLang's runs a generation: 1 s at least)
 ``MINERU_VRAM_STANDIN_CAP_MIB``     most GPU memory to allocate (default 1024)
 ================================== ==================================================
 
@@ -83,6 +84,7 @@ STANDIN_ENV = {
     "hang_after": "MINERU_VRAM_STANDIN_HANG_AFTER",
     "hang_asleep": "MINERU_VRAM_STANDIN_HANG_ASLEEP",
     "latency": "MINERU_VRAM_STANDIN_LATENCY",
+    "health_delay": "MINERU_VRAM_STANDIN_HEALTH_DELAY",
     "cap_mib": "MINERU_VRAM_STANDIN_CAP_MIB",
 }
 
@@ -122,6 +124,7 @@ def _parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ar
     parser.add_argument("--model-path", "--model", dest="model_path", required=True)
     parser.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float, default=None)
     parser.add_argument("--enable-sleep-mode", action="store_true")
+    parser.add_argument("--logits-processors", nargs="+", default=None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--mem-fraction-static", type=float, default=None)
@@ -202,6 +205,7 @@ class _Standin:
         self.crash_after = _int(env.get(STANDIN_ENV["crash_after"]))
         self.hang_after = _int(env.get(STANDIN_ENV["hang_after"]))
         self.latency = float(env.get(STANDIN_ENV["latency"]) or 0)
+        self.health_delay = float(env.get(STANDIN_ENV["health_delay"]) or 0)
         self.never_ready = env.get(STANDIN_ENV["never_ready"], "") not in ("", "0")
         self.hang_asleep = env.get(STANDIN_ENV["hang_asleep"], "") not in ("", "0")
         self.answered = 0
@@ -254,6 +258,8 @@ class _Standin:
             print(f"stand-in: hanging on purpose while asleep ({request.path})", flush=True)
             while True:  # a server that hangs while asleep: only a health check can find it
                 time.sleep(3600)
+        if self.health_delay and request.path.startswith("/health"):
+            time.sleep(self.health_delay)
         if self.hanging and (request.path.startswith("/health") or request.path == "/v1/chat/completions"):
             while True:  # a hung server: the engine's health check must notice and kill us
                 time.sleep(3600)
@@ -360,6 +366,7 @@ class _Standin:
                 "memory_saver": bool(self.args.enable_memory_saver),
                 "weights_cpu_backup": bool(self.args.enable_weights_cpu_backup),
                 "weights_lost": self.weights_lost,
+                "logits_processors": self.args.logits_processors,
                 "flavor": self.args.flavor,
                 "unknown_flags": self.args.unknown,
                 "api_key_required": self.server.api_key is not None,

@@ -197,7 +197,7 @@ def test_callers_get_a_typed_error_not_a_hang(make_engine: Factory) -> None:
 
 def test_a_hung_server_is_killed_and_restarted(make_engine: Factory) -> None:
     engine = make_engine(
-        StandinLauncher([{"hang_after": 0}, {}]), health_interval=0.2, health_timeout=0.3, health_failures=2
+        StandinLauncher([{"hang_after": 0}, {}]), health_interval=0.2, health_timeout=2, health_failures=2
     )
     engine.start()
     outcome: list[BaseException | int] = []
@@ -328,7 +328,7 @@ def test_a_start_whose_every_port_is_taken_fails_typed_and_sends_nothing(make_en
 
 def test_a_server_that_hangs_while_asleep_is_found_and_replaced_asleep(make_engine: Factory) -> None:
     launcher = StandinLauncher([{"hang_asleep": True}, {}])
-    engine = make_engine(launcher, health_interval=0.2, health_timeout=0.3, health_failures=2)
+    engine = make_engine(launcher, health_interval=0.2, health_timeout=2, health_failures=2)
     engine.start()
     engine.sleep()
     hung = engine.status().pid
@@ -365,6 +365,16 @@ def test_sleep_and_wake_use_sglangs_memory_endpoints(make_engine: Factory) -> No
         assert config == engine.vlm_config()
         assert _chat(engine) == 200
     assert [c["call"] for c in _stats(engine)["calls"]] == ["release", "resume", "release", "resume"]
+
+
+def test_an_sglang_health_check_that_takes_seconds_is_not_a_hang(make_engine: Factory) -> None:
+    # SGLang's /health runs a generation and answers after a second at least; this one takes 2.5 s.
+    engine = make_engine(StandinLauncher({"health_delay": 2.5}), health_timeout=5, health_interval=0.2)
+    engine.start()
+    # Readiness, then two supervision checks, each longer than the readiness probe used to wait.
+    assert wait_for(lambda: _stats(engine)["counts"].get("/health", 0) >= 3, 30)
+    assert engine.restarts == 0
+    assert engine.state is EngineState.READY
 
 
 def test_a_wake_answers_as_the_engine_did_before_its_sleep(make_engine: Factory) -> None:
@@ -443,6 +453,7 @@ def test_a_vllm_engine_sleeps_and_wakes_through_vllms_endpoints(model_dir: Path)
         engine.start()
         stats = _stats(engine)
         assert stats["flavor"] == "vllm"
+        assert stats["logits_processors"] == ["mineru_vl_utils:MinerULogitsProcessor"]
         assert stats["api_key_required"] is True  # from VLLM_API_KEY: never on the command line
         assert stats["memory_saver"] is True  # --enable-sleep-mode
         cmdlines = _standin_cmdlines()

@@ -142,11 +142,17 @@ def test_vllm_command_line_matches_vllm_serve(tmp_path: Path) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--enable-sleep-mode", action="store_true")
     parser.add_argument("--served-model-name")
+    parser.add_argument("--logits-processors", nargs="+")
     args = parser.parse_args(argv[5:])
     assert (args.host, args.port, args.gpu_memory_utilization) == ("127.0.0.1", 30123, 0.123)  # rounded down
     assert args.enable_sleep_mode
     assert args.served_model_name == "mineru-vlm"
+    # MinerU's repetition guard: vLLM applies no_repeat_ngram_size only through MinerU's logits processor.
+    assert args.logits_processors == ["mineru_vl_utils:MinerULogitsProcessor"]
     assert not any("key" in a for a in argv)  # the key travels in VLLM_API_KEY, not on the process list
+    own = build_vllm_argv(model_path="m", port=1, mem_fraction=None, extra_args=["--logits-processors", "x:Y"])
+    assert own.count("--logits-processors") == 1
+    assert own[own.index("--logits-processors") + 1] == "x:Y"
 
 
 def test_vllm_server_environment_carries_key_dev_mode_and_the_physical_gpu(
@@ -176,7 +182,7 @@ def test_a_vllm_budget_becomes_gpu_memory_utilization_and_no_budget_admits_vllms
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.250"
     plain = ResidentEngine("vllm", model_path=model_dir, device="cuda:0", probe=card(total_gib=80), ledger=ledger)
     plain._preflight()
-    assert _ledger_needs(ledger) == [pytest.approx(0.9 * 80 * 1024)]  # vLLM takes 90 % when not told
+    assert _ledger_needs(ledger) == [pytest.approx(0.92 * 80 * 1024)]  # vLLM 0.33 takes 92 % when not told
     plain._release_reservation()
     assert "--gpu-memory-utilization" not in plain._backend.argv(plain._context())  # type: ignore[attr-defined]
 
@@ -583,3 +589,27 @@ def test_ten_thousand_api_keys_survive_sglangs_config_to_argv() -> None:
         assert len(key) >= 32
         # argparse exits on "--api-key -xyz": a value that looks like an option is not taken.
         assert parser.parse_args(_sglang_config_to_argv({"api-key": key})).api_key == key
+
+
+def test_sglang_is_given_a_health_timeout_its_health_check_fits_in(model_dir: Path) -> None:
+    with pytest.raises(mv.ConfigurationError, match=r"health_timeout=0.5: .* at least 2 s"):
+        ResidentEngine("sglang", model_path=model_dir, device="cpu", health_timeout=0.5)
+    assert ResidentEngine("transformers", model_path=model_dir, device="cpu", health_timeout=0.5)
+
+
+def test_sglang_says_at_start_that_it_drops_minerus_repetition_guard(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = ResidentEngine("sglang", model_path=model_dir, device="cpu", launcher=EnvRecordingLauncher())
+    with caplog.at_level("WARNING", logger="mineru_vram"):
+        for _ in range(2):
+            with pytest.raises(OSError, match="launches nothing"):
+                engine.start()
+    warned = [r for r in caplog.records if "no_repeat_ngram_size" in r.getMessage()]
+    assert len(warned) == 1, "said once per engine, at its first start"
+    assert "engine='vllm' applies it" in warned[0].getMessage()
+    caplog.clear()
+    vllm = ResidentEngine("vllm", model_path=model_dir, device="cuda:0", probe=card(), launcher=EnvRecordingLauncher())
+    with caplog.at_level("WARNING", logger="mineru_vram"), pytest.raises(OSError, match="launches nothing"):
+        vllm.start()
+    assert not [r for r in caplog.records if "no_repeat_ngram_size" in r.getMessage()]

@@ -101,7 +101,7 @@ class ResidentEngine:
             becomes ``--mem-fraction-static`` = budget / the card's total (SGLang applies the
             fraction to the memory it finds free, so a shared card gets less, never more).
         mem_fraction: ``--mem-fraction-static`` given directly (instead of a budget). For
-            ``vllm`` both become ``--gpu-memory-utilization`` (vLLM's default, 0.9, without either).
+            ``vllm`` both become ``--gpu-memory-utilization`` (vLLM's default, 0.92, without either).
         budget: a :class:`~mineru_vram.VramBudget` (or MiB as ``int``, a fraction as
             ``float`` <= 1, text like ``"8GiB"``): for SGLang it sizes the pool as
             ``vram_budget_gib`` does; for the transformers engine it is what admission

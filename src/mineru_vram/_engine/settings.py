@@ -158,6 +158,12 @@ def _checked(cls: type[EngineSettings], v: Mapping[str, Any]) -> EngineSettings:
     for name in ("start_timeout", "health_interval", "health_timeout"):
         if not v[name] > 0:
             raise ConfigurationError(f"{name}={v[name]!r}: must be positive", **{name: v[name]})
+    if v["health_timeout"] < traits.min_health_timeout:
+        raise ConfigurationError(
+            f"health_timeout={v['health_timeout']!r}: the {kind} engine's health check takes longer by design; "
+            f"give it at least {traits.min_health_timeout:g} s, or every check counts a healthy server as hung",
+            health_timeout=v["health_timeout"],
+        )
     if v["health_failures"] < 1 or v["max_restarts"] < 0:
         raise ConfigurationError("health_failures must be at least 1 and max_restarts at least 0")
 

@@ -46,6 +46,7 @@ class EngineTraits:
             (``vram_budget_gib`` and ``mem_fraction`` apply).
         default_fraction: the fraction the server takes when not told (for admission).
         needs_gpu: why the engine cannot run on CPU; ``""`` when it can.
+        min_health_timeout: the shortest ``health_timeout`` the server's health check fits in.
     """
 
     model: Literal["path", "local", "none"] = "path"
@@ -54,6 +55,7 @@ class EngineTraits:
     pool_fraction: bool = False
     default_fraction: float | None = None
     needs_gpu: str = ""
+    min_health_timeout: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ class HttpBackend:
 
     def _check_ready(self) -> bool:
         try:
-            status, _ = http.request("GET", f"{self.url}/health", timeout=2.0)
+            # As long as a health check may take: SGLang's /health runs a generation (a second at least).
+            status, _ = http.request("GET", f"{self.url}/health", timeout=self.settings.health_timeout)
             if status != 200:
                 return False
             status, body = http.request("GET", f"{self.url}/v1/models", api_key=self.api_key, timeout=5.0)

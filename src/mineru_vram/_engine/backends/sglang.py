@@ -19,17 +19,21 @@ which SGLang serves.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
 from mineru_vram._engine import http
+from mineru_vram._engine.settings import EngineSettings
 
 from .base import BackendContext, EngineTraits
 from .server import ServerBackend, gpu_flags
 
 __all__ = ["SGLangBackend", "build_sglang_argv"]
+
+logger = logging.getLogger("mineru_vram")
 
 
 def build_sglang_argv(
@@ -77,8 +81,23 @@ def build_sglang_argv(
 class SGLangBackend(ServerBackend):
     """An SGLang server of ours."""
 
-    traits: ClassVar[EngineTraits] = EngineTraits(pool_fraction=True)
+    # /health runs a one-token generation and polls for it every second: it never answers under 1 s.
+    traits: ClassVar[EngineTraits] = EngineTraits(pool_fraction=True, min_health_timeout=2.0)
     name = "sglang"
+
+    def __init__(self, settings: EngineSettings) -> None:
+        super().__init__(settings)
+        self._warned = False
+
+    def launch(self, ctx: BackendContext) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "the sglang engine drops MinerU's repetition guard: MinerU asks for no_repeat_ngram_size=100 "
+                "(in vllm_xargs), which SGLang ignores, so a page can repeat text up to the token limit. "
+                "engine='vllm' applies it (MinerU's logits processor)."
+            )
+        super().launch(ctx)
 
     def healthy(self, timeout: float, *, asleep: bool = False) -> bool:
         """``/health`` while awake; asleep, ``/v1/models``: SGLang's ``/health`` runs a generation,

@@ -1,11 +1,12 @@
 """vLLM: a ``vllm serve`` process with sleep mode: ``/sleep?level=1`` and ``/wake_up``.
 
-vLLM facts (its ``entrypoints/cli/main.py``, ``entrypoints/serve/sleep/api_router.py``
-and API server): ``vllm serve MODEL`` takes ``--host``, ``--port``,
-``--served-model-name``, ``--gpu-memory-utilization`` (a fraction of the card's
-total for this instance) and ``--enable-sleep-mode``; ``POST /sleep?level=1&mode=...``,
-``POST /wake_up`` and ``GET /is_sleeping`` exist only with ``VLLM_SERVER_DEV_MODE=1``;
-the key is taken from ``VLLM_API_KEY``; ``/metrics`` reports
+vLLM facts (vLLM 0.33: its ``vllm serve`` entry point, sleep-mode router and API
+server): ``vllm serve MODEL`` takes ``--host``, ``--port``, ``--served-model-name``,
+``--gpu-memory-utilization`` (a fraction of the card's total for this instance;
+0.92 when not given), ``--enable-sleep-mode`` and ``--logits-processors``;
+``POST /sleep?level=1&mode=...``, ``POST /wake_up`` and ``GET /is_sleeping`` exist
+only with ``VLLM_SERVER_DEV_MODE=1`` and need no key (the key, from
+``VLLM_API_KEY``, guards the ``/v1`` paths); ``/metrics`` reports
 ``vllm:num_requests_running`` and ``vllm:num_requests_waiting``. Level-1 sleep moves
 the weights to host memory and drops the KV cache. (MinerU's own ``vllm-engine``
 runs vLLM inside the parsing process, whose memory could only be returned by
@@ -24,10 +25,13 @@ from mineru_vram._engine import http
 from .base import BackendContext, EngineTraits, MemoryMove
 from .server import ServerBackend, physical_gpu
 
-__all__ = ["VLLM_DEFAULT_UTILIZATION", "VLLMBackend", "build_vllm_argv"]
+__all__ = ["MINERU_LOGITS_PROCESSOR", "VLLM_DEFAULT_UTILIZATION", "VLLMBackend", "build_vllm_argv"]
 
-# vLLM's default --gpu-memory-utilization: what a vllm engine without a budget takes of the card.
-VLLM_DEFAULT_UTILIZATION = 0.9
+# vLLM's default --gpu-memory-utilization (0.92 in vLLM 0.33): what a vllm engine without a budget takes of the card.
+VLLM_DEFAULT_UTILIZATION = 0.92
+# MinerU's repetition guard: MinerU's client sends vllm_xargs {"no_repeat_ngram_size": 100}, which vLLM
+# applies only through this logits processor (MinerU's own vLLM launcher passes it too).
+MINERU_LOGITS_PROCESSOR = "mineru_vl_utils:MinerULogitsProcessor"
 
 
 def build_vllm_argv(
@@ -39,8 +43,14 @@ def build_vllm_argv(
     extra_args: Sequence[str] = (),
     python: str | None = None,
     host: str = "127.0.0.1",
+    logits_processors: Sequence[str] = (MINERU_LOGITS_PROCESSOR,),
 ) -> list[str]:
     """The ``vllm serve`` command line (``python -m vllm.entrypoints.cli.main serve``).
+
+    ``--logits-processors`` loads MinerU's repetition guard, without which vLLM ignores
+    the ``no_repeat_ngram_size`` MinerU asks for (``mineru_vl_utils`` must be importable
+    by the server's Python); ``extra_args`` that name their own ``--logits-processors``
+    replace it.
 
     ``--enable-sleep-mode`` makes ``/sleep`` and ``/wake_up`` release and resume the
     weights and KV cache (those endpoints also need ``VLLM_SERVER_DEV_MODE=1`` in the
@@ -64,6 +74,9 @@ def build_vllm_argv(
         argv += ["--gpu-memory-utilization", f"{mem_fraction:.3f}"]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
+    given = any(a == "--logits-processors" or a.startswith("--logits-processors=") for a in extra_args)
+    if logits_processors and not given:
+        argv += ["--logits-processors", *logits_processors]
     argv += list(extra_args)
     return argv
 
