@@ -52,6 +52,7 @@ __all__ = [
     "MineruRuntime",
     "TransformersVlm",
     "drop_http_vlm_clients",
+    "environment_before_sessions",
     "is_oom",
     "mineru_version",
 ]
@@ -115,6 +116,7 @@ class _SharedEnvironment:
     settings: dict[str, Any]
     stack: contextlib.ExitStack
     count: int
+    before: dict[str, str | None] = dataclasses.field(default_factory=dict)  # what the variables were
 
 
 # Applied by the first runtime to activate, restored by the last to deactivate.
@@ -131,6 +133,17 @@ def _all_keys() -> set[tuple[str, Any]]:
     if "mineru.model.runtime.hybrid" not in sys.modules:
         return set()
     return {(name, key) for name, cache in _caches().items() for key in list(cache)}
+
+
+def environment_before_sessions() -> dict[str, str | None]:
+    """The variables open in-process sessions set, with their values from before (``None``: unset).
+
+    A process started while a session is open (a resident engine's server) takes these
+    values, not the session's: the session's ``MINERU_HOME`` and ``MINERU_CONFIG`` are a
+    temporary folder deleted when it closes, and its device and models are its own.
+    """
+    with _registry_lock:
+        return {} if _shared is None else dict(_shared.before)
 
 
 # MinerU 4.0's model repositories under model.base_dir (mineru/model/registry.py), and the
@@ -355,14 +368,16 @@ class MineruRuntime:
                     )
                 _shared.count += 1
             else:
-                _shared = _SharedEnvironment(settings, self._apply_environment(), 1)
+                stack, before = self._apply_environment()
+                _shared = _SharedEnvironment(settings, stack, 1, before)
             keys = _all_keys()
             self._user_keys = {k for k in keys if k not in _owners}
             for k in keys - self._user_keys:
                 _owners[k].add(self._id)
         self._active = True
 
-    def _apply_environment(self) -> contextlib.ExitStack:
+    def _apply_environment(self) -> tuple[contextlib.ExitStack, dict[str, str | None]]:
+        """Set MinerU's environment and configuration; returns the undo and the variables' old values."""
         stack = contextlib.ExitStack()
         try:
             home_dir = tempfile.TemporaryDirectory(prefix="mineru-vram-home-")
@@ -384,15 +399,16 @@ class MineruRuntime:
                 # MinerU's sizing hint (get_vram(): VLM batch sizes, vLLM utilisation), from the
                 # session's budget; set only while the session is active, like the rest.
                 env["MINERU_VIRTUAL_VRAM_SIZE"] = str(self.virtual_vram_gb)
-            from ._config import patched_environ
+            from ._config import getenv, patched_environ
 
+            before = {name: getenv(name) for name in env}
             stack.enter_context(patched_environ(env, also_restore=_MINERU_SIDE_EFFECT_ENV))
             stack.enter_context(self._patched_config())
             stack.enter_context(_main_free_spawn())
         except BaseException:
             stack.close()
             raise
-        return stack
+        return stack, before
 
     def deactivate(self) -> None:
         """Restore environment and config once the last open runtime deactivates. Idempotent."""

@@ -106,7 +106,13 @@ def _build_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--model-path", metavar="DIR", help="the VLM model directory (--engine)")
     vlm.add_argument("--vram-budget-gib", type=float, metavar="GIB", help="the engine's GPU memory budget")
     vlm.add_argument("--server-url", metavar="URL", help="use a running OpenAI-compatible VLM server instead")
-    vlm.add_argument("--api-key", help="the server's API key (--server-url)")
+    vlm.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="a file holding the server's API key (--server-url); default: MINERU_VRAM_API_KEY",
+    )
+    # Deprecated: a key on the command line is readable by every local user (ps, /proc/<pid>/cmdline).
+    vlm.add_argument("--api-key", help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "probe",
@@ -269,7 +275,7 @@ def _make_engine(args: argparse.Namespace) -> Any:
     from ._exceptions import ConfigurationError
 
     if args.server_url:
-        return ResidentEngine.attach(args.server_url, api_key=args.api_key)
+        return ResidentEngine.attach(args.server_url, api_key=_attach_key(args))
     if args.engine:
         if not args.model_path:
             raise ConfigurationError(f"--engine {args.engine} needs --model-path (the VLM model directory)")
@@ -283,6 +289,35 @@ def _make_engine(args: argparse.Namespace) -> Any:
         f"--backend {args.backend} parses through a VLM engine: pass --engine sglang|vllm|transformers with "
         "--model-path, or --server-url of a running OpenAI-compatible server"
     )
+
+
+def _attach_key(args: argparse.Namespace) -> str | None:
+    """The attached server's key: ``--api-key-file``, else ``MINERU_VRAM_API_KEY``, never argv if avoidable.
+
+    Raises:
+        ConfigurationError: the file cannot be read or is empty, or two sources are given.
+    """
+    from ._config import getenv
+    from ._exceptions import ConfigurationError
+
+    if args.api_key is not None:
+        _err(
+            "mineru-vram: warning: --api-key is deprecated and will be removed: a key on the command line "
+            "is readable by every local user (ps, /proc). Use --api-key-file FILE or MINERU_VRAM_API_KEY."
+        )
+        if args.api_key_file:
+            raise ConfigurationError("pass --api-key-file or --api-key, not both")
+        return str(args.api_key)
+    if args.api_key_file:
+        path = Path(args.api_key_file)
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"--api-key-file {path}: cannot read it: {exc}", path=str(path)) from None
+        if not key or "\n" in key:
+            raise ConfigurationError(f"--api-key-file {path}: expected the key alone on one line", path=str(path))
+        return key
+    return getenv("MINERU_VRAM_API_KEY") or None
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -13,6 +13,8 @@ Variables (see docs/configuration.md):
 ``MINERU_VRAM_STRICT``          ``1`` makes release raise on leaks
 ``MINERU_VRAM_LEAK_TOLERANCE_MIB`` residual allowed by ``strict`` (default 32)
 ``MINERU_VRAM_RUNTIME_DIR``     folder for the cross-process ledger and worker files
+``MINERU_VRAM_API_KEY``         the CLI's key for ``--server-url`` (read with :func:`getenv`;
+                                never part of :func:`env_settings`, which ``probe`` prints)
 =============================== ==================================================
 """
 

@@ -16,7 +16,10 @@ model through it, so MinerU's http-client is the one parse path for every
 engine; and the SGLang stand-in (``_standin.py``) adds SGLang's memory endpoints
 and fault injection on top of it for tests. Every endpoint except the health
 probes requires ``Authorization: Bearer <api key>`` when a key is set, as
-SGLang's ``decide_request_auth`` does.
+SGLang's ``decide_request_auth`` does. The key is checked from the headers alone,
+before any of the body is read, and a body over ``max_body_bytes`` is refused
+(413) unread: an unauthenticated client can make the server neither read nor
+count anything.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ logger = logging.getLogger("mineru_vram")
 
 # SGLang lets these through without a key (k8s probes, Prometheus); so do we.
 _OPEN_PREFIXES = ("/health", "/ready", "/metrics")
+
+# The largest request body read by default: MinerU sends one page image (base64) per request.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 # OpenAI / SGLang request fields that map onto mineru_vl_utils' SamplingParams.
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "repetition_penalty")
@@ -182,6 +188,7 @@ class LoopbackServer:
         host: the address to bind; loopback unless a caller insists.
         port: ``0`` picks a free port.
         info: extra fields for ``/server_info`` and ``/model_info``.
+        max_body_bytes: the largest request body read; larger ones get 413 unread.
     """
 
     def __init__(
@@ -193,14 +200,16 @@ class LoopbackServer:
         host: str = "127.0.0.1",
         port: int = 0,
         info: Mapping[str, Any] | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.completer = completer
+        self.max_body_bytes = max_body_bytes
         self.model_id = model_id
         self.api_key = api_key or None
         self.info = dict(info or {})
         self.ready = True  # /health answers 503 while False
         self.running = 0  # chat completions in progress (the idle check reads it)
-        self.counts: dict[str, int] = {}  # requests per path, for diagnostics and the stand-in's stats
+        self.counts: dict[str, int] = {}  # authorised requests per path, for diagnostics and the stand-in's stats
         self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.before: Callable[[Request], Response | None] | None = None  # fault injection hook (stand-in)
@@ -289,17 +298,24 @@ class LoopbackServer:
 
     # -- dispatch --------------------------------------------------------------------------------
 
+    def refusal(self, path: str, headers: Mapping[str, str]) -> Response | None:
+        """The 401 answer for a request without the key (``None``: it may proceed). Reads no body."""
+        if not self.api_key or path.startswith(_OPEN_PREFIXES):
+            return None
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and _same(token, self.api_key):
+            return None
+        return Response(401, {"error": {"message": "Unauthorized", "type": "invalid_api_key"}})
+
     def dispatch(self, request: Request) -> Response:  # noqa: PLR0911 - one return per HTTP outcome
+        refused = self.refusal(request.path, request.headers)
+        if refused is not None:
+            return refused
         self.count(request.path)
         if self.before is not None:
             early = self.before(request)
             if early is not None:
                 return early
-        if self.api_key and not request.path.startswith(_OPEN_PREFIXES):
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not _same(token, self.api_key):
-                return Response(401, {"error": {"message": "Unauthorized", "type": "invalid_api_key"}})
         route = self.routes.get((request.method, request.path))
         if route is None:
             if any(path == request.path for _, path in self.routes):
@@ -334,16 +350,37 @@ def _handler_for(owner: LoopbackServer) -> type[BaseHTTPRequestHandler]:
 
         def _serve(self) -> None:
             parts = urlsplit(self.path)
-            length = int(self.headers.get("Content-Length") or 0)
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            # The key first, from the headers alone: nothing of a refused request's body is read.
+            early = owner.refusal(parts.path, headers)
+            if early is None:
+                try:
+                    length = int(headers.get("content-length") or 0)
+                except ValueError:
+                    early = Response(400, {"error": {"message": "Content-Length is not a number"}})
+                else:
+                    if length < 0:
+                        early = Response(400, {"error": {"message": "Content-Length is negative"}})
+                    elif length > owner.max_body_bytes:
+                        early = Response(
+                            413,
+                            {"error": {"message": f"request body of {length} bytes is over {owner.max_body_bytes}"}},
+                        )
+            if early is not None:
+                self.close_connection = True  # the unread body must not be taken for the next request
+                self._answer(early, close=True)
+                return
             body = self.rfile.read(length) if length > 0 else b""
             request = Request(
                 method=self.command,
                 path=parts.path,
                 query={k: v[-1] for k, v in parse_qs(parts.query).items()},
-                headers={k.lower(): v for k, v in self.headers.items()},
+                headers=headers,
                 body=body,
             )
-            response = owner.dispatch(request)
+            self._answer(owner.dispatch(request))
+
+        def _answer(self, response: Response, *, close: bool = False) -> None:
             if isinstance(response.body, (dict, list)) or response.body is None:
                 payload = json.dumps(response.body).encode()
                 ctype = "application/json"
@@ -353,6 +390,8 @@ def _handler_for(owner: LoopbackServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(response.status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(payload)))
+            if close:
+                self.send_header("Connection", "close")
             for key, value in response.headers.items():
                 self.send_header(key, value)
             self.end_headers()

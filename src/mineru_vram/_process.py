@@ -74,6 +74,7 @@ __all__ = [
     "log_tail",
     "open_private",
     "owner_alive",
+    "port_free",
     "private_dir",
     "private_file",
     "python_command",
@@ -400,6 +401,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``host:port`` can be bound now (no one listens on it).
+
+    ``SO_REUSEADDR`` lets a port in ``TIME_WAIT`` count as free, as it does for the
+    servers we start on it.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def listening_pids(port: int, host: str = "127.0.0.1") -> set[int] | None:

@@ -23,7 +23,9 @@ Memory: where torch and a CUDA device are present, it really allocates
 ``min(mem_fraction_static * total, cap)`` on the GPU at start, frees it on
 release (only with ``--enable-memory-saver``, like SGLang, which silently does
 nothing without it) and allocates it again on resume, so NVML sees sleep and
-wake. On CPU it only reports.
+wake. On CPU it only reports. Like SGLang, a release without
+``--enable-weights-cpu-backup`` loses the weights: after the resume every answer
+is garbage (:data:`STANDIN_GARBAGE`).
 
 Fault injection, from the environment (:class:`StandinLauncher` sets these):
 
@@ -33,7 +35,9 @@ Fault injection, from the environment (:class:`StandinLauncher` sets these):
 ``MINERU_VRAM_STANDIN_EXIT_AT_START`` exit at once with this code (a bad model path)
 ``MINERU_VRAM_STANDIN_CRASH_AFTER`` exit (code 70) on the chat request after N answered
 ``MINERU_VRAM_STANDIN_HANG_AFTER``  after N chat answers, chat and ``/health`` never answer
+``MINERU_VRAM_STANDIN_HANG_ASLEEP`` ``1``: once its memory is released, nothing answers
 ``MINERU_VRAM_STANDIN_LATENCY``     seconds each chat completion takes
+``MINERU_VRAM_STANDIN_HEALTH_DELAY`` seconds ``/health`` takes (SGLang's runs a generation: 1 s at least)
 ``MINERU_VRAM_STANDIN_CAP_MIB``     most GPU memory to allocate (default 1024)
 ================================== ==================================================
 
@@ -66,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 from ._loopback import ChatRequest, HttpError, LoopbackServer, Request, Response
 
 if TYPE_CHECKING:
-    from ._engine import ServerProcess
+    from ._process import ProcessGroup
 
 __all__ = ["STANDIN_ENV", "StandinLauncher", "canned_completion", "main"]
 
@@ -78,7 +82,9 @@ STANDIN_ENV = {
     "exit_at_start": "MINERU_VRAM_STANDIN_EXIT_AT_START",
     "crash_after": "MINERU_VRAM_STANDIN_CRASH_AFTER",
     "hang_after": "MINERU_VRAM_STANDIN_HANG_AFTER",
+    "hang_asleep": "MINERU_VRAM_STANDIN_HANG_ASLEEP",
     "latency": "MINERU_VRAM_STANDIN_LATENCY",
+    "health_delay": "MINERU_VRAM_STANDIN_HEALTH_DELAY",
     "cap_mib": "MINERU_VRAM_STANDIN_CAP_MIB",
 }
 
@@ -92,6 +98,8 @@ STANDIN_LAYOUT = (
     "<|box_start|>100 160 900 520<|box_end|><|ref_start|>text<|ref_end|><|rotate_up|>"
 )
 STANDIN_TEXT = "Text read by the SGLang stand-in."
+# What the stand-in answers after a wake that lost its weights (SGLang without --enable-weights-cpu-backup).
+STANDIN_GARBAGE = "!!!!!!!!!!!!!!!! weights lost on release !!!!!!!!!!!!!!!!"
 
 
 def canned_completion(prompt: str) -> str:
@@ -116,10 +124,12 @@ def _parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ar
     parser.add_argument("--model-path", "--model", dest="model_path", required=True)
     parser.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float, default=None)
     parser.add_argument("--enable-sleep-mode", action="store_true")
+    parser.add_argument("--logits-processors", nargs="+", default=None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--mem-fraction-static", type=float, default=None)
     parser.add_argument("--enable-memory-saver", action="store_true")
+    parser.add_argument("--enable-weights-cpu-backup", action="store_true")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--device", default=None)
@@ -139,6 +149,7 @@ def _parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ar
         env = os.environ if env is None else env
         args.mem_fraction_static = args.gpu_memory_utilization
         args.enable_memory_saver = args.enable_sleep_mode
+        args.enable_weights_cpu_backup = args.enable_sleep_mode  # level-1 sleep keeps a host copy
         args.api_key = args.api_key or env.get("VLLM_API_KEY") or None
         args.dev_mode = env.get("VLLM_SERVER_DEV_MODE", "") not in ("", "0")
     return args
@@ -194,10 +205,13 @@ class _Standin:
         self.crash_after = _int(env.get(STANDIN_ENV["crash_after"]))
         self.hang_after = _int(env.get(STANDIN_ENV["hang_after"]))
         self.latency = float(env.get(STANDIN_ENV["latency"]) or 0)
+        self.health_delay = float(env.get(STANDIN_ENV["health_delay"]) or 0)
         self.never_ready = env.get(STANDIN_ENV["never_ready"], "") not in ("", "0")
+        self.hang_asleep = env.get(STANDIN_ENV["hang_asleep"], "") not in ("", "0")
         self.answered = 0
         self.hanging = False
         self.released = False
+        self.weights_lost = False  # released without a host copy: answers are garbage from then on
         self.calls: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         cap = float(env.get(STANDIN_ENV["cap_mib"]) or 1024)
@@ -240,6 +254,12 @@ class _Standin:
     # -- faults ----------------------------------------------------------------------------------
 
     def _before(self, request: Request) -> Response | None:
+        if self.hang_asleep and self.released and request.path != "/standin/stats":
+            print(f"stand-in: hanging on purpose while asleep ({request.path})", flush=True)
+            while True:  # a server that hangs while asleep: only a health check can find it
+                time.sleep(3600)
+        if self.health_delay and request.path.startswith("/health"):
+            time.sleep(self.health_delay)
         if self.hanging and (request.path.startswith("/health") or request.path == "/v1/chat/completions"):
             while True:  # a hung server: the engine's health check must notice and kill us
                 time.sleep(3600)
@@ -261,6 +281,8 @@ class _Standin:
     def complete(self, request: ChatRequest) -> str:
         if self.released:
             raise HttpError(400, "memory is released: call /resume_memory_occupation first")
+        if self.weights_lost:
+            return STANDIN_GARBAGE
         if self.latency:
             time.sleep(self.latency)
         with self.lock:
@@ -293,6 +315,8 @@ class _Standin:
         if self.args.enable_memory_saver:
             self.gpu.allocate()
             self.released = False
+            # As SGLang: the weights' memory was freed without a host copy, and comes back uninitialised.
+            self.weights_lost = self.weights_lost or not self.args.enable_weights_cpu_backup
         return Response(body=None)
 
     # -- vLLM's sleep mode ---------------------------------------------------------------------
@@ -340,6 +364,9 @@ class _Standin:
                 "allocated_mib": self.gpu.allocated_mib,
                 "planned_mib": self.gpu.mib,
                 "memory_saver": bool(self.args.enable_memory_saver),
+                "weights_cpu_backup": bool(self.args.enable_weights_cpu_backup),
+                "weights_lost": self.weights_lost,
+                "logits_processors": self.args.logits_processors,
                 "flavor": self.args.flavor,
                 "unknown_flags": self.args.unknown,
                 "api_key_required": self.server.api_key is not None,
@@ -390,9 +417,9 @@ class StandinLauncher:
 
     The engine builds its real ``sglang.launch_server`` (or ``vllm serve``) command line; this
     launcher swaps the module for ``mineru_vram._standin`` and adds fault
-    variables, then starts it through the engine's real process launcher
-    (process group, parent-death watch, log file), so everything but SGLang
-    itself is exercised.
+    variables, then starts it through the library's real process layer
+    (:func:`mineru_vram._process.spawn`: process group, keeper, log file), so
+    everything but SGLang itself is exercised.
 
     Args:
         faults: fault variables by the keys of :data:`STANDIN_ENV` (``crash_after=2``),
@@ -418,8 +445,10 @@ class StandinLauncher:
         self.cap_mib = cap_mib
         self.launches: list[list[str]] = []  # each argv as the engine built it (before the swap)
 
-    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> ServerProcess:
-        from ._engine import launch_process
+    def __call__(
+        self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, cwd: Path | None = None
+    ) -> ProcessGroup:
+        from ._process import python_command, spawn
 
         argv = list(argv)
         self.launches.append(argv)
@@ -427,13 +456,14 @@ class StandinLauncher:
         at = next((i for i, a in enumerate(argv) if a in ("sglang.launch_server", "vllm.entrypoints.cli.main")), None)
         if at is None:
             raise ValueError(f"not an sglang.launch_server or vllm serve command line: {argv}")
-        swapped = [*argv[:at], "mineru_vram._standin", *argv[at + 1 :]]
+        # Our own interpreter, isolated from the working folder, whatever python= the engine was given.
+        command = python_command("mineru_vram._standin", *argv[at + 1 :])
         child_env = {k: v for k, v in env.items() if not k.startswith("MINERU_VRAM_STANDIN_")}
         for key, value in faults.items():
             child_env[STANDIN_ENV[key]] = "1" if value is True else str(value)
         if self.cap_mib is not None:
             child_env[STANDIN_ENV["cap_mib"]] = str(self.cap_mib)
-        return launch_process(swapped, env=child_env, log_path=log_path)
+        return spawn(command, env=child_env, log_path=log_path, cwd=cwd)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -236,3 +237,67 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"mineru-vram {__version__}"
+
+
+# --- the key of an attached server ----------------------------------------------------------------
+
+
+@pytest.fixture
+def keyed_server(tmp_path: Path) -> Any:
+    """A stand-in VLM server (not SGLang) that requires its API key."""
+    from mineru_vram import ResidentEngine, testing
+
+    model = tmp_path / "model"
+    model.mkdir()
+    owner = ResidentEngine("sglang", model_path=model, device="cpu", launcher=testing.StandinLauncher())
+    owner.start()
+    yield owner
+    owner.stop()
+    testing.reset()
+
+
+def _attached_key(argv: list[str]) -> str:
+    from mineru_vram._cli import _build_parser, _make_engine
+
+    engine = _make_engine(_build_parser().parse_args(argv))
+    try:
+        return str(engine.vlm_config()["api_key"])
+    finally:
+        engine.stop()
+
+
+def test_the_cli_reads_the_servers_key_from_a_file_or_the_environment(
+    keyed_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = keyed_server.vlm_config()["api_key"]
+    base = ["parse", "a.pdf", "-o", str(tmp_path / "out"), "--backend", "vlm", "--server-url", keyed_server.url]
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    # The stand-in refuses a wrong or missing key, so attaching proves the key arrived.
+    assert _attached_key([*base, "--api-key-file", str(key_file)]) == key
+    monkeypatch.setenv("MINERU_VRAM_API_KEY", key)
+    assert _attached_key(base) == key
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("MINERU_VRAM_API_KEY")
+    assert _attached_key([*base, "--api-key", key]) == key
+    assert "--api-key is deprecated" in capsys.readouterr().err  # a key on argv is said to be readable
+    assert "--api-key " not in _build_help()
+
+
+def _build_help() -> str:
+    from mineru_vram._cli import _build_parser
+
+    parser = _build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return str(sub.choices["parse"].format_help())  # type: ignore[attr-defined]
+
+
+def test_a_bad_key_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.pdf").write_bytes(make_pdf(1))
+    argv = ["parse", str(tmp_path / "a.pdf"), "-o", str(tmp_path / "out"), "--backend", "vlm"]
+    argv += ["--server-url", "http://127.0.0.1:9"]
+    assert main([*argv, "--api-key-file", str(tmp_path / "missing")]) == 2
+    assert "--api-key-file" in capsys.readouterr().err
+    (tmp_path / "empty").write_text("\n")
+    assert main([*argv, "--api-key-file", str(tmp_path / "empty")]) == 2
+    assert "expected the key alone on one line" in capsys.readouterr().err

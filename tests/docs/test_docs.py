@@ -77,7 +77,8 @@ def examples_of(page: Path) -> list[Example]:
             continue
         assert kind is None or option in OPTIONS, f"{page}:{line}: unknown test option {option!r}"
         if option == "continues":
-            assert out and out[-1].skip is None, f"{page}:{line}: 'continues' needs a runnable example before it"
+            assert out, f"{page}:{line}: 'continues' needs an example before it"
+            assert out[-1].skip is None, f"{page}:{line}: 'continues' follows an example that is not run"
             out[-1].code += "\n" + match.group("code")
             out[-1].parts.append(line)
             continue
@@ -97,7 +98,8 @@ def test_the_docs_have_runnable_examples() -> None:
     for page in ("README.md", "docs/index.md", "docs/guides/notebook.md", "docs/guides/batch.md"):
         assert page in pages
     readme = [e for e in EXAMPLES if e.page.name == "README.md"]
-    assert readme and all(e.skip is None for e in readme), "every README example runs"
+    assert readme
+    assert all(e.skip is None for e in readme), "every README example runs"
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +150,8 @@ def test_example_runs_as_a_script(example: Example, tmp_path: Path, example_env:
         check=False,
     )
     assert run.returncode == 0, (
-        f"{example.id} (blocks at lines {example.parts}) failed as a script:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+        f"{example.id} (blocks at lines {example.parts}) failed as a script:\n"
+        f"{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     )
 
 
@@ -171,8 +174,10 @@ def test_readme_example_without_models_or_network_fails_fast_and_typed(tmp_path:
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("mineru_vram._exceptions.ModelsNotAvailableError:"), run.stderr[-3000:]
-    assert "models_dir=" in last and "mineru-vram models download" in last and "about 0.9 GB" in last
-    assert "Traceback" in run.stderr and run.stderr.count("\n") < 60, "one short traceback, not MinerU's retries"
+    for hint in ("models_dir=", "mineru-vram models download", "about 0.9 GB"):
+        assert hint in last
+    assert "Traceback" in run.stderr
+    assert run.stderr.count("\n") < 60, "one short traceback, not MinerU's retries"
 
 
 def test_mkdocs_build_strict(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def test_budget_becomes_the_fraction_sglang_reports(engine: ResidentEngine) -> N
     assert engine.mem_fraction_static * status.device_total_mib <= BUDGET_GIB * 1024
     served = engine._backend.info
     assert served, "/server_info answered"
-    from mineru_vram._engine import _find_key
+    from mineru_vram._engine.http import find_key as _find_key
 
     assert float(_find_key(served, "mem_fraction_static")) == pytest.approx(engine.mem_fraction_static)
     assert _find_key(served, "enable_memory_saver") is True

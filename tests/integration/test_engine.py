@@ -29,9 +29,10 @@ import pytest
 import mineru_vram as mv
 from mineru_vram import testing
 from mineru_vram._budget import Ledger, admit, device_key
-from mineru_vram._engine import EngineState, ResidentEngine, _http
+from mineru_vram._engine import EngineState, ResidentEngine, http
 from mineru_vram._probe import DeviceMemory
 from mineru_vram._standin import STANDIN_TEXT, StandinLauncher
+from support import alive, all_gone, as_nobody, needs_root, wait_for
 
 Factory = Callable[..., ResidentEngine]
 
@@ -76,7 +77,7 @@ def _standin_processes() -> list[psutil.Process]:
 
 
 def _stats(engine: ResidentEngine) -> dict[str, Any]:
-    status, body = _http("GET", f"{engine.url}/standin/stats", api_key=engine.vlm_config()["api_key"])
+    status, body = http.request("GET", f"{engine.url}/standin/stats", api_key=engine.vlm_config()["api_key"])
     assert status == 200, body
     return body  # type: ignore[no-any-return]
 
@@ -84,27 +85,7 @@ def _stats(engine: ResidentEngine) -> dict[str, Any]:
 def _chat(engine: ResidentEngine, prompt: str = "\nText Recognition:", timeout: float = 30) -> int:
     payload = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]}
     key = engine.vlm_config()["api_key"]
-    return _http("POST", f"{engine.url}/v1/chat/completions", api_key=key, body=payload, timeout=timeout)[0]
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-def _gone(pids: list[int], timeout: float = 5.0) -> bool:
-    return _wait_for(lambda: not any(psutil.pid_exists(p) and _alive(p) for p in pids), timeout)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return http.request("POST", f"{engine.url}/v1/chat/completions", api_key=key, body=payload, timeout=timeout)[0]
 
 
 # --- start, status, stop ------------------------------------------------------------------------
@@ -134,7 +115,7 @@ def test_start_status_and_stop_leave_no_process(make_engine: Factory, model_dir:
 
     engine.stop()
     assert engine.state is EngineState.STOPPED
-    assert _gone([server.pid, keeper.pid], timeout=2)
+    assert all_gone([server.pid, keeper.pid], timeout=2)
     assert not log.parent.exists(), "stop removes the key file and the log folder"
     assert _standin_processes() == []
     assert engine.stop() is engine.last_report  # idempotent
@@ -151,7 +132,7 @@ def test_readiness_timeout_reports_the_log_tail(make_engine: Factory) -> None:
     assert "did not become ready within 1 s" in str(info.value)
     assert "stand-in: never ready" in info.value.log_tail  # type: ignore[attr-defined]
     assert engine.state is EngineState.CRASHED
-    assert _wait_for(lambda: _standin_processes() == [], 5)
+    assert wait_for(lambda: _standin_processes() == [], 5)
 
 
 def test_a_server_that_exits_at_start_fails_fast_with_its_exit_code(make_engine: Factory) -> None:
@@ -173,9 +154,10 @@ def test_a_crashed_server_is_restarted_on_the_same_url(make_engine: Factory) -> 
     engine.start()
     first_pid = engine.status().pid
     url = engine.url
+    first_key = engine.vlm_config()["api_key"]
     with pytest.raises((ConnectionError, urllib.error.URLError)):
         _chat(engine)  # the stand-in exits on purpose while answering
-    assert _wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
+    assert wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
     status = engine.status()
     assert status.pid != first_pid
     assert engine.url == url
@@ -183,6 +165,9 @@ def test_a_crashed_server_is_restarted_on_the_same_url(make_engine: Factory) -> 
     assert "exited with code 70" in (status.last_error or "")
     assert "crashing on purpose" in (status.last_error or "")
     assert _chat(engine) == 200
+    # Each launch has its own key: one that leaked from the first server opens nothing on the second.
+    assert engine.vlm_config()["api_key"] != first_key
+    assert http.request("GET", f"{engine.url}/v1/models", api_key=first_key)[0] == 401
 
 
 def test_callers_get_a_typed_error_not_a_hang(make_engine: Factory) -> None:
@@ -200,7 +185,7 @@ def test_callers_get_a_typed_error_not_a_hang(make_engine: Factory) -> None:
     with pytest.raises(mv.EngineCrashedError, match="crashed during the parse") as info:
         parse_through(engine)
     assert isinstance(info.value.__cause__, mv.ParseError)
-    assert _wait_for(lambda: engine.state is EngineState.CRASHED, 10)
+    assert wait_for(lambda: engine.state is EngineState.CRASHED, 10)
     t0 = time.monotonic()
     with pytest.raises(mv.EngineCrashedError, match="is down"), engine.lease():
         pass
@@ -212,7 +197,7 @@ def test_callers_get_a_typed_error_not_a_hang(make_engine: Factory) -> None:
 
 def test_a_hung_server_is_killed_and_restarted(make_engine: Factory) -> None:
     engine = make_engine(
-        StandinLauncher([{"hang_after": 0}, {}]), health_interval=0.2, health_timeout=0.3, health_failures=2
+        StandinLauncher([{"hang_after": 0}, {}]), health_interval=0.2, health_timeout=2, health_failures=2
     )
     engine.start()
     outcome: list[BaseException | int] = []
@@ -230,7 +215,7 @@ def test_a_hung_server_is_killed_and_restarted(make_engine: Factory) -> None:
     assert not thread.is_alive(), "a request to a hung server must end when the supervisor kills it"
     assert time.monotonic() - t0 < 20
     assert isinstance(outcome[0], OSError)
-    assert _wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
+    assert wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
     assert "health checks in a row (hung)" in (engine.status().last_error or "")
     assert _chat(engine) == 200
 
@@ -243,11 +228,116 @@ def test_a_server_killed_while_asleep_comes_back_asleep(make_engine: Factory) ->
     victim = engine.status().pid
     assert victim is not None
     os.kill(victim, signal.SIGKILL)  # a real crash: the OOM killer, a driver fault
-    assert _wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.SLEEPING, 15)
+    assert wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.SLEEPING, 15)
     assert engine.status().pid != victim
     assert len(launcher.launches) == 2
     assert [c["call"] for c in _stats(engine)["calls"]] == ["release"], "the new server was put back to sleep"
     assert "exited with code" in (engine.status().last_error or "")
+
+
+# --- another user on the same machine -------------------------------------------------------------
+
+# A squatter: listens on the port it is given, answers every request as a healthy OpenAI server
+# would, and prints what it received.
+_SQUATTER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+print("up", flush=True)
+answer = b'{"data": [{"id": "squatted"}]}'
+while True:
+    conn, _ = s.accept()
+    conn.settimeout(2)
+    try:
+        print(repr(conn.recv(65536)), flush=True)
+        conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nConnection: close\\r\\n"
+                     b"Content-Length: %d\\r\\n\\r\\n%s" % (len(answer), answer))
+    except OSError:
+        pass
+    conn.close()
+"""
+
+
+class SquattingLauncher(StandinLauncher):
+    """Lets the user nobody bind the engine's port just before a launch: the race a free port leaves.
+
+    Args:
+        times: how many launches, from the first, find their port taken.
+    """
+
+    def __init__(self, times: int = 1) -> None:
+        super().__init__()
+        self.times = times
+        self.squatters: list[Any] = []
+        self.ports: list[int] = []
+
+    def __call__(self, argv: Any, *, env: Any, log_path: Path, cwd: Path | None = None) -> Any:
+        if len(self.squatters) < self.times:
+            port = int(argv[argv.index("--port") + 1])
+            squatter = as_nobody([sys.executable, "-I", "-c", _SQUATTER, str(port)], wait=False)
+            self.squatters.append(squatter)
+            self.ports.append(port)
+            assert squatter.stdout.readline().strip() == "up"
+        return super().__call__(argv, env=env, log_path=log_path, cwd=cwd)
+
+    def heard(self) -> str:
+        """Stop the squatters; everything they received."""
+        out = []
+        for squatter in self.squatters:
+            squatter.kill()
+            out.append(squatter.stdout.read())
+            squatter.wait(10)
+            squatter.stdout.close()
+        return "".join(out)
+
+
+@needs_root
+def test_a_port_another_user_holds_is_never_sent_the_key(make_engine: Factory) -> None:
+    launcher = SquattingLauncher()
+    engine = make_engine(launcher)
+    try:
+        engine.start()
+        key = engine.vlm_config()["api_key"]
+        assert engine.state is EngineState.READY
+        assert engine.url != f"http://127.0.0.1:{launcher.ports[0]}", "the engine moved to a port of its own"
+        assert len(launcher.launches) == 2
+        assert _chat(engine) == 200
+        assert _stats(engine)["pid"] == engine.status().pid, "the server answering is ours"
+    finally:
+        heard = launcher.heard()
+    assert key not in heard
+    assert heard == "", f"requests were sent to another user's port: {heard}"
+
+
+@needs_root
+def test_a_start_whose_every_port_is_taken_fails_typed_and_sends_nothing(make_engine: Factory) -> None:
+    launcher = SquattingLauncher(times=3)
+    engine = make_engine(launcher)
+    try:
+        with pytest.raises(mv.EngineStartError, match="held by a process that is not ours") as info:
+            engine.start()
+    finally:
+        heard = launcher.heard()
+    assert info.value.ports == launcher.ports  # type: ignore[attr-defined]
+    assert heard == ""
+    assert engine.state is EngineState.CRASHED
+    assert wait_for(lambda: _standin_processes() == [], 5)
+
+
+def test_a_server_that_hangs_while_asleep_is_found_and_replaced_asleep(make_engine: Factory) -> None:
+    launcher = StandinLauncher([{"hang_asleep": True}, {}])
+    engine = make_engine(launcher, health_interval=0.2, health_timeout=2, health_failures=2)
+    engine.start()
+    engine.sleep()
+    hung = engine.status().pid
+    assert wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.SLEEPING, 15)
+    assert engine.status().pid != hung
+    assert "health checks in a row (hung)" in (engine.status().last_error or "")
+    assert [c["call"] for c in _stats(engine)["calls"]] == ["release"], "the new server was put back to sleep"
+    with engine.lease():  # the next parse wakes the new server, and does not wait on the hung one
+        assert _chat(engine) == 200
 
 
 # --- sleep, wake, keep-alive --------------------------------------------------------------------
@@ -275,6 +365,35 @@ def test_sleep_and_wake_use_sglangs_memory_endpoints(make_engine: Factory) -> No
         assert config == engine.vlm_config()
         assert _chat(engine) == 200
     assert [c["call"] for c in _stats(engine)["calls"]] == ["release", "resume", "release", "resume"]
+
+
+def test_an_sglang_health_check_that_takes_seconds_is_not_a_hang(make_engine: Factory) -> None:
+    # SGLang's /health runs a generation and answers after a second at least; this one takes 2.5 s.
+    engine = make_engine(StandinLauncher({"health_delay": 2.5}), health_timeout=5, health_interval=0.2)
+    engine.start()
+    # Readiness, then two supervision checks, each longer than the readiness probe used to wait.
+    assert wait_for(lambda: _stats(engine)["counts"].get("/health", 0) >= 3, 30)
+    assert engine.restarts == 0
+    assert engine.state is EngineState.READY
+
+
+def test_a_wake_answers_as_the_engine_did_before_its_sleep(make_engine: Factory) -> None:
+    engine = make_engine()
+    engine.start()
+    before = _answer(engine)
+    engine.sleep()
+    engine.wake()
+    assert _answer(engine) == before, "the weights must come back as they were"
+    assert _stats(engine)["weights_cpu_backup"] is True
+
+
+def _answer(engine: ResidentEngine) -> str:
+    payload = {"model": "m", "messages": [{"role": "user", "content": "\nText Recognition:"}]}
+    status, body = http.request(
+        "POST", f"{engine.url}/v1/chat/completions", api_key=engine.vlm_config()["api_key"], body=payload
+    )
+    assert status == 200, body
+    return str(body["choices"][0]["message"]["content"])
 
 
 def test_a_budgeted_engine_holds_its_reservation_only_while_awake(make_engine: Factory, tmp_path: Path) -> None:
@@ -334,6 +453,7 @@ def test_a_vllm_engine_sleeps_and_wakes_through_vllms_endpoints(model_dir: Path)
         engine.start()
         stats = _stats(engine)
         assert stats["flavor"] == "vllm"
+        assert stats["logits_processors"] == ["mineru_vl_utils:MinerULogitsProcessor"]
         assert stats["api_key_required"] is True  # from VLLM_API_KEY: never on the command line
         assert stats["memory_saver"] is True  # --enable-sleep-mode
         cmdlines = _standin_cmdlines()
@@ -344,7 +464,7 @@ def test_a_vllm_engine_sleeps_and_wakes_through_vllms_endpoints(model_dir: Path)
         results: list[int] = []
         thread = threading.Thread(target=lambda: results.append(_chat(engine)))
         thread.start()
-        assert _wait_for(lambda: engine._backend.busy(2.0), timeout=5)  # vllm:num_requests_running > 0
+        assert wait_for(lambda: engine._backend.busy(2.0), timeout=5)  # vllm:num_requests_running > 0
         thread.join(10)
         assert results == [200]
         assert not engine._backend.busy(2.0)
@@ -352,7 +472,7 @@ def test_a_vllm_engine_sleeps_and_wakes_through_vllms_endpoints(model_dir: Path)
         engine.sleep()
         assert engine.state is EngineState.SLEEPING
         key = engine.vlm_config()["api_key"]
-        assert _http("GET", f"{engine.url}/is_sleeping", api_key=key)[1] == {"is_sleeping": True}
+        assert http.request("GET", f"{engine.url}/is_sleeping", api_key=key)[1] == {"is_sleeping": True}
         engine.wake()
         assert engine.state is EngineState.READY
         calls = _stats(engine)["calls"]
@@ -395,7 +515,7 @@ def test_keep_alive_puts_an_idle_engine_to_sleep_and_a_request_wakes_it(make_eng
     engine = make_engine(keep_alive="300ms", health_interval=0.1)
     engine.start()
     t0 = time.monotonic()
-    assert _wait_for(lambda: engine.state is EngineState.SLEEPING, 10)
+    assert wait_for(lambda: engine.state is EngineState.SLEEPING, 10)
     assert time.monotonic() - t0 >= 0.25
     assert engine.status().idle_seconds >= 0.3
     assert engine.last_report is not None
@@ -411,9 +531,9 @@ def test_keep_alive_stop_unloads_and_the_next_request_starts_it_again(make_engin
     engine.start()
     first = engine.status().pid
     url = engine.url
-    assert _wait_for(lambda: engine.state is EngineState.UNLOADED, 10)
+    assert wait_for(lambda: engine.state is EngineState.UNLOADED, 10)
     assert first is not None
-    assert _gone([first], 5)
+    assert all_gone([first], 5)
     assert engine.status().pid is None
     with engine.lease():
         assert engine.state is EngineState.READY
@@ -450,10 +570,10 @@ def test_killing_the_parent_leaves_no_orphan(model_dir: Path) -> None:
             assert child.stdout is not None
             pids = json.loads(child.stdout.readline())
             assert len(pids) == 2  # keeper and stand-in
-            assert all(_alive(p) for p in pids)
+            assert all(alive(p) for p in pids)
             child.send_signal(signal.SIGKILL)
             child.wait(10)
-            assert _gone(pids, timeout=5), f"orphans left after the parent was killed: {pids}"
+            assert all_gone(pids, timeout=5), f"orphans left after the parent was killed: {pids}"
         finally:
             child.kill()
 
@@ -465,7 +585,73 @@ def test_exiting_without_stop_runs_the_engines_atexit_hook(model_dir: Path) -> N
     lines = out.stdout.splitlines()
     pids = json.loads(lines[0])
     assert lines[-1] == "state at exit: stopped"
-    assert _gone(pids, timeout=5)
+    assert all_gone(pids, timeout=5)
+
+
+_ABANDON = textwrap.dedent(
+    """
+    import sys, time
+    from mineru_vram._engine import ResidentEngine
+    from mineru_vram._standin import StandinLauncher
+
+    engine = ResidentEngine("sglang", model_path=sys.argv[1], device="cpu", runtime_dir=sys.argv[2],
+                            launcher=StandinLauncher())
+    engine.start()
+    print(engine.status().log_path, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_runtime_folders_of_dead_owners_are_swept_at_the_next_start(
+    make_engine: Factory, model_dir: Path, tmp_path: Path
+) -> None:
+    runtime = tmp_path / "runtime"
+    with subprocess.Popen(
+        [sys.executable, "-c", _ABANDON, str(model_dir), str(runtime)], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None
+            abandoned = Path(child.stdout.readline().strip()).parent
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+        finally:
+            child.kill()
+    assert (abandoned / "server-config.yaml").is_file(), "SIGKILL left the folder, key file and all"
+    engine = make_engine(runtime_dir=runtime)
+    engine.start()
+    own = Path(engine.status().log_path or "").parent
+    assert not abandoned.exists(), "the folder of a dead owner is removed at the next start"
+    assert oct(own.stat().st_mode & 0o777) == "0o700"
+    make_engine(runtime_dir=runtime).start()
+    assert own.is_dir(), "the folder of a live owner is kept"
+
+
+def test_an_engine_started_inside_a_session_does_not_inherit_its_temporary_home(
+    make_engine: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mineru_vram._adapter import MineruRuntime
+
+    users_home = str(tmp_path / "users-mineru-home")
+    monkeypatch.setenv("MINERU_HOME", users_home)
+    monkeypatch.delenv("MINERU_CONFIG", raising=False)
+    monkeypatch.delenv("MINERU_DEVICE_MODE", raising=False)
+    runtime = MineruRuntime(device="cpu", models_dir=tmp_path)
+    runtime.activate()  # what an open in-process session does to the environment
+    try:
+        session_home = os.environ["MINERU_HOME"]
+        assert session_home != users_home
+        engine = make_engine()
+        engine.start()
+        pid = engine.status().pid
+        assert pid is not None
+        seen = psutil.Process(pid).environ()
+    finally:
+        runtime.deactivate()
+    assert not Path(session_home).exists(), "the session's home is gone once it closes"
+    assert seen["MINERU_HOME"] == users_home
+    assert "MINERU_CONFIG" not in seen
+    assert "MINERU_DEVICE_MODE" not in seen
 
 
 # --- the process-wide engine ----------------------------------------------------------------------
@@ -503,7 +689,7 @@ def test_32_threads_asking_at_once_start_exactly_one_engine(model_dir: Path) -> 
     assert ResidentEngine.current() is None
     assert engine.state is EngineState.STOPPED
     assert pid is not None
-    assert _gone([pid])
+    assert all_gone([pid])
 
 
 def test_asking_with_other_settings_names_each_difference(model_dir: Path, tmp_path: Path) -> None:
@@ -556,7 +742,7 @@ def test_attach_uses_a_server_it_does_not_own(make_engine: Factory) -> None:
     attached.wake()
     attached.stop()
     assert owner.state is EngineState.READY
-    assert _http("GET", f"{owner.url}/health")[0] == 200, "stopping an attached engine leaves the server running"
+    assert http.request("GET", f"{owner.url}/health")[0] == 200, "stopping an attached engine leaves the server running"
     with pytest.raises(mv.EngineStartError, match="refused the API key"):
         ResidentEngine.attach(owner.url, api_key="wrong-key", start_timeout=2)
     owner.stop()
@@ -585,7 +771,7 @@ def test_vlm_session_parses_through_minerus_http_client(make_engine: Factory, ra
     assert session.release_report.models_alive == []
     assert engine.state is EngineState.READY, "closing a session never stops the shared engine"
     assert owner.state is EngineState.READY
-    assert _http("GET", f"{owner.url}/health")[0] == 200
+    assert http.request("GET", f"{owner.url}/health")[0] == 200
     assert engine.status().idle_seconds < 60
     engine.stop()
     from mineru.model.vlm.runtime import ModelSingleton
@@ -612,7 +798,7 @@ def test_transformers_engine_for_real_on_cpu(random_models_dir: Path, random_vlm
         assert status.pid != os.getpid(), "MinerU's transformers engine runs in a child process of its own"
         server = psutil.Process(status.pid)
         assert "mineru_vram._vlm_serve" in " ".join(server.cmdline())
-        seen = _http("GET", f"{engine.url}/server_info", api_key=engine.vlm_config()["api_key"])[1]
+        seen = http.request("GET", f"{engine.url}/server_info", api_key=engine.vlm_config()["api_key"])[1]
         assert seen["max_new_tokens"] == 16
         with mv.ModelSession("hybrid", engine=engine, device="cpu", models_dir=random_models_dir) as session:
             result = session.parse(testing.make_pdf(1, table=False))
@@ -620,7 +806,7 @@ def test_transformers_engine_for_real_on_cpu(random_models_dir: Path, random_vlm
         assert result.backend == "hybrid"
         assert session.release_report is not None
         assert session.release_report.ok
-        served = _http("GET", f"{engine.url}/server_info", api_key=engine.vlm_config()["api_key"])[1]
+        served = http.request("GET", f"{engine.url}/server_info", api_key=engine.vlm_config()["api_key"])[1]
         assert served["requests"].get("/v1/chat/completions", 0) >= 1, "MinerU's client reached the engine"
         assert engine.state is EngineState.READY, "closing the session leaves the engine loaded"
         assert server.is_running()
@@ -630,4 +816,4 @@ def test_transformers_engine_for_real_on_cpu(random_models_dir: Path, random_vlm
     finally:
         engine.stop()
     assert engine.state is EngineState.STOPPED
-    assert _gone(pids)
+    assert all_gone(pids)

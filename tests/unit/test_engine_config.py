@@ -7,6 +7,9 @@ command line and refuses to run anything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import json
 import threading
 import time
 from datetime import timedelta
@@ -18,6 +21,7 @@ import pytest
 import mineru_vram as mv
 from mineru_vram._budget import Ledger, admit, device_key
 from mineru_vram._engine import (
+    EngineSettings,
     EngineState,
     MemoryReport,
     ResidentEngine,
@@ -25,6 +29,7 @@ from mineru_vram._engine import (
     build_vllm_argv,
     parse_keep_alive,
 )
+from mineru_vram._engine.settings import SETTING_NAMES
 from mineru_vram._probe import DeviceMemory, ProcessMemory
 
 
@@ -74,7 +79,7 @@ class RefusingLauncher:
     def __init__(self) -> None:
         self.argv: list[list[str]] = []
 
-    def __call__(self, argv: Any, *, env: Any, log_path: Path) -> Any:
+    def __call__(self, argv: Any, *, env: Any, log_path: Path, cwd: Path) -> Any:
         self.argv.append(list(argv))
         raise AssertionError("this test must not launch a server")
 
@@ -137,11 +142,17 @@ def test_vllm_command_line_matches_vllm_serve(tmp_path: Path) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--enable-sleep-mode", action="store_true")
     parser.add_argument("--served-model-name")
+    parser.add_argument("--logits-processors", nargs="+")
     args = parser.parse_args(argv[5:])
     assert (args.host, args.port, args.gpu_memory_utilization) == ("127.0.0.1", 30123, 0.123)  # rounded down
     assert args.enable_sleep_mode
     assert args.served_model_name == "mineru-vlm"
+    # MinerU's repetition guard: vLLM applies no_repeat_ngram_size only through MinerU's logits processor.
+    assert args.logits_processors == ["mineru_vl_utils:MinerULogitsProcessor"]
     assert not any("key" in a for a in argv)  # the key travels in VLLM_API_KEY, not on the process list
+    own = build_vllm_argv(model_path="m", port=1, mem_fraction=None, extra_args=["--logits-processors", "x:Y"])
+    assert own.count("--logits-processors") == 1
+    assert own[own.index("--logits-processors") + 1] == "x:Y"
 
 
 def test_vllm_server_environment_carries_key_dev_mode_and_the_physical_gpu(
@@ -149,13 +160,13 @@ def test_vllm_server_environment_carries_key_dev_mode_and_the_physical_gpu(
 ) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     engine = ResidentEngine("vllm", model_path=model_dir, device="cuda:1", probe=card())
-    env = engine._backend.server_env({})  # type: ignore[attr-defined]
+    env = engine._backend.server_env(engine._context())  # type: ignore[attr-defined]
     assert env["CUDA_VISIBLE_DEVICES"] == "5"  # this process's cuda:1 is the machine's GPU 5
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
     assert env["VLLM_API_KEY"] == engine.vlm_config()["api_key"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     with pytest.raises(mv.ConfigurationError, match="not among CUDA_VISIBLE_DEVICES=3"):
-        engine._backend.server_env({})  # type: ignore[attr-defined]
+        engine._backend.server_env(engine._context())  # type: ignore[attr-defined]
 
 
 def test_a_vllm_budget_becomes_gpu_memory_utilization_and_no_budget_admits_vllms_default(
@@ -167,13 +178,13 @@ def test_a_vllm_budget_becomes_gpu_memory_utilization_and_no_budget_admits_vllms
     )
     engine._preflight()
     engine._release_reservation()
-    argv = engine._backend.argv()  # type: ignore[attr-defined]
+    argv = engine._backend.argv(engine._context())  # type: ignore[attr-defined]
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.250"
     plain = ResidentEngine("vllm", model_path=model_dir, device="cuda:0", probe=card(total_gib=80), ledger=ledger)
     plain._preflight()
-    assert _ledger_needs(ledger) == [pytest.approx(0.9 * 80 * 1024)]  # vLLM takes 90 % when not told
+    assert _ledger_needs(ledger) == [pytest.approx(0.92 * 80 * 1024)]  # vLLM 0.33 takes 92 % when not told
     plain._release_reservation()
-    assert "--gpu-memory-utilization" not in plain._backend.argv()  # type: ignore[attr-defined]
+    assert "--gpu-memory-utilization" not in plain._backend.argv(plain._context())  # type: ignore[attr-defined]
 
 
 def test_constructing_starts_nothing(model_dir: Path) -> None:
@@ -212,6 +223,7 @@ def _sglang_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int)
     parser.add_argument("--mem-fraction-static", type=float)
     parser.add_argument("--enable-memory-saver", action="store_true")
+    parser.add_argument("--enable-weights-cpu-backup", action="store_true")
     parser.add_argument("--device")
     parser.add_argument("--base-gpu-id", type=int)
     parser.add_argument("--served-model-name")
@@ -238,6 +250,7 @@ def test_sglang_command_line_matches_sglang_server_args(tmp_path: Path) -> None:
     assert args.port == 31234
     assert args.mem_fraction_static == pytest.approx(0.1)
     assert args.enable_memory_saver is True
+    assert args.enable_weights_cpu_backup is True, "without it SGLang's wake brings back garbage weights"
     assert (args.device, args.base_gpu_id) == ("cuda", 1)
     assert args.served_model_name == "mineru"
     assert args.config == str(tmp_path / "k.yaml")
@@ -271,8 +284,8 @@ def test_budget_becomes_a_fraction_of_the_total_rounded_down(
     engine._release_reservation()  # the preflight reserved the budget in the ledger; nothing runs
     assert engine.mem_fraction_static == pytest.approx(fraction)
     assert engine.mem_fraction_static * total_gib <= budget_gib
-    assert "--mem-fraction-static" in engine._backend.argv()  # type: ignore[attr-defined]
-    assert engine._backend.argv()[engine._backend.argv().index("--mem-fraction-static") + 1] == f"{fraction:.3f}"  # type: ignore[attr-defined]
+    argv = engine._backend.argv(engine._context())  # type: ignore[attr-defined]
+    assert argv[argv.index("--mem-fraction-static") + 1] == f"{fraction:.3f}"
 
 
 def test_budget_above_the_card_is_a_configuration_error(model_dir: Path) -> None:
@@ -413,7 +426,7 @@ class EnvRecordingLauncher:
     def __init__(self) -> None:
         self.env: dict[str, str] = {}
 
-    def __call__(self, argv: Any, *, env: Any, log_path: Path) -> Any:
+    def __call__(self, argv: Any, *, env: Any, log_path: Path, cwd: Path) -> Any:
         self.env = dict(env)
         raise OSError("this test launches nothing")
 
@@ -489,13 +502,114 @@ def test_memory_report_arithmetic_and_text() -> None:
     assert "NVML cannot tell" in str(MemoryReport("wake", 0.0, None, None))
 
 
-def test_states_have_the_documented_values() -> None:
-    assert {s.value for s in EngineState} == {
-        "new",
-        "starting",
-        "ready",
-        "sleeping",
-        "unloaded",
-        "crashed",
-        "stopped",
-    }
+@pytest.mark.parametrize("state", list(EngineState))
+def test_each_state_decides_what_the_engine_allows(model_dir: Path, state: EngineState) -> None:
+    engine = ResidentEngine("sglang", model_path=model_dir, device="cpu", launcher=RefusingLauncher())
+    engine._state = state  # what the lifecycle would have led to; nothing runs
+    running = state in (EngineState.READY, EngineState.SLEEPING)
+    assert engine.is_running() is running
+    if state is EngineState.SLEEPING:
+        assert engine.sleep().note == "already sleeping"
+    elif state is not EngineState.READY:
+        with pytest.raises(mv.EngineStateError, match=f"cannot sleep: the engine is {state.value}$"):
+            engine.sleep()
+    if state is EngineState.READY:
+        assert engine.wake().note == "already awake"
+    elif state is not EngineState.SLEEPING:
+        with pytest.raises(mv.EngineStateError, match=f"cannot wake: the engine is {state.value}$"):
+            engine.wake()
+    if running:
+        assert engine.start() is engine  # idempotent while it runs: launches nothing
+    status = engine.status().to_dict()
+    assert status["state"] == state.value
+    assert json.loads(json.dumps(status))["state"] == state.value  # a status is plain JSON
+    engine._state = EngineState.NEW
+    engine.stop()
+
+
+def test_a_stopped_engine_refuses_every_use(model_dir: Path) -> None:
+    engine = ResidentEngine("sglang", model_path=model_dir, device="cpu", launcher=RefusingLauncher())
+    engine.stop()
+    for use in (engine.start, engine.sleep, engine.wake):
+        with pytest.raises(mv.EngineStateError):
+            use()
+    with pytest.raises(mv.EngineStateError, match="stopped"), engine.lease():
+        pass
+
+
+# --- the one list of settings ---------------------------------------------------------------------
+
+
+def test_the_public_signature_takes_every_setting_with_the_settings_default() -> None:
+    params = inspect.signature(ResidentEngine.__init__).parameters
+    collaborators = {"self", "api_key", "launcher", "probe", "ledger"}
+    assert set(params) - collaborators == set(SETTING_NAMES)
+    for field in dataclasses.fields(EngineSettings):
+        assert params[field.name].default == field.default, field.name
+
+
+def test_settings_resolve_to_a_fixed_point_and_refuse_unknown_names(model_dir: Path) -> None:
+    settings = EngineSettings.resolve(
+        engine="SGLang", model_path=model_dir, device=0, keep_alive="10m", budget="8GiB", start_timeout=5
+    )
+    assert (settings.engine, settings.device, settings.keep_alive) == ("sglang", "cuda:0", 600.0)
+    assert settings.budget == mv.VramBudget(mib=8192)
+    assert isinstance(settings.start_timeout, float)
+    assert EngineSettings.resolve(settings) == settings
+    assert EngineSettings.resolve(settings, keep_alive=None).keep_alive is None
+    with pytest.raises(TypeError, match="unexpected engine setting"):
+        EngineSettings.resolve(settings, keepalive=1)
+
+
+def _sglang_config_to_argv(config: dict[str, Any]) -> list[str]:
+    """SGLang's rule for its ``--config`` file: each key becomes ``--key``, each value the next argument.
+
+    (``ConfigArgumentMerger`` in sglang/srt/server_args_config_parser.py: ``True`` is a bare flag,
+    a list is spread, anything else is ``str(value)``.)
+    """
+    argv: list[str] = []
+    for key, value in config.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def test_ten_thousand_api_keys_survive_sglangs_config_to_argv() -> None:
+    from mineru_vram._engine.backends.server import new_api_key
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--api-key")
+    keys = {new_api_key() for _ in range(10_000)}
+    assert len(keys) == 10_000
+    for key in keys:
+        assert len(key) >= 32
+        # argparse exits on "--api-key -xyz": a value that looks like an option is not taken.
+        assert parser.parse_args(_sglang_config_to_argv({"api-key": key})).api_key == key
+
+
+def test_sglang_is_given_a_health_timeout_its_health_check_fits_in(model_dir: Path) -> None:
+    with pytest.raises(mv.ConfigurationError, match=r"health_timeout=0.5: .* at least 2 s"):
+        ResidentEngine("sglang", model_path=model_dir, device="cpu", health_timeout=0.5)
+    assert ResidentEngine("transformers", model_path=model_dir, device="cpu", health_timeout=0.5)
+
+
+def test_sglang_says_at_start_that_it_drops_minerus_repetition_guard(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = ResidentEngine("sglang", model_path=model_dir, device="cpu", launcher=EnvRecordingLauncher())
+    with caplog.at_level("WARNING", logger="mineru_vram"):
+        for _ in range(2):
+            with pytest.raises(OSError, match="launches nothing"):
+                engine.start()
+    warned = [r for r in caplog.records if "no_repeat_ngram_size" in r.getMessage()]
+    assert len(warned) == 1, "said once per engine, at its first start"
+    assert "engine='vllm' applies it" in warned[0].getMessage()
+    caplog.clear()
+    vllm = ResidentEngine("vllm", model_path=model_dir, device="cuda:0", probe=card(), launcher=EnvRecordingLauncher())
+    with caplog.at_level("WARNING", logger="mineru_vram"), pytest.raises(OSError, match="launches nothing"):
+        vllm.start()
+    assert not [r for r in caplog.records if "no_repeat_ngram_size" in r.getMessage()]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mineru_vram._engine import _http
+from mineru_vram._engine import http
 from mineru_vram._loopback import ChatRequest, HttpError, LoopbackServer, parse_chat_request
 from mineru_vram._standin import STANDIN_LAYOUT, STANDIN_TEXT, StandinLauncher, _parse_args, canned_completion
 
@@ -60,27 +61,29 @@ def _chat(prompt: str, image: bytes | None = b"\x89PNG fake") -> dict[str, Any]:
 
 def test_health_needs_no_key_everything_else_does(server: tuple[LoopbackServer, EchoCompleter]) -> None:
     srv, _ = server
-    assert _http("GET", f"{srv.url}/health")[0] == 200
-    assert _http("GET", f"{srv.url}/health_generate")[0] == 200
+    assert http.request("GET", f"{srv.url}/health")[0] == 200
+    assert http.request("GET", f"{srv.url}/health_generate")[0] == 200
     for path in ("/v1/models", "/v1/loads", "/server_info", "/model_info"):
-        assert _http("GET", f"{srv.url}{path}")[0] == 401, path
-        assert _http("GET", f"{srv.url}{path}", api_key="wrong")[0] == 401, path
-        assert _http("GET", f"{srv.url}{path}", api_key="sekret")[0] == 200, path
-    status, body = _http("POST", f"{srv.url}/v1/chat/completions", body=_chat("x"))
+        assert http.request("GET", f"{srv.url}{path}")[0] == 401, path
+        assert http.request("GET", f"{srv.url}{path}", api_key="wrong")[0] == 401, path
+        assert http.request("GET", f"{srv.url}{path}", api_key="sekret")[0] == 200, path
+    status, body = http.request("POST", f"{srv.url}/v1/chat/completions", body=_chat("x"))
     assert status == 401
     assert body["error"]["type"] == "invalid_api_key"
 
 
 def test_models_lists_exactly_one(server: tuple[LoopbackServer, EchoCompleter]) -> None:
     srv, _ = server
-    status, body = _http("GET", f"{srv.url}/v1/models", api_key="sekret")
+    status, body = http.request("GET", f"{srv.url}/v1/models", api_key="sekret")
     assert status == 200
     assert [m["id"] for m in body["data"]] == ["tiny-vlm"]
 
 
 def test_chat_completion_round_trip(server: tuple[LoopbackServer, EchoCompleter]) -> None:
     srv, completer = server
-    status, body = _http("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("\nLayout Detection:"))
+    status, body = http.request(
+        "POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("\nLayout Detection:")
+    )
     assert status == 200
     choice = body["choices"][0]
     assert choice["message"]["content"] == "echo:\nLayout Detection:"
@@ -101,13 +104,13 @@ def test_chat_completion_round_trip(server: tuple[LoopbackServer, EchoCompleter]
 
 def test_errors_are_openai_shaped(server: tuple[LoopbackServer, EchoCompleter]) -> None:
     srv, _ = server
-    status, body = _http("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("boom"))
+    status, body = http.request("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("boom"))
     assert status == 500
     assert "model failed" in body["error"]["message"]
     assert srv.running == 0, "a failed completion must not stay counted as running"
-    assert _http("GET", f"{srv.url}/nope", api_key="sekret")[0] == 404
-    assert _http("GET", f"{srv.url}/v1/chat/completions", api_key="sekret")[0] == 405
-    status, body = _http("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body={"messages": "x"})
+    assert http.request("GET", f"{srv.url}/nope", api_key="sekret")[0] == 404
+    assert http.request("GET", f"{srv.url}/v1/chat/completions", api_key="sekret")[0] == 405
+    status, body = http.request("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body={"messages": "x"})
     assert status == 400
 
 
@@ -153,3 +156,60 @@ def test_standin_launcher_validates_faults() -> None:
         StandinLauncher({"explode": 1})
     with pytest.raises(ValueError, match=r"not an sglang\.launch_server"):
         StandinLauncher()(["python", "-m", "other"], env={}, log_path=Path("/dev/null"))
+
+
+def _raw_request(srv: LoopbackServer, head: str, timeout: float = 5.0) -> str:
+    """Send request headers (and no body) on a raw socket; the status line the server answers with."""
+    with socket.create_connection((srv.host, srv.port), timeout=timeout) as sock:
+        sock.sendall(head.encode())
+        return sock.makefile("rb").readline().decode().strip()
+
+
+def test_the_key_is_checked_before_any_body_is_read(server: tuple[LoopbackServer, EchoCompleter]) -> None:
+    srv, _ = server
+    # 400 MiB announced, nothing sent: a server that reads before checking the key would wait for it.
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 419430400\r\n\r\n"
+    assert _raw_request(srv, head) == "HTTP/1.1 401 Unauthorized"
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        "Authorization: Bearer wrong\r\nContent-Length: 419430400\r\n\r\n"
+    )
+    assert _raw_request(srv, head) == "HTTP/1.1 401 Unauthorized"
+
+
+def test_a_body_over_the_cap_is_refused_unread(server: tuple[LoopbackServer, EchoCompleter]) -> None:
+    srv, completer = server
+    too_big = srv.max_body_bytes + 1
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer sekret\r\nContent-Length: {too_big}\r\n\r\n"
+    )
+    assert _raw_request(srv, head) == "HTTP/1.1 413 Request Entity Too Large"
+    assert completer.seen == []
+    assert http.request("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("ok"))[0] == 200
+
+
+def test_only_authorised_requests_are_counted(server: tuple[LoopbackServer, EchoCompleter]) -> None:
+    srv, _ = server
+    for _ in range(3):
+        assert http.request("GET", f"{srv.url}/v1/models")[0] == 401
+        assert http.request("POST", f"{srv.url}/v1/chat/completions", body=_chat("x"))[0] == 401
+    assert "/v1/models" not in srv.counts
+    assert "/v1/chat/completions" not in srv.counts
+    assert http.request("GET", f"{srv.url}/v1/models", api_key="sekret")[0] == 200
+    assert http.request("GET", f"{srv.url}/health")[0] == 200  # open probes count: they need no key
+    assert srv.counts == {"/v1/models": 1, "/health": 1}
+
+
+def test_a_memory_call_that_gets_no_answer_fails_within_its_bound_and_names_it() -> None:
+    from mineru_vram import EngineError
+    from mineru_vram._engine import EngineSettings
+    from mineru_vram._engine.backends.attach import AttachBackend
+
+    with socket.socket() as silent:  # accepts connections, never answers: a hung server
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        backend = AttachBackend(EngineSettings.resolve(engine="attach", url=url))
+        with pytest.raises(EngineError, match=r"POST /release_memory_occupation .* got no answer \(bound 0.3 s\)"):
+            backend.release(0.3)

@@ -1,0 +1,34 @@
+"""The engine back-ends: one module per way of running a VLM server, behind :class:`~.base.Backend`.
+
+Adding an engine is one module here and one line in :data:`BACKENDS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .attach import AttachBackend
+from .base import Backend, BackendClass, BackendContext, EngineTraits, Launcher, MemoryMove
+from .sglang import SGLangBackend, build_sglang_argv
+from .transformers import TransformersBackend
+from .vllm import VLLMBackend, build_vllm_argv
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendClass",
+    "BackendContext",
+    "EngineTraits",
+    "Launcher",
+    "MemoryMove",
+    "build_sglang_argv",
+    "build_vllm_argv",
+]
+
+# The engines by the name ``engine=`` takes, in the order error messages list them.
+BACKENDS: Mapping[str, BackendClass] = {
+    "sglang": SGLangBackend,
+    "vllm": VLLMBackend,
+    "transformers": TransformersBackend,
+    "attach": AttachBackend,
+}
