@@ -106,6 +106,19 @@ def _wait_asleep(log: Path, timeout: float) -> None:
     raise RuntimeError("llama-server did not fall asleep")
 
 
+def _settled_rss(pid: int, timeout: float = 10.0) -> float:
+    """RSS once it stops falling: the log line that announces sleep comes before the frees."""
+    last = _rss_mib(pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _rss_mib(pid)
+        if abs(now - last) < 1.0:
+            return now
+        last = now
+    return last
+
+
 def probe_server(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import httpx
 
@@ -133,14 +146,17 @@ def probe_server(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[
     auth = {"Authorization": f"Bearer {key}"}
     try:
         with httpx.Client(timeout=600) as client:
+            seen: set[int] = set()
             while True:
                 with contextlib.suppress(httpx.TransportError):
-                    if client.get(base + "/health").status_code == 200:
+                    seen.add(client.get(base + "/health").status_code)
+                    if 200 in seen:
                         break
                 if group.poll() is not None or time.perf_counter() - started > 600:
                     raise RuntimeError("llama-server did not start:\n" + group.log_tail())
                 time.sleep(0.02)
             out["seconds_to_health"] = round(time.perf_counter() - started, 3)
+            out["health_codes_while_starting"] = sorted(seen)
             pid = group.command_pid(timeout=5.0) or group.pid
             out["rss_mib_loaded"] = _rss_mib(pid)
             out["endpoints"] = {
@@ -170,7 +186,9 @@ def probe_server(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[
             wakes: dict[str, bool] = {}
             for ep in ENDPOINTS:
                 _wait_asleep(log, wait)
-                out.setdefault("rss_mib_asleep", _rss_mib(pid))
+                if "rss_mib_asleep" not in out:
+                    out["rss_mib_asleep"] = _settled_rss(pid)
+                    out["health_while_asleep"] = client.get(base + "/health").status_code
                 exited = _sleep_events(log)[1]
                 client.get(base + ep, headers=auth)
                 time.sleep(0.3)
@@ -179,9 +197,14 @@ def probe_server(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[
             _wait_asleep(log, wait)
             props = client.get(base + "/props", headers=auth).json()
             out["props_is_sleeping_while_asleep"] = props.get("is_sleeping")
+            text_only = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
             t = time.perf_counter()
+            client.post(base + "/v1/chat/completions", json=text_only, headers=auth).raise_for_status()
+            out["wake_text_request_seconds"] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            client.post(base + "/v1/chat/completions", json=text_only, headers=auth).raise_for_status()
+            out["awake_text_request_seconds"] = round(time.perf_counter() - t, 3)
             woken = client.post(base + "/v1/chat/completions", json=_chat_body(), headers=auth).json()
-            out["wake_request_seconds"] = round(time.perf_counter() - t, 3)
             out["same_answer_after_wake"] = woken["choices"][0]["message"]["content"] == out["first_answer"]
             out["rss_mib_after_wake"] = _rss_mib(pid)
         t = time.perf_counter()
