@@ -158,7 +158,7 @@ def _page_data_url(pdf: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _mineru_env(tmp_path: Path, models_dir: Path) -> dict[str, str]:
+def _mineru_env(tmp_path: Path, models_dir: Path, **overrides: str) -> dict[str, str]:
     """Environment for a MinerU subprocess that reads ``models_dir`` offline on CPU."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
@@ -176,6 +176,7 @@ def _mineru_env(tmp_path: Path, models_dir: Path) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(Path(rg.__file__).parents[1]), env.get("PYTHONPATH")])),
     )
+    env.update(overrides)
     return env
 
 
@@ -401,3 +402,39 @@ def test_mineru_parse_through_http_client_is_repeatable(
     # The VLM's scripted answer reached MinerU's markdown (escaped by MinerU's writer).
     assert "120 110 880 340" in first, first
     assert any(word in first for word in START_WORDS), first
+
+
+INPROCESS_PARSE_SCRIPT = """
+    import json, sys
+
+    def main():
+        from mineru.model.vlm.runtime import ModelSingleton
+        from mineru.parser import parse
+
+        runs = [parse(sys.argv[1], tier="advanced", ocr_mode="ocr", page_range="1") for _ in range(2)]
+        backends = [key[0] for key in ModelSingleton._models]
+        print(json.dumps({"markdown": [r.markdown() for r in runs], "backends": backends}))
+
+    if __name__ == "__main__":  # MinerU renders pages in spawned worker processes
+        main()
+"""
+
+
+def test_mineru_parse_with_llama_cpp_finds_the_folder_under_base_dir(
+    gguf_dir: Path, random_models_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """MinerU's own default path: ``model.vlm.engine: llama-cpp``, weights found under ``base_dir``.
+
+    With ``source: local`` MinerU resolves the GGUF repository to
+    ``<base_dir>/MinerU2.5-Pro-2605-1.2B-GGUF`` and accepts it only with its completion marker.
+    """
+    base = tmp_path / "models"
+    base.mkdir()
+    (base / "MinerU-4_models_torch").symlink_to(random_models_dir / "MinerU-4_models_torch")
+    (base / GGUF_REPO).symlink_to(gguf_dir)
+    env = _mineru_env(tmp_path, base, MINERU_MODEL_VLM_ENGINE="llama-cpp")
+    report = _run_json(INPROCESS_PARSE_SCRIPT, [str(corpus_dir / "test.pdf")], env, tmp_path)
+    assert report["backends"] == ["llama-cpp-engine"]
+    first, second = report["markdown"]
+    assert first == second
+    assert "120 110 880 340" in first, first
