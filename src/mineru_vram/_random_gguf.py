@@ -49,7 +49,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from ._random_models import _list_files, _manifest_matches, _version, _write_json_atomic
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
+
+    #: Builds one tensor's values from that tensor's own random generator.
+    _Fill = Callable[[np.random.Generator], np.ndarray]
 
 __all__ = ["GGUF_MAIN_NAME", "GGUF_MMPROJ_NAME", "GgufSize", "write_random_vlm_gguf"]
 
@@ -373,7 +378,7 @@ class _Tensor:
 
     name: str
     shape: tuple[int, ...]
-    fill: Any  # Callable[[np.random.Generator], np.ndarray]
+    fill: _Fill
     quantize: bool = False
 
 
@@ -385,7 +390,7 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def _normal(shape: tuple[int, ...], std: float = 0.02) -> Any:
+def _normal(shape: tuple[int, ...], std: float = 0.02) -> _Fill:
     import numpy as np
 
     def fill(rng: np.random.Generator) -> np.ndarray:
@@ -394,7 +399,7 @@ def _normal(shape: tuple[int, ...], std: float = 0.02) -> Any:
     return fill
 
 
-def _constant(shape: tuple[int, ...], value: float) -> Any:
+def _constant(shape: tuple[int, ...], value: float) -> _Fill:
     import numpy as np
 
     return lambda _rng: np.full(shape, value, dtype=np.float32)
@@ -452,7 +457,7 @@ _START_PENALTY: Final = 20.0  # output weight that keeps non-start tokens out of
 _NOISE_STD: Final = 0.02  # random weights and embedding noise (Hugging Face's init range)
 
 
-def _script_text_model(arch: _Arch, vocab: _Vocab) -> tuple[Any, Any]:
+def _script_text_model(arch: _Arch, vocab: _Vocab) -> tuple[_Fill, _Fill]:
     """The embedding and output matrices that make greedy decoding a short, deterministic walk.
 
     The residual stream has four kinds of dimension:
@@ -468,6 +473,10 @@ def _script_text_model(arch: _Arch, vocab: _Vocab) -> tuple[Any, Any]:
     * readout dimensions, zero in every embedding, so only the random layers fill them, from
       the whole prompt (image included); the start words' output rows are random there;
     * token dimensions, random in the embeddings, which give the layers something to read.
+
+    The decoder's Q, K and V biases are zero, so what the attention reads at the first answer
+    position comes from the prompt's content rather than from constant bias terms; that is what
+    lets different images pick different start words.
 
     At the first answer position the last prompt token is ``\\n`` (no state), so the readout
     dimensions pick a start word, while column 0 (-20 for every other token) keeps all else
@@ -508,11 +517,11 @@ def _script_text_model(arch: _Arch, vocab: _Vocab) -> tuple[Any, Any]:
     return embedding, output
 
 
-def _layer_norm_weight(d: int) -> Any:
+def _layer_norm_weight(d: int) -> _Fill:
     """Norm weights of the decoder layers: 1, except 0 for the bias dimension (layers never read it)."""
     import numpy as np
 
-    def fill(_rng: Any) -> Any:
+    def fill(_rng: np.random.Generator) -> np.ndarray:
         weight = np.ones((d,), dtype=np.float32)
         weight[_BIAS_DIM] = 0.0
         return weight
@@ -520,10 +529,10 @@ def _layer_norm_weight(d: int) -> Any:
     return fill
 
 
-def _no_bias_row(fill: Any) -> Any:
+def _no_bias_row(fill: _Fill) -> _Fill:
     """Wrap a weight filler so output row 0 (the bias dimension of the residual stream) stays zero."""
 
-    def wrapped(rng: Any) -> Any:
+    def wrapped(rng: np.random.Generator) -> np.ndarray:
         table = fill(rng)
         table[_BIAS_DIM, :] = 0.0
         return table
@@ -547,7 +556,7 @@ def _main_tensors(arch: _Arch, vocab: _Vocab) -> list[_Tensor]:
     ]
     for i in range(arch.layers):
         blk = f"blk.{i}"
-        shapes: list[tuple[str, tuple[int, ...], Any]] = [
+        shapes: list[tuple[str, tuple[int, ...], _Fill]] = [
             ("attn_norm.weight", (d,), _layer_norm_weight(d)),
             ("attn_q.weight", (d, d), _normal((d, d))),
             ("attn_q.bias", (d,), _constant((d,), 0.0)),
@@ -612,7 +621,7 @@ def _mmproj_tensors(arch: _Arch) -> list[_Tensor]:
     ]
     for i in range(arch.v_layers):
         blk = f"v.blk.{i}"
-        shapes: list[tuple[str, tuple[int, ...], Any]] = [
+        shapes: list[tuple[str, tuple[int, ...], _Fill]] = [
             ("ln1.weight", (e,), _constant((e,), 1.0)),
             ("ln1.bias", (e,), _constant((e,), 0.0)),
             ("attn_q.weight", (e, e), _normal((e, e))),
@@ -632,7 +641,7 @@ def _mmproj_tensors(arch: _Arch) -> list[_Tensor]:
         ]
         tensors += [_Tensor(f"{blk}.{name}", shape, fill, _q8(arch, shape)) for name, shape, fill in shapes]
     # The patch merger: LayerNorm (merger.ln_q), then Linear(4e, 4e), GELU, Linear(4e, text width).
-    merger: list[tuple[str, tuple[int, ...], Any]] = [
+    merger: list[tuple[str, tuple[int, ...], _Fill]] = [
         ("v.post_ln.weight", (e,), _constant((e,), 1.0)),
         ("v.post_ln.bias", (e,), _constant((e,), 0.0)),
         ("mm.0.weight", (merged, merged), _normal((merged, merged))),
