@@ -17,6 +17,7 @@ A comment on the line before a block changes how it runs:
   the cells of a notebook);
 * ``<!-- test: gpu -->``: runs only where NVML sees a GPU;
 * ``<!-- test: pytest -->``: the block is a test module; it runs under ``python -m pytest``;
+  ``<!-- test: pytest fails=NAME,... -->`` when the page shows those tests failing on purpose;
 * ``<!-- no-test: REASON -->``: not run, and the reason says why (a fragment, a server that cannot
   be installed here).
 """
@@ -42,6 +43,7 @@ PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^```python[ \t]*\n(?P<code>.*?)^```", re.S | re.M)
 MARKER = re.compile(r"^<!--\s*(?P<kind>test|no-test)(?::\s*(?P<option>[^>]*?))?\s*-->[ \t]*$")
 OPTIONS = {"continues", "gpu", "pytest"}
+FAILS = re.compile(r"^pytest\s+fails=(?P<names>[\w,]+)$")
 SCRIPT_TIMEOUT = 600  # seconds: a pipeline example loads MinerU's models on 2 CPU cores
 HAS_GPU = nvml_device_count() > 0
 
@@ -53,6 +55,7 @@ class Example:
     code: str
     gpu: bool = False
     pytest: bool = False
+    fails: tuple[str, ...] = ()  # tests the page shows failing on purpose
     skip: str | None = None  # the no-test reason
     parts: list[int] = field(default_factory=list)  # lines of the blocks it was built from
 
@@ -75,6 +78,10 @@ def examples_of(page: Path) -> list[Example]:
             assert option, f"{page}:{line}: <!-- no-test --> needs a reason"
             out.append(Example(page, line, match.group("code"), skip=option, parts=[line]))
             continue
+        fails: tuple[str, ...] = ()
+        if option and FAILS.match(option):
+            fails = tuple(FAILS.match(option).group("names").split(","))  # type: ignore[union-attr]
+            option = "pytest"
         assert kind is None or option in OPTIONS, f"{page}:{line}: unknown test option {option!r}"
         if option == "continues":
             assert out, f"{page}:{line}: 'continues' needs an example before it"
@@ -83,7 +90,15 @@ def examples_of(page: Path) -> list[Example]:
             out[-1].parts.append(line)
             continue
         out.append(
-            Example(page, line, match.group("code"), gpu=option == "gpu", pytest=option == "pytest", parts=[line])
+            Example(
+                page,
+                line,
+                match.group("code"),
+                gpu=option == "gpu",
+                pytest=option == "pytest",
+                fails=fails,
+                parts=[line],
+            )
         )
     return out
 
@@ -149,10 +164,15 @@ def test_example_runs_as_a_script(example: Example, tmp_path: Path, example_env:
         timeout=SCRIPT_TIMEOUT,
         check=False,
     )
-    assert run.returncode == 0, (
-        f"{example.id} (blocks at lines {example.parts}) failed as a script:\n"
-        f"{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
-    )
+    output = f"{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    if example.fails:
+        # The page shows these tests failing: they must fail, and nothing else may.
+        assert run.returncode == 1, f"{example.id}: expected failing tests {example.fails}:\n{output}"
+        summary = [ln for ln in run.stdout.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+        failed = {ln.split("::", 1)[1].split(" ", 1)[0] for ln in summary if "::" in ln}
+        assert failed == set(example.fails), f"{example.id}: failed {sorted(failed)}:\n{output}"
+        return
+    assert run.returncode == 0, f"{example.id} (blocks at lines {example.parts}) failed as a script:\n{output}"
 
 
 @pytest.mark.timeout(SCRIPT_TIMEOUT)
