@@ -399,7 +399,11 @@ class MineruRuntime:
                     document=doc.name,
                     device=self.device,
                 ) from exc
-            raise ParseError(f"{doc.name}: MinerU failed: {type(exc).__name__}: {exc}", document=doc.name) from exc
+            message = f"{doc.name}: MinerU failed: {type(exc).__name__}: {exc}"
+            if doc.doubt is not None:
+                # What the library saw before parsing; MinerU's own text may carry pdfium's stale error code.
+                message += f" (before parsing: {doc.doubt})"
+            raise ParseError(message, document=doc.name) from exc
         finally:
             self.claim_new()
         t2 = time.perf_counter()
