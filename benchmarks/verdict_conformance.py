@@ -109,7 +109,7 @@ def judge(path: str | Path, data: bytes | None = None) -> dict[str, Any]:
     doubt = pages = None
     try:
         doc = load_document(path if data is None else data, name=name, max_bytes=512 * 1024 * 1024)
-        doubt, pages = doc.doubt, doc.page_count
+        doubt, pages = getattr(doc, "doubt", None), doc.page_count  # getattr: also judges older versions
     except Exception as error:  # an untyped error is a finding, reported as such
         exc = error
     return {
@@ -241,9 +241,10 @@ def write_subset(
 ) -> None:
     """Copy the files the subset rule picks, with what the peer and we say of each, into ``target``.
 
-    The rule: every file whose verdict is not a plain acceptance, every file the peer does
-    not simply open, every file the old fixed-tail %%EOF rule rejected (no %%EOF in the
-    last 8 KiB), and a seeded sample of ordinary files; none over ``--subset-max-kib``.
+    The rule: every file whose verdict is not a plain acceptance, every file the peer rejects,
+    needs a password for or fails a page of, every file the old fixed-tail %%EOF rule
+    rejected (no %%EOF in the last 8 KiB), and a seeded sample of ordinary files the peer
+    opens; none over ``--subset-max-kib``.
     """
     limit = args.subset_max_kib * 1024
     by_name = {p.name: p for p in pdfs}
@@ -254,8 +255,8 @@ def write_subset(
             continue
         if verdicts[name]["verdict"] != "accepted":
             why[name] = f"verdict {verdicts[name]['verdict']}"
-        elif peer.get(name, ("none",))[0] != "opens":
-            why[name] = f"peer {peer.get(name, ('none',))[0]}"
+        elif peer.get(name, ("none",))[0] in ("rejects", "password", "page-fails"):
+            why[name] = f"peer {peer[name][0]}"
         elif b"%%EOF" not in path.read_bytes()[-8192:]:
             why[name] = "no %%EOF in the last 8 KiB"
     ordinary = sorted(
@@ -287,7 +288,11 @@ def write_subset(
         "source": "https://github.com/mozilla/pdf.js (test/pdfs)",
         "commit": corpus_commit(Path(args.pdfjs), args.commit),
         "rule": write_subset.__doc__.split("\n\n")[1].strip().replace("\n    ", " ").replace("\n", " "),
-        "verdicts_from": "fresh process per file" if args.fresh == "all" else "one process, random order",
+        "verdicts_from": {
+            "all": "a process of its own per file",
+            "failing": "a process of its own per file not plainly accepted; one process, random order, for the rest",
+            "none": "one process, random order",
+        }[args.fresh],
         "files": files,
     }
     (target / "expectations.json").write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -399,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_subset:
         if not args.pdfjs:
             ap.error("--write-subset needs --pdfjs")
-        write_subset(Path(args.write_subset), pdfs, peer, fresh if args.fresh == "all" else first, args)
+        # Fresh-process verdicts where there are some: the subset's test compares one process against them.
+        write_subset(Path(args.write_subset), pdfs, peer, {**first, **fresh}, args)
     text = json.dumps(report, indent=1, sort_keys=False)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
