@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "findings": {r["file"]: r["finding"] for r in rows if r["finding"]},
         "order": {"second_order_differs": order_diffs, "fresh_checked": len(fresh), "fresh_differs": fresh_diffs},
         "mineru": {
-            "parsed": len(mineru),
+            "given": len(mineru),
             "outcomes": dict(collections.Counter(m["outcome"] for m in mineru.values())),
             "peer_rejects_we_accept": sorted(
                 r["file"]
