@@ -531,6 +531,19 @@ def _replace_timing(result: ParseResult, timings: dict[str, float]) -> ParseResu
     return dataclasses.replace(result, timings={**result.timings, **timings})
 
 
+def mineru_pdfium_lock() -> Any:
+    """The lock MinerU's PDF layer (docvortex) holds around its pdfium calls; ``None`` before it is loaded.
+
+    pdfium is not thread-safe and keeps one last-error code for the whole process. The
+    library's own pdfium calls (input verdicts) also take this lock once MinerU's PDF layer
+    is loaded, so a parse in another thread cannot run pdfium between a failed load and
+    the read of its error code. Looked up in ``sys.modules``, never imported: before
+    MinerU's PDF layer is imported, none of its pdfium calls can run.
+    """
+    module = sys.modules.get("docvortex.document.pdf.pdfium")
+    return getattr(module, "_pdfium_lock", None)
+
+
 def _stop_render_workers() -> None:
     """Stop the PDF render worker processes MinerU (docvortex) started for parsing.
 

@@ -30,11 +30,12 @@ encrypted PDF, say) a later document that *opens* but has no pages would read
 the old code: pypdfium2's ``PdfDocument`` raises with that stale code. This
 module therefore calls pdfium's C API itself and reads the code only right after
 a load that returned no document (every such path in pdfium sets it), under a
-lock, and never trusts it alone.
+lock shared with MinerU's PDF layer, and never trusts it alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -88,7 +89,8 @@ _ERR_PASSWORD = 4
 _ERR_SECURITY = 5
 
 # pdfium is not thread-safe and its last-error code is one value for the whole process:
-# a load and the read of its error code happen under this lock, as one step.
+# a load and the read of its error code happen under this lock (and MinerU's, once its PDF
+# layer is loaded), as one step.
 _PDFIUM_LOCK = threading.Lock()
 
 
@@ -231,7 +233,10 @@ def _pdfium_view(data: bytes) -> _PdfiumView:
     """
     import pypdfium2.raw as pdfium_c  # MinerU's own PDF engine; imported late (it is a native library)
 
-    with _PDFIUM_LOCK:
+    from ._adapter import mineru_pdfium_lock
+
+    mineru_lock = mineru_pdfium_lock()  # held by MinerU's PDF layer around its own pdfium calls
+    with _PDFIUM_LOCK, mineru_lock if mineru_lock is not None else contextlib.nullcontext():
         handle = pdfium_c.FPDF_LoadMemDocument64(data, len(data), None)
         if not handle:
             # Every path on which pdfium's loaders return no document sets the code, so

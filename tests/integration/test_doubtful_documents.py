@@ -7,12 +7,14 @@ the files of tests/data/pdfjs that we accept with a doubt or that pdf.js rejects
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import mineru_vram as mv
+from mineru_vram.testing import make_pdf
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "pdfjs"
 SPEC = json.loads((DATA / "expectations.json").read_text(encoding="utf-8"))
@@ -61,3 +63,23 @@ def test_a_file_the_peer_rejects_parses_or_ends_as_a_parse_error(session: mv.Mod
         assert outcome.document == name
     else:
         assert outcome.page_count >= 1
+
+
+def test_verdicts_wait_for_the_pdfium_lock_of_mineru(session: mv.ModelSession) -> None:
+    # pdfium keeps one last-error code per process: a verdict must not read it while MinerU's
+    # PDF layer (loaded by the session's first parse) runs pdfium in another thread.
+    from mineru_vram import _adapter
+    from mineru_vram._documents import load_document
+
+    session.parse(make_pdf(1), name="warm.pdf", ocr_mode="txt")
+    lock = _adapter.mineru_pdfium_lock()
+    assert lock is not None
+    judged: list[object] = []
+    with lock:
+        judge = threading.Thread(target=lambda: judged.append(load_document(make_pdf(1), name="x.pdf")))
+        judge.start()
+        judge.join(0.5)
+        assert judge.is_alive()  # waiting for MinerU's lock
+        assert judged == []
+    judge.join(60)
+    assert len(judged) == 1
