@@ -66,7 +66,7 @@ _HEADER_WINDOW = 1024
 # file can hold megabytes of digits: a bare ``\d+\s+\d+`` backtracks quadratically there).
 _OBJECT = re.compile(rb"(?<!\d)(\d+)\s+\d+\s+obj\b")  # an indirect object's header: "12 0 obj"
 _END_OBJECT = re.compile(rb"endobj")
-_STREAM = re.compile(rb"(?<![A-Za-z])stream\r?\n")  # "stream" + EOL, not the end of "endstream"
+_STREAM = re.compile(rb">>\s*stream\r?\n")  # a stream dictionary, then "stream" and its EOL
 _END_STREAM = re.compile(rb"endstream")
 _ENCRYPT = re.compile(rb"/Encrypt\s*(?:\d+\s+\d+\s+R|<<)")  # the trailer's /Encrypt entry
 _PAGE_OBJECT = re.compile(rb"/Type\s*/Page(?![A-Za-z0-9])")  # a page leaf, not /Pages
