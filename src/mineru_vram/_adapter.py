@@ -607,7 +607,11 @@ class MineruRuntime:
                     document=doc.name,
                     device=self.device,
                 ) from exc
-            raise ParseError(f"{doc.name}: MinerU failed: {type(exc).__name__}: {exc}", document=doc.name) from exc
+            message = f"{doc.name}: MinerU failed: {type(exc).__name__}: {exc}"
+            if doc.doubt is not None:
+                # What the library saw before parsing; MinerU's own text may carry pdfium's stale error code.
+                message += f" (before parsing: {doc.doubt})"
+            raise ParseError(message, document=doc.name) from exc
         finally:
             _spawn_scope.depth -= 1
             self.claim_new()
@@ -871,6 +875,19 @@ def _main_free_spawn() -> Iterator[None]:
         bitmap_log.setLevel(level)
         if spawn.get_preparation_data is get_preparation_data:
             spawn.get_preparation_data = original
+
+
+def mineru_pdfium_lock() -> Any:
+    """The lock MinerU's PDF layer (docvortex) holds around its pdfium calls; ``None`` before it is loaded.
+
+    pdfium is not thread-safe and keeps one last-error code for the whole process. The
+    library's own pdfium calls (input verdicts) also take this lock once MinerU's PDF layer
+    is loaded, so a parse in another thread cannot run pdfium between a failed load and
+    the read of its error code. Looked up in ``sys.modules``, never imported: before
+    MinerU's PDF layer is imported, none of its pdfium calls can run.
+    """
+    module = sys.modules.get("docvortex.document.pdf.pdfium")
+    return getattr(module, "_pdfium_lock", None)
 
 
 def _stop_render_workers() -> None:

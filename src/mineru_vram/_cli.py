@@ -484,7 +484,8 @@ def _parse_one(session: Any, path: str, name: str, pages: list[int] | None, args
     if pages is None:
         return session.parse(path, name=name, timeout=args.timeout)
     doc = session.load(path, name=name)
-    wanted = [p for p in pages if p <= doc.page_count]
+    # A document pdfium could not count (page_count None) keeps every page asked for: MinerU decides.
+    wanted = pages if doc.page_count is None else [p for p in pages if p <= doc.page_count]
     if not wanted:
         raise ConfigurationError(
             f"{name}: --pages {args.pages} selects none of its {doc.page_count} page(s)", document=name

@@ -221,6 +221,7 @@ def _document_ref(doc: Document, folder: Path, stem: str, limit: int) -> dict[st
         "name": doc.name,
         "page_count": doc.page_count,
         "path": None if doc.path is None else str(doc.path),
+        "doubt": doc.doubt,
     }
     if len(doc.data) <= limit:
         ref["data"] = doc.data
@@ -239,7 +240,7 @@ def _document_from_ref(ref: Mapping[str, Any]) -> Document:
     else:
         data = ref["data"]
     path = None if ref["path"] is None else Path(ref["path"])
-    return Document(name=ref["name"], data=data, page_count=ref["page_count"], path=path)
+    return Document(name=ref["name"], data=data, page_count=ref["page_count"], path=path, doubt=ref.get("doubt"))
 
 
 def _portable_error(exc: BaseException, document: str | None) -> MineruVramError:
