@@ -394,7 +394,8 @@ def _normal(shape: tuple[int, ...], std: float = 0.02) -> _Fill:
     import numpy as np
 
     def fill(rng: np.random.Generator) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+        out: np.ndarray = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+        return out
 
     return fill
 
