@@ -16,11 +16,9 @@ Two kinds of test:
   ``docs/notes/sglang-vllm-findings.md`` for the exact lists), then
   ``PYTHONPATH=DIR pytest tests/unit/test_engine_argv_real.py``.
 * **Pure** (run everywhere): SGLang's ``--config``-to-argv rule, copied below from
-  sglang 0.5.23, applied to 10,000 keys of real engines; and the flags and
-  admission figure the findings call for.
-
-Expectations our code does not meet yet are ``xfail(strict=True)``: each turns into a
-failure (XPASS) the moment the fix lands, and its marker is then removed.
+  sglang 0.5.23, applied to 10,000 keys of real engines and to a key that begins
+  with ``-``; and the key file SGLang reads. (The flags and the admission figure
+  are also checked without the parsers, in ``test_engine_config.py``.)
 """
 
 from __future__ import annotations
@@ -50,29 +48,8 @@ from mineru_vram._engine import ResidentEngine
 from mineru_vram._probe import DeviceMemory
 
 MINERU_LOGITS_PROCESSOR = "mineru_vl_utils:MinerULogitsProcessor"  # what mineru/kit/vlm_server/vllm_server.py passes
-# vllm 0.33.0, vllm/config/cache.py: CacheConfig.gpu_memory_utilization = Field(default=0.92, gt=0, le=1).
-VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 CHILD_START_TIMEOUT = 600.0  # importing vllm on a busy two-core CPU machine took 25 s; leave room
 CHILD_ANSWER_TIMEOUT = 120.0
-
-XFAIL_KEY_DASH = pytest.mark.xfail(
-    strict=True,
-    reason="secrets.token_urlsafe(24) starts with '-' one time in 64; SGLang's --config turns the key into "
-    "['--api-key', '-...'] and argparse exits 2 ('expected one argument')",
-)
-XFAIL_WEIGHTS_BACKUP = pytest.mark.xfail(
-    strict=True,
-    reason="without --enable-weights-cpu-backup, /release_memory_occupation drops the weights and "
-    "/resume_memory_occupation maps fresh, uninitialised memory: the model answers garbage after a wake",
-)
-XFAIL_LOGITS_PROCESSOR = pytest.mark.xfail(
-    strict=True,
-    reason="vLLM applies MinerU's vllm_xargs.no_repeat_ngram_size only with "
-    "--logits-processors mineru_vl_utils:MinerULogitsProcessor, which our command line lacks",
-)
-XFAIL_VLLM_DEFAULT = pytest.mark.xfail(
-    strict=True, reason="admission assumes 0.9 of the card for a vLLM engine without a budget; vLLM 0.33 takes 0.92"
-)
 
 
 # --- SGLang's --config rule, copied ----------------------------------------------------------------
@@ -175,7 +152,7 @@ class CapturingLauncher:
         self.device = device
         self.launches: list[Launch] = []
 
-    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> Any:
+    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, cwd: Path) -> Any:
         launch = Launch(argv=list(argv), env=dict(env))
         if "--config" in launch.argv:
             path = Path(launch.argv[launch.argv.index("--config") + 1])
@@ -547,7 +524,6 @@ def test_sglang_reads_our_cpu_command_line(
     assert got["api_key"] == engine.vlm_config()["api_key"]
 
 
-@XFAIL_WEIGHTS_BACKUP
 def test_sglang_keeps_the_weights_on_the_host_while_asleep(
     sglang_parser: RealParser, launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
 ) -> None:
@@ -561,7 +537,6 @@ def test_sglang_keeps_the_weights_on_the_host_while_asleep(
     assert got["enable_weights_cpu_backup"] is True
 
 
-@XFAIL_KEY_DASH
 def test_sglang_starts_with_a_key_that_begins_with_a_dash(
     sglang_parser: RealParser,
     launched: Callable[..., tuple[ResidentEngine, Launch]],
@@ -624,7 +599,6 @@ def test_vllm_reads_our_command_line(
     _assert_key_off_argv(engine, launch)
 
 
-@XFAIL_LOGITS_PROCESSOR
 def test_vllm_loads_minerus_logits_processor(
     vllm_parser: RealParser, launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
 ) -> None:
@@ -643,7 +617,6 @@ def test_minerus_repetition_guard_reaches_vllms_sampling_params(vllm_parser: Rea
     assert answer["extra_args"]["no_repeat_ngram_size"] == 100
 
 
-@XFAIL_VLLM_DEFAULT
 def test_admission_assumes_vllms_own_default_utilisation(
     vllm_parser: RealParser, launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
 ) -> None:
@@ -655,13 +628,16 @@ def test_admission_assumes_vllms_own_default_utilisation(
 # --- pure: the key rule, flags and figures, without sglang or vllm ------------------------------
 
 
-@XFAIL_KEY_DASH
 def test_ten_thousand_engine_keys_survive_sglangs_config_rule(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
     failures: list[tuple[str, str]] = []
+    keys: set[str] = set()
     for _ in range(10_000):
         key = ResidentEngine("sglang", model_path=model, device="cpu").vlm_config()["api_key"]
+        keys.add(key)
+        if len(key) < 32:  # 24 random bytes at least
+            failures.append((key, f"only {len(key)} characters"))
         # The engine writes the key file as JSON (valid YAML); SGLang yaml.safe_loads it.
         config = yaml.safe_load(json.dumps({"api-key": key}))
         argv = [*sglang_config_to_argv(config), "--port", "30000"]
@@ -673,9 +649,9 @@ def test_ten_thousand_engine_keys_survive_sglangs_config_rule(tmp_path: Path) ->
         if parsed != key:
             failures.append((key, f"read back as {parsed!r}"))
     assert not failures, f"{len(failures)} of 10000 keys do not survive SGLang's --config, e.g. {failures[:3]}"
+    assert len(keys) == 10_000, "two engines got the same key"
 
 
-@XFAIL_KEY_DASH
 def test_a_key_that_begins_with_a_dash_survives_sglangs_config_rule(
     launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -695,47 +671,7 @@ def test_our_key_file_is_what_sglangs_config_rule_reads(
     assert yaml.safe_load(launch.config_text or "") == {"api-key": key}
     merged = sglang_merge_config(launch.argv[3:])
     assert "--config" not in merged
-    if not key.startswith("-"):  # the one case in 64 is the xfail above
-        assert _parsed_key(merged) == key
-
-
-@XFAIL_WEIGHTS_BACKUP
-def test_sglang_command_line_keeps_the_weights_for_a_wake(
-    launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
-) -> None:
-    _, launch = launched("sglang", model_path=model_dir, device="cuda:0", mem_fraction=0.5)
-    assert "--enable-memory-saver" in launch.argv
-    assert "--enable-weights-cpu-backup" in launch.argv
-
-
-@XFAIL_LOGITS_PROCESSOR
-def test_vllm_command_line_names_minerus_logits_processor(
-    launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
-) -> None:
-    _, launch = launched("vllm", model_path=model_dir, mem_fraction=0.5)
-    assert "--logits-processors" in launch.argv
-    assert launch.argv[launch.argv.index("--logits-processors") + 1] == MINERU_LOGITS_PROCESSOR
-
-
-@XFAIL_VLLM_DEFAULT
-def test_vllm_admission_without_a_budget_assumes_092(
-    launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
-) -> None:
-    _, launch = launched("vllm", model_path=model_dir, probe=card(total_gib=80))
-    assert launch.ledger_need_mib == [pytest.approx(VLLM_DEFAULT_GPU_MEMORY_UTILIZATION * 80 * 1024)]
-    if "--gpu-memory-utilization" in launch.argv:  # an explicit flag must say the same
-        flag = float(launch.argv[launch.argv.index("--gpu-memory-utilization") + 1])
-        assert flag == pytest.approx(VLLM_DEFAULT_GPU_MEMORY_UTILIZATION)
-
-
-def test_vllm_server_gets_its_key_and_dev_mode_from_the_environment(
-    launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
-) -> None:
-    engine, launch = launched("vllm", model_path=model_dir, mem_fraction=0.5)
-    assert launch.env["VLLM_API_KEY"] == engine.vlm_config()["api_key"]
-    assert launch.env["VLLM_SERVER_DEV_MODE"] == "1"
-    assert launch.env["CUDA_VISIBLE_DEVICES"] == "0"
-    _assert_key_off_argv(engine, launch)
+    assert _parsed_key(merged) == key
 
 
 def _minerus_request_body() -> dict[str, Any]:
