@@ -10,7 +10,9 @@ Two kinds of test:
 * **Real parsers** (skipped where the package is not importable). sglang 0.5.23's
   ``prepare_server_args`` and vllm 0.33.0's ``vllm serve`` parser run in a child
   Python (``python -c``, this interpreter, this ``PYTHONPATH``), so their imports,
-  logging set-up and warnings never touch this test process. Neither needs a GPU:
+  logging set-up and warnings never touch this test process. They also give the
+  ``server_args`` line SGLang logs (our log tails must redact its key) and the routes
+  vLLM's dev mode mounts, with the paths its key guards. Neither needs a GPU:
   a ``pip install --no-deps --target DIR`` of each wheel plus a few light
   dependencies imports on CPU with this project's torch (see
   ``docs/notes/sglang-vllm-findings.md`` for the exact lists), then
@@ -45,6 +47,7 @@ import yaml
 
 from mineru_vram._budget import Ledger, device_key
 from mineru_vram._engine import ResidentEngine
+from mineru_vram._engine.backends.server import REDACTED, redact
 from mineru_vram._probe import DeviceMemory
 
 MINERU_LOGITS_PROCESSOR = "mineru_vl_utils:MinerULogitsProcessor"  # what mineru/kit/vlm_server/vllm_server.py passes
@@ -312,6 +315,23 @@ for line in sys.stdin:
     if kind == "sglang" and op == "parse":
         args, failed = parse(prepare_server_args, ask["argv"])
         answer(failed or {"ok": True, "fields": {name: getattr(args, name, "<absent>") for name in ask["fields"]}})
+    elif kind == "sglang" and op == "log_line":
+        # sglang/srt/entrypoints/engine.py logs f"server_args={_server_args_for_logging(server_args)}", where
+        # _server_args_for_logging(a) is redact_watermark_secrets(a.resolved_dict()) (that module needs uvloop).
+        from sglang.srt.sampling.watermarking.core import redact_watermark_secrets
+
+        args, failed = parse(prepare_server_args, ask["argv"])
+        answer(failed or {"ok": True, "line": f"server_args={redact_watermark_secrets(args.resolved_dict())}"})
+    elif kind == "vllm" and op == "routes":
+        # What VLLM_SERVER_DEV_MODE mounts (launchers/api_server/routers.py), and the key's reach.
+        import inspect
+        from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX
+        from vllm.entrypoints.serve.dev.sleep import api_router as sleep_router
+        from vllm.entrypoints.serve.dev.rpc import api_router as rpc_router
+        from vllm.entrypoints.rl.online import api_router as rl_router
+
+        answer({"ok": True, "guarded": list(GUARDED_PREFIX), "sleep_file": inspect.getfile(sleep_router),
+                "dev": sorted(r.path for m in (sleep_router, rpc_router, rl_router) for r in m.router.routes)})
     elif kind == "sglang" and op == "convert":
         parser = argparse.ArgumentParser(prog="sglang serve")
         ServerArgs.add_cli_args(parser)
@@ -549,6 +569,24 @@ def test_sglang_starts_with_a_key_that_begins_with_a_dash(
     assert got["api_key"] == engine.vlm_config()["api_key"]
 
 
+def test_the_key_in_sglangs_server_args_log_line_is_redacted(
+    sglang_parser: RealParser, launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
+) -> None:
+    """SGLang logs ``server_args`` with the key in clear; our log tails go into exceptions and status()."""
+    engine, launch = launched("sglang", model_path=model_dir, device="cpu")
+    key = engine.vlm_config()["api_key"]
+    answer = sglang_parser.ask(op="log_line", argv=launch.argv[3:])
+    assert answer["ok"], answer
+    line = answer["line"]
+    assert f"'api_key': '{key}'" in line  # what SGLang writes to our server.log
+    for known in ([key], []):  # our own key, and a key we were not told (an attached server's log)
+        redacted = redact(line, known)
+        assert key not in redacted
+        assert f"'api_key': '{REDACTED}'" in redacted
+        assert "'admin_api_key': None" in redacted
+        assert f"'model_path': '{model_dir}'" in redacted, "only the key is hidden"
+
+
 def test_our_copy_of_sglangs_config_rule_matches_sglang(sglang_parser: RealParser) -> None:
     configs: list[dict[str, Any]] = [
         {"api-key": "-starts-with-a-dash"},
@@ -609,6 +647,17 @@ def test_vllm_loads_minerus_logits_processor(
     assert answer["loaded_logits_processors"] == [
         "mineru_vl_utils.logits_processor.vllm_v1_no_repeat_ngram:VllmV1NoRepeatNGramLogitsProcessor"
     ]
+
+
+def test_vllms_dev_mode_routes_need_no_key(vllm_parser: RealParser) -> None:
+    """What docs/engine.md says of ``VLLM_SERVER_DEV_MODE``: the sleep routes, RPC and weight updates are open."""
+    answer = vllm_parser.ask(op="routes")
+    assert answer["sleep_file"].endswith("vllm/entrypoints/serve/dev/sleep/api_router.py")
+    dev = set(answer["dev"])
+    assert {"/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/update_weights"} <= dev
+    guarded = tuple(answer["guarded"])
+    assert guarded == ("/v1", "/v2", "/inference", "/cohere")
+    assert not [path for path in dev if path.startswith(guarded)], "vLLM's key guards none of the dev routes"
 
 
 def test_minerus_repetition_guard_reaches_vllms_sampling_params(vllm_parser: RealParser) -> None:

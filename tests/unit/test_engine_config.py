@@ -566,9 +566,33 @@ def test_settings_resolve_to_a_fixed_point_and_refuse_unknown_names(model_dir: P
 
 
 def test_sglang_is_given_a_health_timeout_its_health_check_fits_in(model_dir: Path) -> None:
-    with pytest.raises(mv.ConfigurationError, match=r"health_timeout=0.5: .* at least 2 s"):
-        ResidentEngine("sglang", model_path=model_dir, device="cpu", health_timeout=0.5)
+    # SGLang's /health answers after a second at least, and its own limit (one second at least)
+    # must end, with a second to spare for its once-a-second poll and one for the reply, before ours.
+    for short in (0.5, 2.5):
+        with pytest.raises(mv.ConfigurationError, match=rf"health_timeout={short}: .* at least 3 s"):
+            ResidentEngine("sglang", model_path=model_dir, device="cpu", health_timeout=short)
+    assert ResidentEngine("sglang", model_path=model_dir, device="cpu", health_timeout=3)
     assert ResidentEngine("transformers", model_path=model_dir, device="cpu", health_timeout=0.5)
+
+
+@pytest.mark.parametrize("health_timeout", [3, 3.9, 20, 61.5])
+def test_sglangs_own_health_limit_ends_inside_our_health_timeout(model_dir: Path, health_timeout: float) -> None:
+    """SGLang answers /health 503 after SGLANG_HEALTH_CHECK_TIMEOUT (20 s unless told); our wait must be longer.
+
+    Its handler checks for the generation's reply once a second, so its 503 can come up to a
+    second after its limit; with our wait equal to its limit (20 s each, by default) the two race.
+    """
+    launcher = EnvRecordingLauncher()
+    engine = ResidentEngine(
+        "sglang", model_path=model_dir, device="cpu", health_timeout=health_timeout, launcher=launcher
+    )
+    with pytest.raises(OSError, match="launches nothing"):
+        engine.start()
+    limit = launcher.env["SGLANG_HEALTH_CHECK_TIMEOUT"]
+    assert limit.isdigit(), "SGLang reads it with int()"
+    assert int(limit) >= 1, "SGLang's check needs a second at least"
+    assert int(limit) + 1 < health_timeout, "SGLang's answer must come before our wait ends"
+    assert int(limit) >= health_timeout - 3, "SGLang's own check gets all the time we can give it"
 
 
 def test_sglang_says_at_start_that_it_drops_minerus_repetition_guard(
