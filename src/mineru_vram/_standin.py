@@ -10,8 +10,11 @@ a real HTTP server in a real child process on 127.0.0.1, started as::
 
 It accepts the flags :class:`ResidentEngine` passes to ``sglang.launch_server``
 (others are tolerated and ignored), reads the API key from the ``--config`` file
-as SGLang does, enforces it like SGLang (every endpoint but ``/health*``), and
-implements the endpoints the engine and MinerU's http-client use: ``/health``,
+as SGLang does, enforces it like SGLang (every endpoint but ``/health*``,
+``/ready`` and ``/metrics``), logs its ``server_args`` with the key in clear as
+SGLang does, and implements the endpoints the engine and MinerU's http-client use:
+``/ready`` (at once, no key: 200 once started, also while the memory is released;
+503 while starting or after a failed ``/health``), ``/health``,
 ``/health_generate``, ``/server_info``, ``/model_info``, ``/v1/models``,
 ``/v1/chat/completions``, ``/v1/loads``, ``/flush_cache``,
 ``/release_memory_occupation`` and ``/resume_memory_occupation``. Its chat
@@ -34,7 +37,12 @@ Fault injection, from the environment (:class:`StandinLauncher` sets these):
 ``MINERU_VRAM_STANDIN_NEVER_READY`` ``1``: listen, but ``/health`` answers 503 forever
 ``MINERU_VRAM_STANDIN_EXIT_AT_START`` exit at once with this code (a bad model path)
 ``MINERU_VRAM_STANDIN_CRASH_AFTER`` exit (code 70) on the chat request after N answered
-``MINERU_VRAM_STANDIN_HANG_AFTER``  after N chat answers, chat and ``/health`` never answer
+``MINERU_VRAM_STANDIN_HANG_AFTER``  after N chat answers, chat never answers; ``/health``
+                                   (SGLang flavour) answers 503 after
+                                   ``SGLANG_HEALTH_CHECK_TIMEOUT`` s (20 by default),
+                                   as SGLang does when its scheduler does not reply,
+                                   and ``/ready`` answers 503 from then on (vLLM
+                                   flavour: ``/health`` never answers)
 ``MINERU_VRAM_STANDIN_HANG_ASLEEP`` ``1``: once its memory is released, nothing answers
 ``MINERU_VRAM_STANDIN_LATENCY``     seconds each chat completion takes
 ``MINERU_VRAM_STANDIN_HEALTH_DELAY`` seconds ``/health`` takes (SGLang's runs a generation: 1 s at least)
@@ -50,7 +58,9 @@ without ``--enable-sleep-mode``, and reports running and waiting requests in a
 Prometheus ``/metrics``. Memory: ``min(gpu_memory_utilization * total, cap)``.
 
 ``GET /standin/stats`` (stand-in only) reports request counts, the release and
-resume calls it saw and its memory, for tests to assert on.
+resume calls it saw, the ``/health`` requests that came while its memory was
+released (SGLang would run their generation on released memory) and its memory,
+for tests to assert on.
 """
 
 from __future__ import annotations
@@ -90,6 +100,8 @@ STANDIN_ENV = {
 
 CRASH_EXIT_CODE = 70
 MIB = 1024 * 1024
+# sglang/srt/entrypoints/http_server.py: HEALTH_CHECK_TIMEOUT = int(os.getenv("SGLANG_HEALTH_CHECK_TIMEOUT", 20)).
+SGLANG_HEALTH_CHECK_TIMEOUT_DEFAULT = 20
 
 # A page with a title and one text block, in MinerU 2.5's layout output format
 # (mineru_vl_utils.mineru_client._layout_re): boxes on a 0-1000 grid.
@@ -208,6 +220,9 @@ class _Standin:
         self.health_delay = float(env.get(STANDIN_ENV["health_delay"]) or 0)
         self.never_ready = env.get(STANDIN_ENV["never_ready"], "") not in ("", "0")
         self.hang_asleep = env.get(STANDIN_ENV["hang_asleep"], "") not in ("", "0")
+        self.health_check_timeout = int(env.get("SGLANG_HEALTH_CHECK_TIMEOUT") or SGLANG_HEALTH_CHECK_TIMEOUT_DEFAULT)
+        self.unhealthy = False  # SGLang's ServerStatus.UnHealthy: a /health found no reply
+        self.health_while_released = 0
         self.answered = 0
         self.hanging = False
         self.released = False
@@ -239,6 +254,7 @@ class _Standin:
         self.server.ready = not self.never_ready
         self.server.before = self._before
         if args.flavor == "sglang":
+            self.server.routes[("GET", "/ready")] = self._ready
             for method in ("GET", "POST"):
                 self.server.routes[(method, "/release_memory_occupation")] = self._release
                 self.server.routes[(method, "/resume_memory_occupation")] = self._resume
@@ -258,8 +274,14 @@ class _Standin:
             print(f"stand-in: hanging on purpose while asleep ({request.path})", flush=True)
             while True:  # a server that hangs while asleep: only a health check can find it
                 time.sleep(3600)
+        if self.released and request.path.startswith("/health"):
+            with self.lock:
+                self.health_while_released += 1
+            print("stand-in: /health while the memory is released (SGLang would run a generation)", flush=True)
         if self.health_delay and request.path.startswith("/health"):
             time.sleep(self.health_delay)
+        if self.hanging and self.args.flavor == "sglang" and request.path.startswith("/health"):
+            return self._health_without_reply()
         if self.hanging and (request.path.startswith("/health") or request.path == "/v1/chat/completions"):
             while True:  # a hung server: the engine's health check must notice and kill us
                 time.sleep(3600)
@@ -275,6 +297,21 @@ class _Standin:
         if self.hanging:
             return self._before(request)
         return None
+
+    def _health_without_reply(self) -> Response:
+        """SGLang's ``/health`` when its scheduler does not answer the generation: 503 after its limit."""
+        time.sleep(self.health_check_timeout)
+        print(
+            "stand-in: Health check failed. Server couldn't get a response from detokenizer for last "
+            f"{self.health_check_timeout} seconds.",
+            flush=True,
+        )
+        self.unhealthy = True
+        return Response(503, "")
+
+    def _ready(self, request: Request) -> Response:
+        # sglang/srt/managers/tokenizer_manager.py is_ready(): started, not paused, not UnHealthy.
+        return Response(200 if self.server.ready and not self.unhealthy else 503, "")
 
     # -- Completer ---------------------------------------------------------------------------------
 
@@ -366,6 +403,8 @@ class _Standin:
                 "memory_saver": bool(self.args.enable_memory_saver),
                 "weights_cpu_backup": bool(self.args.enable_weights_cpu_backup),
                 "weights_lost": self.weights_lost,
+                "health_while_released": self.health_while_released,
+                "health_check_timeout": self.health_check_timeout,
                 "logits_processors": self.args.logits_processors,
                 "flavor": self.args.flavor,
                 "unknown_flags": self.args.unknown,
@@ -382,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the stand-in until SIGTERM/SIGINT. Returns the exit code."""
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     env = os.environ
+    if args.flavor == "sglang":
+        # As SGLang (sglang/srt/entrypoints/engine.py), before the model loads: every field, the key in clear.
+        logged = {k: v for k, v in vars(args).items() if k not in ("unknown", "flavor")}
+        print(f"server_args={logged}", flush=True)
     exit_code = env.get(STANDIN_ENV["exit_at_start"])
     if exit_code:
         print(f"stand-in: failing at start on purpose (exit {exit_code}): cannot load {args.model_path}", flush=True)

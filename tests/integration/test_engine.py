@@ -145,6 +145,50 @@ def test_a_server_that_exits_at_start_fails_fast_with_its_exit_code(make_engine:
     assert "cannot load" in info.value.log_tail  # type: ignore[attr-defined]
 
 
+def test_the_key_sglang_logs_never_reaches_our_errors(make_engine: Factory) -> None:
+    # SGLang logs server_args, the API key in clear, before it loads the model; the stand-in does too.
+    engine = make_engine(StandinLauncher({"exit_at_start": 3}))
+    key = engine.vlm_config()["api_key"]
+    with pytest.raises(mv.EngineStartError) as info:
+        engine.start()
+    log = Path(engine.status().log_path or "")
+    assert f"'api_key': '{key}'" in log.read_text(), "the server's own log has it (a 0700 folder)"
+    tail = info.value.log_tail  # type: ignore[attr-defined]
+    assert "'api_key': '<redacted>'" in tail
+    for surfaced in (str(info.value), tail, engine.status().last_error or ""):
+        assert key not in surfaced
+
+
+def test_a_log_tail_cut_inside_a_key_shows_none_of_it(model_dir: Path) -> None:
+    """The tail is the log's last characters: its first line may begin inside a key."""
+    from mineru_vram import _process
+    from mineru_vram._engine.backends.server import LOG_TAIL_CHARS
+
+    # One line whose last LOG_TAIL_CHARS characters begin 9 characters before the end of the key.
+    child = textwrap.dedent(
+        f"""
+        import json, sys
+        key = json.load(open(sys.argv[1]))["api-key"]
+        sys.stdout.write("server_args=" + key + "Z" * ({LOG_TAIL_CHARS} - 10) + "\\n")
+        sys.exit(1)
+        """
+    )
+
+    def launcher(argv: Any, *, env: Any, log_path: Path, cwd: Path) -> Any:
+        config = argv[argv.index("--config") + 1]
+        return _process.spawn([sys.executable, "-c", child, config], env=env, log_path=log_path, cwd=cwd)
+
+    engine = ResidentEngine("sglang", model_path=model_dir, device="cpu", launcher=launcher)
+    key = engine.vlm_config()["api_key"]
+    try:
+        with pytest.raises(mv.EngineStartError, match="exited with code 1") as info:
+            engine.start()
+    finally:
+        engine.stop()
+    assert key[-9:] not in str(info.value)
+    assert key[-9:] not in info.value.log_tail  # type: ignore[attr-defined]
+
+
 # --- crash, hang, restart -----------------------------------------------------------------------
 
 
@@ -164,6 +208,8 @@ def test_a_crashed_server_is_restarted_on_the_same_url(make_engine: Factory) -> 
     assert len(launcher.launches) == 2
     assert "exited with code 70" in (status.last_error or "")
     assert "crashing on purpose" in (status.last_error or "")
+    assert "'api_key': '<redacted>'" in (status.last_error or ""), "the first server logged its key, as SGLang does"
+    assert first_key not in (status.last_error or "")
     assert _chat(engine) == 200
     # Each launch has its own key: one that leaked from the first server opens nothing on the second.
     assert engine.vlm_config()["api_key"] != first_key
@@ -197,7 +243,7 @@ def test_callers_get_a_typed_error_not_a_hang(make_engine: Factory) -> None:
 
 def test_a_hung_server_is_killed_and_restarted(make_engine: Factory) -> None:
     engine = make_engine(
-        StandinLauncher([{"hang_after": 0}, {}]), health_interval=0.2, health_timeout=2, health_failures=2
+        StandinLauncher([{"hang_after": 0}, {}]), health_interval=0.2, health_timeout=3, health_failures=2
     )
     engine.start()
     outcome: list[BaseException | int] = []
@@ -217,6 +263,9 @@ def test_a_hung_server_is_killed_and_restarted(make_engine: Factory) -> None:
     assert isinstance(outcome[0], OSError)
     assert wait_for(lambda: engine.restarts == 1 and engine.state is EngineState.READY, 15)
     assert "health checks in a row (hung)" in (engine.status().last_error or "")
+    # The hung server's checks ended in SGLang's own 503, within the limit the engine gave it (3 s -> 1 s).
+    log = Path(engine.status().log_path or "").read_text()
+    assert "Health check failed. Server couldn't get a response from detokenizer for last 1 seconds" in log
     assert _chat(engine) == 200
 
 
@@ -328,7 +377,7 @@ def test_a_start_whose_every_port_is_taken_fails_typed_and_sends_nothing(make_en
 
 def test_a_server_that_hangs_while_asleep_is_found_and_replaced_asleep(make_engine: Factory) -> None:
     launcher = StandinLauncher([{"hang_asleep": True}, {}])
-    engine = make_engine(launcher, health_interval=0.2, health_timeout=2, health_failures=2)
+    engine = make_engine(launcher, health_interval=0.2, health_timeout=3, health_failures=2)
     engine.start()
     engine.sleep()
     hung = engine.status().pid
@@ -371,10 +420,34 @@ def test_an_sglang_health_check_that_takes_seconds_is_not_a_hang(make_engine: Fa
     # SGLang's /health runs a generation and answers after a second at least; this one takes 2.5 s.
     engine = make_engine(StandinLauncher({"health_delay": 2.5}), health_timeout=5, health_interval=0.2)
     engine.start()
-    # Readiness, then two supervision checks, each longer than the readiness probe used to wait.
+    # Three supervision checks, each longer than the readiness probe used to wait.
     assert wait_for(lambda: _stats(engine)["counts"].get("/health", 0) >= 3, 30)
     assert engine.restarts == 0
     assert engine.state is EngineState.READY
+
+
+def test_sglang_readiness_is_ready_not_a_health_generation(make_engine: Factory) -> None:
+    # SGLang's /health can take up to its own limit (20 s by default); /ready answers at once once warm.
+    engine = make_engine(StandinLauncher({"health_delay": 8}), health_timeout=3, health_interval=600)
+    engine.start()
+    assert engine.state is EngineState.READY
+    counts = _stats(engine)["counts"]
+    assert counts.get("/ready", 0) >= 1
+    assert counts.get("/health", 0) == 0, "readiness ran no generation"
+
+
+def test_a_sleeping_sglang_is_asked_ready_never_health(make_engine: Factory) -> None:
+    engine = make_engine(health_interval=0.1)
+    engine.start()
+    engine.sleep()
+    asked = _stats(engine)["counts"].get("/ready", 0)
+    # Health checks go on while asleep (a server that hangs asleep is found), on /ready: SGLang answers it
+    # at once with its memory released, where /health would run a generation on that memory.
+    assert wait_for(lambda: _stats(engine)["counts"].get("/ready", 0) >= asked + 3, 15)
+    stats = _stats(engine)
+    assert stats["released"] is True
+    assert stats["health_while_released"] == 0
+    assert engine.state is EngineState.SLEEPING
 
 
 def test_a_wake_answers_as_the_engine_did_before_its_sleep(make_engine: Factory) -> None:

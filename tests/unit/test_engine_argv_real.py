@@ -10,17 +10,17 @@ Two kinds of test:
 * **Real parsers** (skipped where the package is not importable). sglang 0.5.23's
   ``prepare_server_args`` and vllm 0.33.0's ``vllm serve`` parser run in a child
   Python (``python -c``, this interpreter, this ``PYTHONPATH``), so their imports,
-  logging set-up and warnings never touch this test process. Neither needs a GPU:
+  logging set-up and warnings never touch this test process. They also give the
+  ``server_args`` line SGLang logs (our log tails must redact its key) and the routes
+  vLLM's dev mode mounts, with the paths its key guards. Neither needs a GPU:
   a ``pip install --no-deps --target DIR`` of each wheel plus a few light
   dependencies imports on CPU with this project's torch (see
   ``docs/notes/sglang-vllm-findings.md`` for the exact lists), then
   ``PYTHONPATH=DIR pytest tests/unit/test_engine_argv_real.py``.
 * **Pure** (run everywhere): SGLang's ``--config``-to-argv rule, copied below from
-  sglang 0.5.23, applied to 10,000 keys of real engines; and the flags and
-  admission figure the findings call for.
-
-Expectations our code does not meet yet are ``xfail(strict=True)``: each turns into a
-failure (XPASS) the moment the fix lands, and its marker is then removed.
+  sglang 0.5.23, applied to 10,000 keys of real engines and to a key that begins
+  with ``-``; and the key file SGLang reads. (The flags and the admission figure
+  are also checked without the parsers, in ``test_engine_config.py``.)
 """
 
 from __future__ import annotations
@@ -47,32 +47,12 @@ import yaml
 
 from mineru_vram._budget import Ledger, device_key
 from mineru_vram._engine import ResidentEngine
+from mineru_vram._engine.backends.server import REDACTED, redact
 from mineru_vram._probe import DeviceMemory
 
 MINERU_LOGITS_PROCESSOR = "mineru_vl_utils:MinerULogitsProcessor"  # what mineru/kit/vlm_server/vllm_server.py passes
-# vllm 0.33.0, vllm/config/cache.py: CacheConfig.gpu_memory_utilization = Field(default=0.92, gt=0, le=1).
-VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 CHILD_START_TIMEOUT = 600.0  # importing vllm on a busy two-core CPU machine took 25 s; leave room
 CHILD_ANSWER_TIMEOUT = 120.0
-
-XFAIL_KEY_DASH = pytest.mark.xfail(
-    strict=True,
-    reason="secrets.token_urlsafe(24) starts with '-' one time in 64; SGLang's --config turns the key into "
-    "['--api-key', '-...'] and argparse exits 2 ('expected one argument')",
-)
-XFAIL_WEIGHTS_BACKUP = pytest.mark.xfail(
-    strict=True,
-    reason="without --enable-weights-cpu-backup, /release_memory_occupation drops the weights and "
-    "/resume_memory_occupation maps fresh, uninitialised memory: the model answers garbage after a wake",
-)
-XFAIL_LOGITS_PROCESSOR = pytest.mark.xfail(
-    strict=True,
-    reason="vLLM applies MinerU's vllm_xargs.no_repeat_ngram_size only with "
-    "--logits-processors mineru_vl_utils:MinerULogitsProcessor, which our command line lacks",
-)
-XFAIL_VLLM_DEFAULT = pytest.mark.xfail(
-    strict=True, reason="admission assumes 0.9 of the card for a vLLM engine without a budget; vLLM 0.33 takes 0.92"
-)
 
 
 # --- SGLang's --config rule, copied ----------------------------------------------------------------
@@ -175,7 +155,7 @@ class CapturingLauncher:
         self.device = device
         self.launches: list[Launch] = []
 
-    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> Any:
+    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, cwd: Path) -> Any:
         launch = Launch(argv=list(argv), env=dict(env))
         if "--config" in launch.argv:
             path = Path(launch.argv[launch.argv.index("--config") + 1])
@@ -335,6 +315,23 @@ for line in sys.stdin:
     if kind == "sglang" and op == "parse":
         args, failed = parse(prepare_server_args, ask["argv"])
         answer(failed or {"ok": True, "fields": {name: getattr(args, name, "<absent>") for name in ask["fields"]}})
+    elif kind == "sglang" and op == "log_line":
+        # sglang/srt/entrypoints/engine.py logs f"server_args={_server_args_for_logging(server_args)}", where
+        # _server_args_for_logging(a) is redact_watermark_secrets(a.resolved_dict()) (that module needs uvloop).
+        from sglang.srt.sampling.watermarking.core import redact_watermark_secrets
+
+        args, failed = parse(prepare_server_args, ask["argv"])
+        answer(failed or {"ok": True, "line": f"server_args={redact_watermark_secrets(args.resolved_dict())}"})
+    elif kind == "vllm" and op == "routes":
+        # What VLLM_SERVER_DEV_MODE mounts (launchers/api_server/routers.py), and the key's reach.
+        import inspect
+        from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX
+        from vllm.entrypoints.serve.dev.sleep import api_router as sleep_router
+        from vllm.entrypoints.serve.dev.rpc import api_router as rpc_router
+        from vllm.entrypoints.rl.online import api_router as rl_router
+
+        answer({"ok": True, "guarded": list(GUARDED_PREFIX), "sleep_file": inspect.getfile(sleep_router),
+                "dev": sorted(r.path for m in (sleep_router, rpc_router, rl_router) for r in m.router.routes)})
     elif kind == "sglang" and op == "convert":
         parser = argparse.ArgumentParser(prog="sglang serve")
         ServerArgs.add_cli_args(parser)
@@ -547,7 +544,6 @@ def test_sglang_reads_our_cpu_command_line(
     assert got["api_key"] == engine.vlm_config()["api_key"]
 
 
-@XFAIL_WEIGHTS_BACKUP
 def test_sglang_keeps_the_weights_on_the_host_while_asleep(
     sglang_parser: RealParser, launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
 ) -> None:
@@ -561,7 +557,6 @@ def test_sglang_keeps_the_weights_on_the_host_while_asleep(
     assert got["enable_weights_cpu_backup"] is True
 
 
-@XFAIL_KEY_DASH
 def test_sglang_starts_with_a_key_that_begins_with_a_dash(
     sglang_parser: RealParser,
     launched: Callable[..., tuple[ResidentEngine, Launch]],
@@ -572,6 +567,24 @@ def test_sglang_starts_with_a_key_that_begins_with_a_dash(
     engine, launch = launched("sglang", model_path=model_dir, device="cpu")
     got = _sglang_parse(sglang_parser, launch)
     assert got["api_key"] == engine.vlm_config()["api_key"]
+
+
+def test_the_key_in_sglangs_server_args_log_line_is_redacted(
+    sglang_parser: RealParser, launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
+) -> None:
+    """SGLang logs ``server_args`` with the key in clear; our log tails go into exceptions and status()."""
+    engine, launch = launched("sglang", model_path=model_dir, device="cpu")
+    key = engine.vlm_config()["api_key"]
+    answer = sglang_parser.ask(op="log_line", argv=launch.argv[3:])
+    assert answer["ok"], answer
+    line = answer["line"]
+    assert f"'api_key': '{key}'" in line  # what SGLang writes to our server.log
+    for known in ([key], []):  # our own key, and a key we were not told (an attached server's log)
+        redacted = redact(line, known)
+        assert key not in redacted
+        assert f"'api_key': '{REDACTED}'" in redacted
+        assert "'admin_api_key': None" in redacted
+        assert f"'model_path': '{model_dir}'" in redacted, "only the key is hidden"
 
 
 def test_our_copy_of_sglangs_config_rule_matches_sglang(sglang_parser: RealParser) -> None:
@@ -624,7 +637,6 @@ def test_vllm_reads_our_command_line(
     _assert_key_off_argv(engine, launch)
 
 
-@XFAIL_LOGITS_PROCESSOR
 def test_vllm_loads_minerus_logits_processor(
     vllm_parser: RealParser, launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
 ) -> None:
@@ -637,13 +649,23 @@ def test_vllm_loads_minerus_logits_processor(
     ]
 
 
+def test_vllms_dev_mode_routes_need_no_key(vllm_parser: RealParser) -> None:
+    """What docs/engine.md says of ``VLLM_SERVER_DEV_MODE``: the sleep routes, RPC and weight updates are open."""
+    answer = vllm_parser.ask(op="routes")
+    assert answer["sleep_file"].endswith("vllm/entrypoints/serve/dev/sleep/api_router.py")
+    dev = set(answer["dev"])
+    assert {"/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/update_weights"} <= dev
+    guarded = tuple(answer["guarded"])
+    assert guarded == ("/v1", "/v2", "/inference", "/cohere")
+    assert not [path for path in dev if path.startswith(guarded)], "vLLM's key guards none of the dev routes"
+
+
 def test_minerus_repetition_guard_reaches_vllms_sampling_params(vllm_parser: RealParser) -> None:
     """MinerU sends ``vllm_xargs``; vLLM hands it to logits processors as ``SamplingParams.extra_args``."""
     answer = vllm_parser.ask(op="request", body=_minerus_request_body(), max_tokens=64)
     assert answer["extra_args"]["no_repeat_ngram_size"] == 100
 
 
-@XFAIL_VLLM_DEFAULT
 def test_admission_assumes_vllms_own_default_utilisation(
     vllm_parser: RealParser, launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
 ) -> None:
@@ -655,13 +677,16 @@ def test_admission_assumes_vllms_own_default_utilisation(
 # --- pure: the key rule, flags and figures, without sglang or vllm ------------------------------
 
 
-@XFAIL_KEY_DASH
 def test_ten_thousand_engine_keys_survive_sglangs_config_rule(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
     failures: list[tuple[str, str]] = []
+    keys: set[str] = set()
     for _ in range(10_000):
         key = ResidentEngine("sglang", model_path=model, device="cpu").vlm_config()["api_key"]
+        keys.add(key)
+        if len(key) < 32:  # 24 random bytes at least
+            failures.append((key, f"only {len(key)} characters"))
         # The engine writes the key file as JSON (valid YAML); SGLang yaml.safe_loads it.
         config = yaml.safe_load(json.dumps({"api-key": key}))
         argv = [*sglang_config_to_argv(config), "--port", "30000"]
@@ -673,9 +698,9 @@ def test_ten_thousand_engine_keys_survive_sglangs_config_rule(tmp_path: Path) ->
         if parsed != key:
             failures.append((key, f"read back as {parsed!r}"))
     assert not failures, f"{len(failures)} of 10000 keys do not survive SGLang's --config, e.g. {failures[:3]}"
+    assert len(keys) == 10_000, "two engines got the same key"
 
 
-@XFAIL_KEY_DASH
 def test_a_key_that_begins_with_a_dash_survives_sglangs_config_rule(
     launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -695,47 +720,7 @@ def test_our_key_file_is_what_sglangs_config_rule_reads(
     assert yaml.safe_load(launch.config_text or "") == {"api-key": key}
     merged = sglang_merge_config(launch.argv[3:])
     assert "--config" not in merged
-    if not key.startswith("-"):  # the one case in 64 is the xfail above
-        assert _parsed_key(merged) == key
-
-
-@XFAIL_WEIGHTS_BACKUP
-def test_sglang_command_line_keeps_the_weights_for_a_wake(
-    launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
-) -> None:
-    _, launch = launched("sglang", model_path=model_dir, device="cuda:0", mem_fraction=0.5)
-    assert "--enable-memory-saver" in launch.argv
-    assert "--enable-weights-cpu-backup" in launch.argv
-
-
-@XFAIL_LOGITS_PROCESSOR
-def test_vllm_command_line_names_minerus_logits_processor(
-    launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
-) -> None:
-    _, launch = launched("vllm", model_path=model_dir, mem_fraction=0.5)
-    assert "--logits-processors" in launch.argv
-    assert launch.argv[launch.argv.index("--logits-processors") + 1] == MINERU_LOGITS_PROCESSOR
-
-
-@XFAIL_VLLM_DEFAULT
-def test_vllm_admission_without_a_budget_assumes_092(
-    launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
-) -> None:
-    _, launch = launched("vllm", model_path=model_dir, probe=card(total_gib=80))
-    assert launch.ledger_need_mib == [pytest.approx(VLLM_DEFAULT_GPU_MEMORY_UTILIZATION * 80 * 1024)]
-    if "--gpu-memory-utilization" in launch.argv:  # an explicit flag must say the same
-        flag = float(launch.argv[launch.argv.index("--gpu-memory-utilization") + 1])
-        assert flag == pytest.approx(VLLM_DEFAULT_GPU_MEMORY_UTILIZATION)
-
-
-def test_vllm_server_gets_its_key_and_dev_mode_from_the_environment(
-    launched: Callable[..., tuple[ResidentEngine, Launch]], model_dir: Path
-) -> None:
-    engine, launch = launched("vllm", model_path=model_dir, mem_fraction=0.5)
-    assert launch.env["VLLM_API_KEY"] == engine.vlm_config()["api_key"]
-    assert launch.env["VLLM_SERVER_DEV_MODE"] == "1"
-    assert launch.env["CUDA_VISIBLE_DEVICES"] == "0"
-    _assert_key_off_argv(engine, launch)
+    assert _parsed_key(merged) == key
 
 
 def _minerus_request_body() -> dict[str, Any]:

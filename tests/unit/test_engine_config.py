@@ -159,14 +159,18 @@ def test_vllm_server_environment_carries_key_dev_mode_and_the_physical_gpu(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    engine = ResidentEngine("vllm", model_path=model_dir, device="cuda:1", probe=card())
-    env = engine._backend.server_env(engine._context())  # type: ignore[attr-defined]
+    launcher = EnvRecordingLauncher()
+    engine = ResidentEngine("vllm", model_path=model_dir, device="cuda:1", probe=card(), launcher=launcher)
+    with pytest.raises(OSError, match="launches nothing"):
+        engine.start()
+    env = launcher.env  # what the server process would have been given
     assert env["CUDA_VISIBLE_DEVICES"] == "5"  # this process's cuda:1 is the machine's GPU 5
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
     assert env["VLLM_API_KEY"] == engine.vlm_config()["api_key"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    again = ResidentEngine("vllm", model_path=model_dir, device="cuda:1", probe=card(), launcher=launcher)
     with pytest.raises(mv.ConfigurationError, match="not among CUDA_VISIBLE_DEVICES=3"):
-        engine._backend.server_env(engine._context())  # type: ignore[attr-defined]
+        again.start()
 
 
 def test_a_vllm_budget_becomes_gpu_memory_utilization_and_no_budget_admits_vllms_default(
@@ -561,40 +565,34 @@ def test_settings_resolve_to_a_fixed_point_and_refuse_unknown_names(model_dir: P
         EngineSettings.resolve(settings, keepalive=1)
 
 
-def _sglang_config_to_argv(config: dict[str, Any]) -> list[str]:
-    """SGLang's rule for its ``--config`` file: each key becomes ``--key``, each value the next argument.
-
-    (``ConfigArgumentMerger`` in sglang/srt/server_args_config_parser.py: ``True`` is a bare flag,
-    a list is spread, anything else is ``str(value)``.)
-    """
-    argv: list[str] = []
-    for key, value in config.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif isinstance(value, list):
-            argv += [f"--{key}", *map(str, value)]
-        elif value is not False:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-def test_ten_thousand_api_keys_survive_sglangs_config_to_argv() -> None:
-    from mineru_vram._engine.backends.server import new_api_key
-
-    parser = argparse.ArgumentParser(exit_on_error=False)
-    parser.add_argument("--api-key")
-    keys = {new_api_key() for _ in range(10_000)}
-    assert len(keys) == 10_000
-    for key in keys:
-        assert len(key) >= 32
-        # argparse exits on "--api-key -xyz": a value that looks like an option is not taken.
-        assert parser.parse_args(_sglang_config_to_argv({"api-key": key})).api_key == key
-
-
 def test_sglang_is_given_a_health_timeout_its_health_check_fits_in(model_dir: Path) -> None:
-    with pytest.raises(mv.ConfigurationError, match=r"health_timeout=0.5: .* at least 2 s"):
-        ResidentEngine("sglang", model_path=model_dir, device="cpu", health_timeout=0.5)
+    # SGLang's /health answers after a second at least, and its own limit (one second at least)
+    # must end, with a second to spare for its once-a-second poll and one for the reply, before ours.
+    for short in (0.5, 2.5):
+        with pytest.raises(mv.ConfigurationError, match=rf"health_timeout={short}: .* at least 3 s"):
+            ResidentEngine("sglang", model_path=model_dir, device="cpu", health_timeout=short)
+    assert ResidentEngine("sglang", model_path=model_dir, device="cpu", health_timeout=3)
     assert ResidentEngine("transformers", model_path=model_dir, device="cpu", health_timeout=0.5)
+
+
+@pytest.mark.parametrize("health_timeout", [3, 3.9, 20, 61.5])
+def test_sglangs_own_health_limit_ends_inside_our_health_timeout(model_dir: Path, health_timeout: float) -> None:
+    """SGLang answers /health 503 after SGLANG_HEALTH_CHECK_TIMEOUT (20 s unless told); our wait must be longer.
+
+    Its handler checks for the generation's reply once a second, so its 503 can come up to a
+    second after its limit; with our wait equal to its limit (20 s each, by default) the two race.
+    """
+    launcher = EnvRecordingLauncher()
+    engine = ResidentEngine(
+        "sglang", model_path=model_dir, device="cpu", health_timeout=health_timeout, launcher=launcher
+    )
+    with pytest.raises(OSError, match="launches nothing"):
+        engine.start()
+    limit = launcher.env["SGLANG_HEALTH_CHECK_TIMEOUT"]
+    assert limit.isdigit(), "SGLang reads it with int()"
+    assert int(limit) >= 1, "SGLang's check needs a second at least"
+    assert int(limit) + 1 < health_timeout, "SGLang's answer must come before our wait ends"
+    assert int(limit) >= health_timeout - 3, "SGLang's own check gets all the time we can give it"
 
 
 def test_sglang_says_at_start_that_it_drops_minerus_repetition_guard(

@@ -121,7 +121,8 @@ class ResidentEngine:
         stop_timeout: seconds between SIGTERM and SIGKILL on stop.
         idle_timeout: seconds ``sleep``/``stop`` wait for running requests to finish.
         health_interval: seconds between health checks while ready.
-        health_timeout: seconds one health check may take.
+        health_timeout: seconds one health check may take (SGLang: 3 s at least; its own
+            ``/health`` limit is set 2 s below it).
         health_failures: consecutive failed checks that count as a hang (the server is killed).
         max_restarts: restarts in a row after crashes before giving up (state ``crashed``).
         restart_backoff: first restart delay in seconds; doubles per failure (at most 30 s).

@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import secrets
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,7 +37,7 @@ from mineru_vram._probe import DeviceMemory, device_index
 
 from .base import BackendContext, EngineTraits, MemoryMove
 
-__all__ = ["HttpBackend", "ServerBackend", "gpu_flags", "new_api_key", "physical_gpu"]
+__all__ = ["REDACTED", "HttpBackend", "ServerBackend", "gpu_flags", "new_api_key", "physical_gpu", "redact"]
 
 logger = logging.getLogger("mineru_vram")
 
@@ -43,6 +45,15 @@ logger = logging.getLogger("mineru_vram")
 LOG_TAIL_LINES = 40
 # How many ports one start tries when another process holds the port picked.
 PORT_ATTEMPTS = 3
+# Characters of the server's log read for a tail (before it is cut to LOG_TAIL_LINES lines).
+LOG_TAIL_CHARS = 8000
+# What stands for an API key in log text we show.
+REDACTED = "<redacted>"
+# A key written as a field: SGLang logs server_args={..., 'api_key': '...', 'admin_api_key': None, ...}.
+_KEY_FIELD = re.compile(
+    r"""(?P<name>\b(?:admin_)?api[_-]key['"]?\s*[:=]\s*)(?P<quote>['"])(?P<value>[^'"\n]+)(?P=quote)""", re.I
+)
+_BEARER = re.compile(r"(?P<name>\bBearer\s+)(?P<value>[^\s'\"]+)", re.I)
 
 
 class HttpBackend:
@@ -54,6 +65,9 @@ class HttpBackend:
 
     traits: ClassVar[EngineTraits] = EngineTraits()
     name = "server"
+    # The first readiness probe (no key), and how long it may take (None: health_timeout).
+    ready_path: ClassVar[str] = "/health"
+    ready_timeout: ClassVar[float | None] = None
 
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
@@ -65,9 +79,9 @@ class HttpBackend:
     # -- what every HTTP server answers ----------------------------------------------------------
 
     def _check_ready(self) -> bool:
+        timeout = self.settings.health_timeout if self.ready_timeout is None else self.ready_timeout
         try:
-            # As long as a health check may take: SGLang's /health runs a generation (a second at least).
-            status, _ = http.request("GET", f"{self.url}/health", timeout=self.settings.health_timeout)
+            status, _ = http.request("GET", f"{self.url}{self.ready_path}", timeout=timeout)
             if status != 200:
                 return False
             status, body = http.request("GET", f"{self.url}/v1/models", api_key=self.api_key, timeout=5.0)
@@ -161,6 +175,7 @@ class ServerBackend(HttpBackend):
         self._server_pid: int | None = None
         self._ctx: BackendContext | None = None
         self._ports_given_up: list[int] = []
+        self._keys: list[str] = []  # every key a server of ours was given: its log holds them all
         self.port = _process.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -179,6 +194,8 @@ class ServerBackend(HttpBackend):
 
     def _start(self, ctx: BackendContext) -> None:
         self.api_key = ctx.api_key
+        if ctx.api_key not in self._keys:
+            self._keys.append(ctx.api_key)
         # The key in a file only this user can read; JSON is valid YAML for SGLang's --config.
         with _process.private_file(ctx.config_path, "wb") as fh:
             fh.write(json.dumps({"api-key": ctx.api_key}).encode())
@@ -313,9 +330,18 @@ class ServerBackend(HttpBackend):
         return None if self.process is None else self.process.log_path
 
     def log_tail(self) -> str:
+        """The last lines of the server's log, with every API key it was given redacted.
+
+        SGLang logs its ``server_args``, API key included, at start; this text goes into
+        exceptions, ``status().last_error`` and whatever logs those, so no key may stay in it.
+        """
         if self.process is None:
             return ""
-        return "\n".join(self.process.log_tail().splitlines()[-LOG_TAIL_LINES:])
+        text = self.process.log_tail(LOG_TAIL_CHARS)
+        if len(text) >= LOG_TAIL_CHARS:
+            # Cut mid-line: the first line may start inside a key, where neither rule finds it.
+            text = text.partition("\n")[2]
+        return redact("\n".join(text.splitlines()[-LOG_TAIL_LINES:]), self._keys)
 
 
 def new_api_key() -> str:
@@ -329,6 +355,20 @@ def new_api_key() -> str:
         key = secrets.token_urlsafe(24)
         if not key.startswith("-"):
             return key
+
+
+def redact(text: str, keys: Iterable[str] = ()) -> str:
+    """``text`` with each of ``keys``, and any value written as an API key field or a bearer token, redacted.
+
+    Args:
+        text: log text.
+        keys: keys known to be secret (ours); each is replaced wherever it appears.
+    """
+    for key in keys:
+        if key:
+            text = text.replace(key, REDACTED)
+    text = _KEY_FIELD.sub(lambda m: f"{m['name']}{m['quote']}{REDACTED}{m['quote']}", text)
+    return _BEARER.sub(lambda m: f"{m['name']}{REDACTED}", text)
 
 
 def physical_gpu(device: str) -> str:

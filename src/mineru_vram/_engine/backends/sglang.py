@@ -5,11 +5,18 @@ SGLang facts this relies on (sglang 0.5.23, ``sglang/srt/server_args.py`` and
 ``--port``, ``--mem-fraction-static``, ``--enable-memory-saver``,
 ``--enable-weights-cpu-backup``, ``--device``, ``--base-gpu-id``,
 ``--served-model-name`` and ``--config`` (a YAML file whose keys become flags; JSON
-is valid YAML); ``/health`` needs no key, every other endpoint needs the key;
+is valid YAML); ``/health``, ``/ready`` and ``/metrics`` need no key, every other
+endpoint needs the key; ``GET /ready`` answers at once, 200 once warm-up is done
+(and while the memory is released: a release does not pause the server), 503 while
+starting or after a failed ``/health``; ``GET /health`` submits a one-token
+generation, checks for its answer once a second (the first time after a second),
+and gives up with 503 after ``SGLANG_HEALTH_CHECK_TIMEOUT`` seconds (20 by default,
+read from the server's environment);
 ``/release_memory_occupation`` asserts the server is idle, does nothing without
 ``--enable-memory-saver``, and frees the weights without a host copy unless
 ``--enable-weights-cpu-backup`` is given (after the resume the model then answers
-garbage); ``/v1/loads`` reports ``num_running_reqs`` and ``num_waiting_reqs``.
+garbage); ``/v1/loads`` reports ``num_running_reqs`` and ``num_waiting_reqs``;
+its log has ``server_args`` with the API key in clear (log tails are redacted).
 SGLang sizes its static pool as ``mem_fraction_static`` times the memory it finds
 free before loading weights, so on a card shared with others the pool is smaller
 than the budget, never larger.
@@ -20,6 +27,7 @@ which SGLang serves.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,9 +39,28 @@ from mineru_vram._engine.settings import EngineSettings
 from .base import BackendContext, EngineTraits
 from .server import ServerBackend, gpu_flags
 
-__all__ = ["SGLangBackend", "build_sglang_argv"]
+__all__ = ["MIN_HEALTH_TIMEOUT", "SGLangBackend", "build_sglang_argv", "sglang_health_check_timeout"]
 
 logger = logging.getLogger("mineru_vram")
+
+# SGLang's /health looks for its generation's answer once a second, so it answers 503 up to a
+# second after its own limit (SGLANG_HEALTH_CHECK_TIMEOUT).
+SGLANG_HEALTH_POLL_SECONDS = 1.0
+# Room left between SGLang's latest answer and the end of our wait for it (a busy event loop).
+HEALTH_ANSWER_MARGIN_SECONDS = 1.0
+# The shortest health_timeout that leaves SGLang a limit of one second.
+MIN_HEALTH_TIMEOUT = 1 + SGLANG_HEALTH_POLL_SECONDS + HEALTH_ANSWER_MARGIN_SECONDS
+# /ready needs no generation: it answers at once.
+READY_TIMEOUT_SECONDS = 5.0
+
+
+def sglang_health_check_timeout(health_timeout: float) -> int:
+    """The ``SGLANG_HEALTH_CHECK_TIMEOUT`` (whole seconds) for a server we give ``health_timeout``.
+
+    SGLang's own limit ends, and its 503 arrives, before our wait ends: a slow check is
+    SGLang's answer ("no reply from the scheduler"), never our timeout cutting it off.
+    """
+    return max(1, math.floor(health_timeout - SGLANG_HEALTH_POLL_SECONDS - HEALTH_ANSWER_MARGIN_SECONDS))
 
 
 def build_sglang_argv(
@@ -82,8 +109,11 @@ class SGLangBackend(ServerBackend):
     """An SGLang server of ours."""
 
     # /health runs a one-token generation and polls for it every second: it never answers under 1 s.
-    traits: ClassVar[EngineTraits] = EngineTraits(pool_fraction=True, min_health_timeout=2.0)
+    traits: ClassVar[EngineTraits] = EngineTraits(pool_fraction=True, min_health_timeout=MIN_HEALTH_TIMEOUT)
     name = "sglang"
+    # Readiness: /ready (warm-up done), not /health (a generation, a second at least, up to SGLang's limit).
+    ready_path: ClassVar[str] = "/ready"
+    ready_timeout: ClassVar[float | None] = READY_TIMEOUT_SECONDS
 
     def __init__(self, settings: EngineSettings) -> None:
         super().__init__(settings)
@@ -100,15 +130,21 @@ class SGLangBackend(ServerBackend):
         super().launch(ctx)
 
     def healthy(self, timeout: float, *, asleep: bool = False) -> bool:
-        """``/health`` while awake; asleep, ``/v1/models``: SGLang's ``/health`` runs a generation,
-        which a server whose memory is released cannot do."""
+        """``/health`` while awake (a generation: the scheduler answers); asleep, ``/ready``.
+
+        SGLang's ``/health`` would run its generation on released memory; ``/ready`` needs
+        no device memory and still answers 200 while the memory is released.
+        """
         if not asleep:
             return super().healthy(timeout)
         try:
-            status, _ = http.request("GET", f"{self.url}/v1/models", api_key=self.api_key, timeout=timeout)
+            status, _ = http.request("GET", f"{self.url}/ready", timeout=timeout)
         except OSError:
             return False
         return status == 200
+
+    def server_env(self, ctx: BackendContext) -> dict[str, str]:
+        return {"SGLANG_HEALTH_CHECK_TIMEOUT": str(sglang_health_check_timeout(ctx.settings.health_timeout))}
 
     def argv(self, ctx: BackendContext) -> list[str]:
         s = ctx.settings
