@@ -727,6 +727,73 @@ def _wait_forwarding_signals(proc: subprocess.Popen[bytes]) -> int:
             signal.signal(signum, handler)
 
 
+# --- worker -------------------------------------------------------------------------------------
+
+
+def build_worker_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The ``mineru-vram worker`` arguments (added to ``parser`` when given)."""
+    p = parser or argparse.ArgumentParser(prog="mineru-vram worker", description="Process a mineru-vram task queue.")
+    p.add_argument("queue", help="the queue's SQLite file (created if missing)")
+    p.add_argument("--backend", choices=("pipeline", "flash"), help="override the queue's backend")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--models-dir", help="MinerU's model tree")
+    p.add_argument("--isolation", choices=("none", "process"))
+    p.add_argument("--budget", help="VRAM budget per session: MiB (6144), GiB (6GiB) or a fraction (0.25, 25%%)")
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--task-timeout", type=float, help="seconds per parse (needs --isolation process)")
+    p.add_argument("--lease", type=float, dest="lease_seconds", help="seconds a silent worker keeps its tasks")
+    p.add_argument("--retry-backoff", type=float, help="seconds before the first retry (doubles per attempt)")
+    p.add_argument("--concurrency", type=int, help="sessions in parallel (needs --isolation process)")
+    results = p.add_mutually_exclusive_group()
+    results.add_argument("--keep-results", dest="keep_results", action="store_true", default=None)
+    results.add_argument("--delete-results", dest="keep_results", action="store_false")
+    p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=None, help="sync every commit and file")
+    p.add_argument("--until-idle", action="store_true", help="exit once no task is pending")
+    p.add_argument("--max-tasks", type=int, help="exit after this many tasks")
+    p.add_argument("--poll-interval", type=float, default=0.2, help="seconds between looks for work while idle")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def run_worker_cli(argv: Sequence[str] | None = None) -> int:
+    """``mineru-vram worker QUEUE [flags]``: run a queue's worker loop in this process.
+
+    Settings come from the queue file; flags override them for this worker.
+    SIGTERM or Ctrl-C stops it after the current task.
+
+    Returns:
+        The exit status: 0 after a clean stop, 1 when the worker could not start.
+    """
+    return run_worker(build_worker_parser().parse_args(argv))
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Run the worker from arguments parsed by :func:`build_worker_parser`."""
+    from ._exceptions import MineruVramError
+    from ._queue import QueueSettings, serve
+
+    level = logging.WARNING - 10 * min(2, args.verbose)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Each settings flag's dest is the QueueSettings field it overrides.
+    overrides = {k: getattr(args, k) for k in QueueSettings.field_names() if getattr(args, k, None) is not None}
+    try:
+        stats = serve(
+            args.queue,
+            until_idle=args.until_idle,
+            max_tasks=args.max_tasks,
+            poll_interval=args.poll_interval,
+            **overrides,
+        )
+    except MineruVramError as exc:
+        _err(f"mineru-vram worker: {exc}")
+        return EXIT_FAILED
+    _err(
+        f"mineru-vram worker: {stats.completed} completed, {stats.failed} failed, {stats.retried} retried, "
+        f"{stats.lost} lost leases in {stats.seconds:.1f}s"
+    )
+    return EXIT_OK
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 
@@ -734,8 +801,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "worker":
-        from ._queue import run_worker_cli
-
         return run_worker_cli(args_list[1:])
     args = _build_parser().parse_args(args_list)
     _setup_logging(args.verbose)

@@ -27,17 +27,19 @@ from typing import Any
 import pytest
 
 import mineru_vram as mv
-from mineru_vram._queue import (
+from mineru_vram import (
     ResultTimeoutError,
     TaskCancelledError,
     TaskFailedError,
     TaskNotFoundError,
     TaskQueue,
     TaskStatus,
-    _WorkerIdentity,
-    run_worker_cli,
 )
+from mineru_vram._cli import run_worker_cli
+from mineru_vram._process import OwnerLock
+from mineru_vram._queue.worker import Worker, new_owner
 from mineru_vram.testing import make_pdf
+from support import wait_for
 
 PDF = make_pdf(1)
 
@@ -82,12 +84,10 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=30)
 
 
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+def _lock(q: TaskQueue) -> tuple[str, OwnerLock]:
+    """A worker id and its lock file, held as a running worker holds its own."""
+    owner = new_owner()
+    return owner, OwnerLock(q.storage / "workers" / f"{owner}.lock")
 
 
 # --- volume -----------------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def test_kill_9_of_the_worker_mid_task_then_restart_completes_everything_once(tm
 
     first = _start_worker(db, log, "--backend", "flash", "--device", "cpu")
     try:
-        _wait_for(lambda: q.status(victim).status is TaskStatus.PROCESSING, 120, "the victim to be claimed")
+        assert wait_for(lambda: q.status(victim).status is TaskStatus.PROCESSING, 120), "the victim was never claimed"
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
     finally:
@@ -365,11 +365,14 @@ _CLAIMANT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from mineru_vram._queue import TaskQueue, _WorkerIdentity
+    from mineru_vram import TaskQueue
+    from mineru_vram._process import OwnerLock
+    from mineru_vram._queue.worker import new_owner
 
     q = TaskQueue(sys.argv[1])
-    with _WorkerIdentity(q.storage / "workers") as owner:
-        claim = q._claim(owner)
+    owner = new_owner()
+    with OwnerLock(q.storage / "workers" / f"{owner}.lock"):
+        claim = q._store.claim(owner)
         print(claim.id, flush=True)
         time.sleep(600)
     """
@@ -401,22 +404,25 @@ def test_a_worker_that_lost_its_lease_cannot_complete_the_task(tmp_path: Path) -
     """Exactly once: a late finisher's result is discarded once the task was given to another."""
     with TaskQueue(tmp_path / "tasks.db", backend="flash", device="cpu", lease_seconds=0.2, retry_backoff=0.01) as q:
         task_id = q.submit(PDF, name="slow.pdf")
-        with _WorkerIdentity(q.storage / "workers") as slow, _WorkerIdentity(q.storage / "workers") as fast:
-            late = q._claim(slow)  # alive (its lock is held) but it stops renewing its lease
+        (slow, slow_lock), (fast, fast_lock) = _lock(q), _lock(q)
+        with slow_lock, fast_lock:
+            late = q._store.claim(slow)  # alive (its lock is held) but it stops renewing its lease
             assert late is not None
             time.sleep(0.3)
             assert q.recover() == 1
             assert q.status(task_id).error == "its worker stopped renewing the lease during attempt 1"
             time.sleep(0.05)  # the retry's backoff
-            again = q._claim(fast)
+            again = q._store.claim(fast)
             assert again is not None
             assert (again.id, again.attempt) == (task_id, 2)
-            assert q._complete(again, {"result": "fast"}, q._staging_path(again)) == "completed"  # type: ignore[arg-type]
-            assert q._complete(late, {"result": "late"}, q._staging_path(late)) == "lost"  # type: ignore[arg-type]
-        assert q.result(task_id) == {"result": "fast"}
+            worker = Worker(q._store, q._files, q.settings, make_session=q._make_session, budget=None)
+            with mv.ModelSession("flash", device="cpu", trust_env=False) as session:
+                assert worker._process(session, again) == "completed"
+                assert worker._process(session, late) == "lost"
+        assert q.result(task_id).document == "slow.pdf"
         events = [e["event"] for e in q.events(task_id)]
         assert events == ["submitted", "claimed", "recovered", "claimed", "completed", "lease_lost"]
-        assert os.listdir(q.storage / "results") == [f"{task_id}-{again.token}.pickle"]
+        assert os.listdir(q.storage / "results") == [q._files.result_name(again)]
         assert os.listdir(q.storage / "work") == []
 
 
