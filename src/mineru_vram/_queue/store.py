@@ -23,20 +23,21 @@ Exactly once:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from mineru_vram._exceptions import ConfigurationError, TaskNotFoundError
+from mineru_vram._exceptions import ConfigurationError, QueueStorageError, TaskNotFoundError
 
-from .files import LiveRow, Storage
+from .files import LiveRow, Storage, secure_database
 from .records import Claim, TaskInfo, TaskStatus
 
 __all__ = ["MAX_BACKOFF_SECONDS", "SCHEMA_VERSION", "LeasePolicy", "QueueStore"]
@@ -85,6 +86,28 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_task ON events (task_id);
 """
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _typed(
+    what: str,
+) -> Callable[[Callable[Concatenate[QueueStore, _P], _R]], Callable[Concatenate[QueueStore, _P], _R]]:
+    """Turn SQLite's errors in a store method into :class:`QueueStorageError` saying ``what`` failed."""
+
+    def wrap(fn: Callable[Concatenate[QueueStore, _P], _R]) -> Callable[Concatenate[QueueStore, _P], _R]:
+        @functools.wraps(fn)
+        def inner(self: QueueStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return fn(self, *args, **kwargs)
+            except sqlite3.Error as exc:
+                raise self.error(what, exc) from exc
+
+        return inner
+
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -136,7 +159,17 @@ class QueueStore:
     @durable.setter
     def durable(self, value: bool) -> None:
         self._durable = value
-        self.conn().execute(f"PRAGMA synchronous = {'FULL' if value else 'NORMAL'}")
+        try:
+            self.conn().execute(f"PRAGMA synchronous = {'FULL' if value else 'NORMAL'}")
+        except sqlite3.Error as exc:
+            raise self.error("cannot open the task queue", exc) from exc
+
+    def error(self, what: str, exc: sqlite3.Error) -> QueueStorageError:
+        """The typed error for SQLite's ``exc`` while doing ``what``."""
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, sqlite3.DatabaseError) and "not a database" in reason:
+            reason += " (not a mineru-vram task queue, or a damaged one)"
+        return QueueStorageError(f"{self.path}: {what}: {reason}", path=str(self.path), sqlite_error=type(exc).__name__)
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (opened on first use)."""
@@ -190,6 +223,7 @@ class QueueStore:
 
     # -- schema and settings ---------------------------------------------------------------------
 
+    @_typed("cannot open the task queue")
     def init(self, settings: dict[str, Any]) -> dict[str, Any]:
         """Create the schema where missing; store ``settings`` unless some are stored already.
 
@@ -198,7 +232,11 @@ class QueueStore:
 
         Raises:
             ConfigurationError: the file is a queue of another schema version.
+            InsecurePathError: the file (or its journal) is another user's, a link, or
+                writable by others.
+            QueueStorageError: it cannot be created or read, or it is not a queue.
         """
+        secure_database(self.path)
         with self.write() as c:
             # One statement at a time: executescript() would commit the transaction.
             for statement in _SCHEMA.split(";"):
@@ -220,6 +258,7 @@ class QueueStore:
 
     # -- adding and reading ----------------------------------------------------------------------
 
+    @_typed("cannot store the task")
     def add(
         self, task_id: str, name: str, options: dict[str, Any], *, priority: int, size: int, max_attempts: int
     ) -> None:
@@ -241,6 +280,7 @@ class QueueStore:
             )
             _event(c, task_id, "submitted")
 
+    @_typed("cannot read the task queue")
     def info(self, task_id: str) -> TaskInfo:
         """The task's record.
 
@@ -252,6 +292,7 @@ class QueueStore:
             raise TaskNotFoundError(f"no task {task_id!r} in {self.path}", task_id=task_id)
         return _info(row)
 
+    @_typed("cannot read the task queue")
     def tasks(self, status: TaskStatus | None = None, *, limit: int | None = None) -> list[TaskInfo]:
         sql = "SELECT * FROM tasks"
         args: list[Any] = []
@@ -264,12 +305,14 @@ class QueueStore:
             args.append(int(limit))
         return [_info(r) for r in self.conn().execute(sql, args).fetchall()]
 
+    @_typed("cannot read the task queue")
     def counts(self) -> dict[TaskStatus, int]:
         out = dict.fromkeys(TaskStatus, 0)
         for row in self.conn().execute("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status"):
             out[TaskStatus(row["status"])] = int(row["n"])
         return out
 
+    @_typed("cannot read the task queue")
     def pending(self) -> int:
         row = (
             self.conn()
@@ -278,6 +321,7 @@ class QueueStore:
         )
         return int(row["n"])
 
+    @_typed("cannot read the task queue")
     def events(self, task_id: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT time, task_id, event, attempt, owner, detail FROM events"
         args: tuple[Any, ...] = ()
@@ -286,6 +330,7 @@ class QueueStore:
             args = (task_id,)
         return [dict(r) for r in self.conn().execute(sql + " ORDER BY seq", args).fetchall()]
 
+    @_typed("cannot read the task queue")
     def result_name(self, task_id: str) -> str | None:
         """The stored result's file name (``None``: no result, or deleted after retrieval)."""
         row = self.conn().execute("SELECT result_path FROM tasks WHERE id = ?", (task_id,)).fetchone()
@@ -293,6 +338,7 @@ class QueueStore:
 
     # -- a worker's transitions ------------------------------------------------------------------
 
+    @_typed("cannot claim a task")
     def claim(self, owner: str) -> Claim | None:
         """Recover what needs recovering, then claim the first due PENDING task for ``owner``."""
         now = time.time()
@@ -332,6 +378,7 @@ class QueueStore:
         self.storage.remove_inputs(ended)
         return claim
 
+    @_typed("cannot renew a lease")
     def renew(self, claims: Sequence[Claim]) -> None:
         """Extend the leases of ``claims`` (those still held under their token)."""
         for claim in claims:
@@ -341,6 +388,7 @@ class QueueStore:
                     (time.time() + self.policy.lease_seconds, claim.id, claim.token, TaskStatus.PROCESSING.value),
                 )
 
+    @_typed("cannot record a completed task")
     def complete(self, claim: Claim, result_name: str) -> bool:
         """Mark the task COMPLETED with its stored result, if ``claim`` still holds it.
 
@@ -368,6 +416,7 @@ class QueueStore:
             self.storage.remove_inputs([claim.id])
         return won
 
+    @_typed("cannot record a failed task")
     def fail(self, claim: Claim, message: str, error_type: str, *, retryable: bool) -> str:
         """Record a failed attempt: retried after a backoff while attempts remain and ``retryable``.
 
@@ -432,6 +481,7 @@ class QueueStore:
 
     # -- managing --------------------------------------------------------------------------------
 
+    @_typed("cannot cancel the task")
     def cancel(self, task_id: str) -> bool:
         """Cancel a PENDING task. ``False`` if it already started or ended.
 
@@ -452,6 +502,7 @@ class QueueStore:
             self.storage.remove_inputs([task_id])
         return done
 
+    @_typed("cannot delete the task")
     def forget(self, task_id: str) -> tuple[bool, str | None]:
         """Delete an ended task's row and events.
 
@@ -473,6 +524,7 @@ class QueueStore:
         self.storage.remove_inputs([task_id])
         return True, row["result_path"]
 
+    @_typed("cannot record a retrieved result")
     def mark_retrieved(self, task_id: str, result_name: str) -> bool:
         """Record that the result ``result_name`` was retrieved and is being deleted.
 
@@ -488,6 +540,7 @@ class QueueStore:
                 _event(c, task_id, "retrieved", detail="result deleted")
         return cur.rowcount == 1
 
+    @_typed("cannot recover tasks")
     def recover(self) -> int:
         """Requeue or fail PROCESSING tasks whose worker died or lost its lease.
 
@@ -499,6 +552,7 @@ class QueueStore:
         self.storage.remove_inputs(ended)
         return recovered
 
+    @_typed("cannot read the task queue")
     def sweep(self) -> None:
         """Delete files in the queue's folder that no task row explains."""
         rows = self.conn().execute("SELECT id, status, result_path, lease_token FROM tasks").fetchall()
