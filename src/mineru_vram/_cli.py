@@ -740,7 +740,12 @@ def build_worker_parser(parser: argparse.ArgumentParser | None = None) -> argpar
     p.add_argument("--isolation", choices=("none", "process"))
     p.add_argument("--budget", help="VRAM budget per session: MiB (6144), GiB (6GiB) or a fraction (0.25, 25%%)")
     p.add_argument("--max-attempts", type=int)
-    p.add_argument("--task-timeout", type=float, help="seconds per parse (needs --isolation process)")
+    p.add_argument(
+        "--task-timeout",
+        type=float,
+        help="seconds one attempt may run (default 3600); past it the attempt is retried, and a worker "
+        "without --isolation process stops (its parse cannot be interrupted)",
+    )
     p.add_argument("--lease", type=float, dest="lease_seconds", help="seconds a silent worker keeps its tasks")
     p.add_argument("--retry-backoff", type=float, help="seconds before the first retry (doubles per attempt)")
     p.add_argument("--concurrency", type=int, help="sessions in parallel (needs --isolation process)")

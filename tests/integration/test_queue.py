@@ -39,7 +39,7 @@ from mineru_vram._cli import run_worker_cli
 from mineru_vram._process import OwnerLock
 from mineru_vram._queue.worker import Worker, new_owner
 from mineru_vram.testing import make_pdf
-from support import wait_for
+from support import all_gone, wait_for
 
 PDF = make_pdf(1)
 
@@ -253,6 +253,89 @@ def test_transient_failures_are_retried_with_backoff(queue: TaskQueue, monkeypat
     assert "Connection reset" in (info.error or "")
 
 
+def test_a_hung_parse_in_process_is_timed_out_and_retried_and_the_worker_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mineru.parser.mineru_parser as mineru_parser
+
+    real = mineru_parser.doc_analyze
+    release = threading.Event()
+    hung: list[str] = []
+
+    def hangs_once(*args: Any, **kwargs: Any) -> Any:
+        if not hung:  # inside MinerU's call: the first parse never returns until released
+            hung.append(threading.current_thread().name)
+            release.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mineru_parser, "doc_analyze", hangs_once)
+    q = TaskQueue(tmp_path / "tasks.db", backend="flash", device="cpu", task_timeout=1.5, retry_backoff=0.05)
+    try:
+        stuck = q.submit(PDF, name="stuck.pdf")
+        after = q.submit(PDF, name="after.pdf")
+        with pytest.raises(mv.ParseTimeoutError, match=r"stuck\.pdf: no result after task_timeout=1\.5s") as hung_error:
+            q.run(until_idle=True)
+        assert hung_error.value.task_id == stuck
+        info = q.status(stuck)
+        assert (info.status, info.attempts, info.error_type) == (TaskStatus.PENDING, 1, "ParseTimeoutError")
+        assert "task_timeout=1.5s" in (info.error or "")
+        assert q.status(after).status is TaskStatus.PENDING  # this worker stopped; the next one takes it
+        release.set()  # the abandoned parse ends; its session closes behind it
+        assert wait_for(lambda: not any(t.name == hung[0] for t in threading.enumerate()), 60)
+        with TaskQueue(q.path, task_timeout=600) as restarted:  # the next worker, as a supervisor starts it
+            stats = restarted.run(until_idle=True)
+        assert stats.completed == 2
+        assert (q.status(stuck).status, q.status(stuck).attempts) == (TaskStatus.COMPLETED, 2)
+        assert [e["event"] for e in q.events(stuck)] == ["submitted", "claimed", "retry", "claimed", "completed"]
+    finally:
+        release.set()
+        q.close()
+
+
+def _descendants() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.mark.slow
+def test_a_hung_isolated_parse_is_killed_and_the_worker_goes_on(tmp_path: Path) -> None:
+    # The bound must pass a cold worker's first parse (seconds on a busy CPU) and still end the test soon.
+    q = TaskQueue(
+        tmp_path / "tasks.db", backend="flash", device="cpu", isolation="process", task_timeout=30, retry_backoff=0.05
+    )
+    before = _descendants()
+    worker = threading.Thread(target=q.run, kwargs={"poll_interval": 0.05})
+    worker.start()
+    try:
+        warm = q.submit(PDF, name="warm.pdf")
+        q.result(warm, timeout=300)  # the isolated worker is up and idle now
+        frozen = _descendants() - before
+        assert frozen, "no worker process was started"
+        for pid in frozen:  # a real hang: the worker process stops answering
+            os.kill(pid, signal.SIGSTOP)
+        stuck = q.submit(PDF, name="stuck.pdf")
+        after = q.submit(PDF, name="after.pdf")
+        assert q.result(after, timeout=300).document == "after.pdf"
+        assert q.result(stuck, timeout=300).document == "stuck.pdf"
+    finally:
+        q.close()  # stops the loop and waits for it
+        worker.join(60)
+        for pid in _descendants():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert not worker.is_alive()
+    with TaskQueue(tmp_path / "tasks.db") as reader:  # the worker's handle is closed
+        info = reader.status(stuck)
+        assert (info.status, info.attempts) == (TaskStatus.COMPLETED, 2)
+        retry = [e["detail"] for e in reader.events(stuck) if e["event"] == "retry"]
+        assert len(retry) == 1
+        assert retry[0].startswith("ParseTimeoutError: stuck.pdf: no result after 30")
+        assert "task_timeout=30s" in retry[0]
+        assert reader.status(after).attempts == 1
+    assert all_gone(list(frozen), 30)  # the hung worker was killed, not left behind
+
+
 def test_async_worker_and_result(queue: TaskQueue) -> None:
     async def main() -> tuple[list[str], Any]:
         ids = [queue.submit(PDF, name=f"a-{i}.pdf") for i in range(3)]
@@ -443,8 +526,9 @@ def test_settings_are_stored_in_the_queue_file_and_overridable(tmp_path: Path) -
         assert override.settings.max_attempts == 2
     with TaskQueue(db) as again:
         assert again.settings.max_attempts == 5  # overrides are not written back
-    with pytest.raises(mv.ConfigurationError, match="isolation='process'"):
-        TaskQueue(db, task_timeout=30)
+    assert again.settings.task_timeout == 3600  # every attempt is bounded unless told otherwise
+    with pytest.raises(mv.ConfigurationError, match="task_timeout=0"):
+        TaskQueue(db, task_timeout=0)
     with pytest.raises(mv.ConfigurationError, match="VLM engine"):
         TaskQueue(db, backend="vlm")
 

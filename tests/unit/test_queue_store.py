@@ -12,14 +12,16 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mineru_vram import TaskNotFoundError, TaskStatus
 from mineru_vram._process import OwnerLock
 from mineru_vram._queue.files import Storage
+from mineru_vram._queue.records import QueueSettings
 from mineru_vram._queue.store import LeasePolicy, QueueStore
-from mineru_vram._queue.worker import new_owner
+from mineru_vram._queue.worker import RENEW_GRACE_SECONDS, Worker, new_owner
 
 
 def _store(tmp_path: Path, **policy: float) -> QueueStore:
@@ -85,6 +87,30 @@ def test_a_live_worker_keeps_its_task_and_an_expired_lease_is_recovered(tmp_path
     assert (info.error, info.error_type) == ("its worker stopped renewing the lease during attempt 1", "WorkerLost")
     assert info.not_before > 0
     assert _events(store, task_id) == ["submitted", "claimed", "recovered"]
+
+
+def test_an_attempt_past_its_bound_stops_being_renewed_and_is_recovered_naming_the_bound(tmp_path: Path) -> None:
+    store = _store(tmp_path, lease_seconds=0.2, retry_backoff=0.01, task_timeout=0.1)
+    task_id = _add(store, "hangs.pdf")
+    settings = QueueSettings(task_timeout=0.1, lease_seconds=0.2)
+
+    def no_session(budget: object) -> Any:
+        raise AssertionError("no session is needed here")
+
+    worker = Worker(store, store.storage, settings, make_session=no_session, budget=None)
+    owner, lock = _worker(store)
+    try:
+        claim = store.claim(owner)
+        assert claim is not None
+        assert worker.renewable(claim, claim.started + 0.05)
+        assert worker.renewable(claim, claim.started + 0.1 + RENEW_GRACE_SECONDS)
+        assert not worker.renewable(claim, claim.started + 0.1 + RENEW_GRACE_SECONDS + 1)
+        time.sleep(0.3)  # its worker lives but no longer renews the lease
+        assert store.recover() == 1
+    finally:
+        lock.release()
+    info = store.info(task_id)
+    assert info.error == "it ran past task_timeout=0.1s (its worker stopped renewing the lease) during attempt 1"
 
 
 def test_a_dead_workers_task_is_recovered_at_once_by_its_lock(tmp_path: Path) -> None:

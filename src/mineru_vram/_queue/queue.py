@@ -64,11 +64,16 @@ class TaskQueue:
         device: as :class:`ModelSession` (default the first GPU, else CPU).
         models_dir: MinerU's model tree.
         isolation: ``"none"`` parses in the worker's process; ``"process"`` in a
-            supervised child (needed for ``task_timeout`` and ``concurrency``).
+            supervised child (needed for ``concurrency``; a hung parse is then killed
+            and the worker goes on).
         budget: a :class:`VramBudget` (or MiB / fraction) per session: each session
             waits for it to be free (admission) before loading.
         max_attempts: attempts per task before it is FAILED (default 3).
-        task_timeout: seconds a parse may take before its worker process is killed.
+        task_timeout: seconds one attempt may run (default 3600). Past it the attempt
+            fails with :class:`ParseTimeoutError` and is retried. With process isolation
+            the hung worker process is killed and the loop goes on; in-process the
+            parse cannot be interrupted, so the loop records the attempt and stops
+            (``run`` raises the error).
         lease_seconds: a worker that stops renewing its lease for this long loses its
             tasks to other workers (default 60).
         retry_backoff: seconds before the first retry; doubles per attempt (max 300).
@@ -144,7 +149,8 @@ class TaskQueue:
             raise
 
     def _policy(self) -> LeasePolicy:
-        return LeasePolicy(lease_seconds=self.settings.lease_seconds, retry_backoff=self.settings.retry_backoff)
+        s = self.settings
+        return LeasePolicy(lease_seconds=s.lease_seconds, retry_backoff=s.retry_backoff, task_timeout=s.task_timeout)
 
     def _db(self) -> QueueStore:
         if self._state is _QueueState.CLOSED:

@@ -10,7 +10,11 @@ from typing import Any
 from mineru_vram._budget import VramBudget
 from mineru_vram._exceptions import ConfigurationError
 
-__all__ = ["Claim", "QueueSettings", "TaskInfo", "TaskStatus", "WorkerStats"]
+__all__ = ["DEFAULT_TASK_TIMEOUT", "Claim", "QueueSettings", "TaskInfo", "TaskStatus", "WorkerStats"]
+
+# How long one attempt at a task may run unless the queue says otherwise: a hung parse must
+# end (failed or retried) rather than hold its task for ever.
+DEFAULT_TASK_TIMEOUT = 3600.0
 
 
 class TaskStatus(enum.Enum):
@@ -87,6 +91,11 @@ class QueueSettings:
     ``TaskQueue(path, **overrides)`` on an existing file uses the stored settings,
     with any argument given overriding them for that object (the worker CLI's flags).
     This class is the one list of the fields; :meth:`check` validates them.
+
+    ``task_timeout`` bounds each attempt (default one hour). With ``isolation="process"``
+    a parse past it is killed and the worker goes on; in the worker's own process a
+    parse cannot be interrupted, so the attempt is recorded as timed out and the
+    worker stops (a supervisor restarts it; the task is retried).
     """
 
     backend: str = "pipeline"
@@ -95,7 +104,7 @@ class QueueSettings:
     isolation: str = "none"
     budget: dict[str, Any] | None = None  # VramBudget.to_json()
     max_attempts: int = 3
-    task_timeout: float | None = None
+    task_timeout: float = DEFAULT_TASK_TIMEOUT
     lease_seconds: float = 60.0
     retry_backoff: float = 1.0
     keep_results: bool = True
@@ -110,7 +119,8 @@ class QueueSettings:
     def from_stored(cls, data: dict[str, Any]) -> QueueSettings:
         """Settings read back from a queue file; fields this version does not know are dropped."""
         names = cls.field_names()
-        return cls(**{k: v for k, v in data.items() if k in names})
+        # Older queue files store ``task_timeout: null`` (no bound): they get the default one.
+        return cls(**{k: v for k, v in data.items() if k in names and not (k == "task_timeout" and v is None)})
 
     def vram_budget(self) -> VramBudget | None:
         return None if self.budget is None else VramBudget.from_json(self.budget)
@@ -135,14 +145,9 @@ class QueueSettings:
         for name in ("lease_seconds", "retry_backoff"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name}={getattr(self, name)!r}: must be positive")
-        if self.task_timeout is not None and not self.task_timeout > 0:
-            raise ConfigurationError(f"task_timeout={self.task_timeout!r}: must be positive")
-        if self.task_timeout is not None and self.isolation != "process":
-            raise ConfigurationError(
-                "task_timeout needs isolation='process': a parse running in the worker's own process "
-                "cannot be interrupted safely",
-                task_timeout=self.task_timeout,
-            )
+        timeout = self.task_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigurationError(f"task_timeout={timeout!r}: must be a positive number of seconds")
         if self.concurrency > 1 and self.isolation != "process":
             raise ConfigurationError(
                 "concurrency > 1 needs isolation='process': MinerU's models in one process are used "

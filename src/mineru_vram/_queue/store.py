@@ -118,10 +118,13 @@ class LeasePolicy:
         lease_seconds: a lease not renewed for this long is lost.
         retry_backoff: seconds before the first retry; doubles per attempt, up to
             :data:`MAX_BACKOFF_SECONDS`.
+        task_timeout: how long an attempt may run; a recovered task that ran longer
+            says so in its error.
     """
 
     lease_seconds: float = 60.0
     retry_backoff: float = 1.0
+    task_timeout: float | None = None
 
     def backoff(self, attempt: int) -> float:
         return float(min(MAX_BACKOFF_SECONDS, self.retry_backoff * 2 ** max(0, attempt - 1)))
@@ -562,9 +565,10 @@ class QueueStore:
     def _recover_locked(self, c: sqlite3.Connection, now: float) -> tuple[int, list[str]]:
         """Requeue or fail PROCESSING tasks whose worker died or lost its lease. In a write transaction."""
         rows = c.execute(
-            "SELECT id, lease_owner, lease_expires, attempts, max_attempts FROM tasks WHERE status = ?",
+            "SELECT id, lease_owner, lease_expires, started_at, attempts, max_attempts FROM tasks WHERE status = ?",
             (TaskStatus.PROCESSING.value,),
         ).fetchall()
+        bound = self.policy.task_timeout
         recovered = 0
         ended: list[str] = []
         for row in rows:
@@ -574,6 +578,8 @@ class QueueStore:
             if not (expired or dead):
                 continue
             why = "its worker died" if dead else "its worker stopped renewing the lease"
+            if bound is not None and row["started_at"] is not None and now - row["started_at"] > bound:
+                why = f"it ran past task_timeout={bound:g}s ({why})"
             recovered += 1
             attempts = int(row["attempts"])
             if attempts >= int(row["max_attempts"]):

@@ -9,6 +9,14 @@ the task is FAILED at once, with the reason. Anything else (out of memory after
 the session's own retry, a crashed worker process, a timeout, an admission
 timeout) is retried with exponential backoff until ``max_attempts``. A failed
 task never stops the worker.
+
+Every attempt is bounded by ``task_timeout``. An isolated session kills a parse
+that runs past it and the loop goes on. A parse in this process cannot be
+interrupted: it runs on a thread of its own, the loop records the attempt as timed
+out when the bound passes and then stops with :class:`~mineru_vram.ParseTimeoutError`
+(the session is closed once that parse ends). Whatever else keeps an attempt
+running, the heartbeat stops renewing its lease after the bound and a grace, so
+the task is recovered rather than held for ever.
 """
 
 from __future__ import annotations
@@ -19,18 +27,20 @@ import logging
 import os
 import re
 import socket
-import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mineru_vram._exceptions import (
     AdmissionTimeoutError,
     InvalidDocumentError,
     ParseError,
     ParseTimeoutError,
+    QueueStorageError,
     SessionStateError,
 )
 from mineru_vram._process import OwnerLock
@@ -47,6 +57,11 @@ if TYPE_CHECKING:
 __all__ = ["Worker", "document_fault", "new_owner"]
 
 logger = logging.getLogger("mineru_vram")
+
+# How long past task_timeout the heartbeat still renews an attempt's lease: an isolated session
+# may first start a replacement worker (worker_start_timeout, 300 s by default), then parse
+# for up to task_timeout, then the result is stored.
+RENEW_GRACE_SECONDS = 360.0
 
 
 def new_owner() -> str:
@@ -84,6 +99,7 @@ class _Run:
     counter: _Counter
     until_idle: bool
     poll_interval: float
+    errors: list[BaseException] = dataclasses.field(default_factory=list)  # what ended a slot early
 
 
 class Worker:
@@ -111,6 +127,11 @@ class Worker:
         self.settings = settings
         self.make_session = make_session
         self.budget = budget
+        # In-process sessions whose parse ran past task_timeout (or was interrupted) and still
+        # runs: never closed under it (that would release the models it uses); the parse's own
+        # thread closes them when it ends, if they are ours.
+        self.hung: set[int] = set()
+        self.owned: set[int] = set()  # sessions this worker opened (and so closes)
 
     def run(
         self,
@@ -130,6 +151,8 @@ class Worker:
             if session is not None and session.state.value != "opened":
                 raise SessionStateError(f"run(session=...) needs an open session; it is {session.state.value}")
             sessions = [session] if session is not None else self._open_sessions(owner)
+            if session is None:
+                self.owned.update(id(s) for s in sessions)
             stats.sessions = len(sessions)
             run = _Run(owner, {}, stop, stats, _Counter(max_tasks), until_idle, poll_interval)
             heartbeat = threading.Thread(
@@ -151,10 +174,15 @@ class Worker:
                     for t in threads:
                         while t.is_alive():
                             t.join(0.5)
+                    if run.errors:
+                        raise run.errors[0]
             finally:
                 stop.set()
                 heartbeat.join(5.0)
                 for own in sessions if session is None else ():
+                    if id(own) in self.hung:
+                        logger.warning("a queue session stays open until its parse, past task_timeout, ends")
+                        continue
                     try:
                         own.close()
                     except Exception as exc:  # a leak report must not hide the loop's own outcome
@@ -208,18 +236,33 @@ class Worker:
     def _slot(self, session: ModelSession, run: _Run) -> None:
         try:
             self._loop(session, run)
+        except BaseException as exc:  # handed to run(), which raises it once every slot stopped
+            run.errors.append(exc)
+            run.stop.set()
         finally:
             self.store.drop_thread_connection()
 
     def _heartbeat(self, held: dict[str, Claim], stop: threading.Event) -> None:
         interval = max(0.05, self.settings.lease_seconds / 3)
         while not stop.wait(interval):
+            now = time.time()
             for claim in list(held.values()):
+                if not self.renewable(claim, now):
+                    continue
                 try:
                     self.store.renew([claim])
-                except sqlite3.Error as exc:  # a busy database must not kill the heartbeat
+                except QueueStorageError as exc:  # a busy database must not kill the heartbeat
                     logger.warning("renewing the lease of task %s: %s", claim.id, exc)
         self.store.drop_thread_connection()
+
+    def renewable(self, claim: Claim, now: float) -> bool:
+        """Whether the heartbeat still renews ``claim``'s lease.
+
+        Not past ``task_timeout`` plus :data:`RENEW_GRACE_SECONDS`: whatever keeps an
+        attempt running that long (a parse that ignored its bound, a stuck loop), its
+        lease then runs out and the task is recovered instead of held for ever.
+        """
+        return now - claim.started <= self.settings.task_timeout + RENEW_GRACE_SECONDS
 
     # -- one task ------------------------------------------------------------------------------
 
@@ -228,30 +271,91 @@ class Worker:
         staged = self.storage.staging_path(claim)
         try:
             source = self.storage.input_path(claim.id)
-            options = claim.options
             try:
                 if not source.is_file():
                     raise InvalidDocumentError(
                         f"{claim.name}: the queue's copy of the input is missing", document=claim.name
                     )
-                result = session.parse(
-                    source,
-                    name=claim.name,
-                    pages=options.get("pages"),
-                    ocr_mode=options.get("ocr_mode"),
-                    timeout=self.settings.task_timeout,
-                )
+                result = self._parse(session, source, claim)
             except SessionStateError:
                 self.store.give_back(claim)
                 raise
             except Exception as exc:
-                return self._fail(claim, exc)
+                outcome = self._fail(claim, exc)
+                if id(session) in self.hung:
+                    raise  # the parse still runs in this process: this loop cannot go on
+                return outcome
             except BaseException:
                 self.store.give_back(claim)  # Ctrl-C: not the document's fault, and not an attempt
                 raise
             return self._complete(claim, result)
         finally:
             staged.unlink(missing_ok=True)  # only left when completing failed half-way
+
+    def _parse(self, session: ModelSession, source: Path, claim: Claim) -> ParseResult:
+        """Parse within ``task_timeout``.
+
+        Raises:
+            ParseTimeoutError: no result within the bound. An isolated session killed its
+                worker (it starts a new one). An in-process parse cannot be interrupted:
+                it goes on in its own thread, and the session is marked hung.
+        """
+        timeout = self.settings.task_timeout
+        options = claim.options
+
+        def parse(bound: float | None) -> ParseResult:
+            pages, ocr_mode = options.get("pages"), options.get("ocr_mode")
+            return session.parse(source, name=claim.name, pages=pages, ocr_mode=ocr_mode, timeout=bound)
+
+        if getattr(getattr(session, "settings", None), "isolation", "none") == "process":
+            return parse(timeout)
+        # In this process: wait for the parse on a thread of its own, for at most the bound.
+        outcome: list[tuple[bool, Any]] = []
+        done = threading.Event()
+        guard = threading.Lock()  # done and hung change together
+
+        def target() -> None:
+            try:
+                outcome.append((True, parse(None)))
+            except BaseException as exc:
+                outcome.append((False, exc))
+            finally:
+                with guard:
+                    done.set()
+                    abandoned = id(session) in self.hung
+                if abandoned:
+                    self._close_late(session)
+
+        thread = threading.Thread(target=target, name="mineru-vram-queue-parse", daemon=True)
+        thread.start()
+        try:
+            finished = done.wait(timeout)
+        finally:
+            with guard:
+                if not done.is_set():
+                    self.hung.add(id(session))  # the bound, or Ctrl-C: the parse still runs
+        if not finished:
+            raise ParseTimeoutError(
+                f"{claim.name}: no result after task_timeout={timeout:g}s. A parse in the worker's own "
+                "process cannot be interrupted, so this worker stops after recording the attempt (the task "
+                "is retried); with isolation='process' a hung parse is killed and the worker goes on.",
+                document=claim.name,
+                timeout=timeout,
+                task_id=claim.id,
+            )
+        ok, value = outcome[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+    def _close_late(self, session: ModelSession) -> None:
+        """Close a session of ours whose abandoned parse has just ended (on that parse's thread)."""
+        if id(session) not in self.owned:
+            return
+        try:
+            session.close()
+        except Exception as exc:
+            logger.warning("closing a queue session after its parse ran past task_timeout: %s", exc)
 
     def _complete(self, claim: Claim, result: ParseResult) -> str:
         # One file per attempt, named by its lease token: a late finisher never overwrites the
@@ -267,6 +371,8 @@ class Worker:
 
     def _fail(self, claim: Claim, exc: BaseException) -> str:
         message = str(exc) or type(exc).__name__
+        if isinstance(exc, ParseTimeoutError) and "task_timeout" not in message:
+            message += f" (the queue's task_timeout={self.settings.task_timeout:g}s)"
         outcome = self.store.fail(claim, message, type(exc).__name__, retryable=not document_fault(exc))
         if outcome != "lost":
             log = logger.info if outcome == "retried" else logger.warning
