@@ -543,8 +543,73 @@ def test_worker_cli_runs_until_idle_with_flag_overrides(tmp_path: Path, capsys: 
     with TaskQueue(db) as q:
         assert [q.status(t).status for t in ids] == [TaskStatus.COMPLETED] * 2
         assert q.settings.backend == "pipeline"
-    assert run_worker_cli([str(db), "--budget", "lots"]) == 1
+    assert run_worker_cli([str(db), "--budget", "lots"]) == 2  # bad configuration, as cli.md says
     assert "budget 'lots'" in capsys.readouterr().err
+
+
+def _damaged_page(pdf: bytes) -> bytes:
+    """``pdf`` with its second page's content stream declared compressed while it is not."""
+    return pdf.replace(b"7 0 obj\n<< /Length", b"7 0 obj\n<< /Filter /FlateDecode /Length", 1)
+
+
+def _missing_page_content(pdf: bytes) -> bytes:
+    """``pdf`` with its first page's content pointing at an object that does not exist."""
+    return pdf.replace(b"/Contents 5 0 R", b"/Contents 99 0 R", 1)
+
+
+def _on_a_small_disk(limit: int, argv: list[str]) -> list[str]:
+    """``argv``, run where no file may grow past ``limit`` bytes: for it, the disk is full.
+
+    ``RLIMIT_FSIZE`` and an ignored ``SIGXFSZ`` (so a write past the limit fails with
+    ``EFBIG`` instead of killing the process) both survive the ``exec``.
+    """
+    prelude = (
+        "import os, resource, signal, sys; "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", prelude, *argv]
+
+
+def test_the_worker_command_keeps_serving_through_storage_and_document_failures_and_exits_1(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "tasks.db"
+    odd_name = tmp_path / os.fsdecode(b"caf\xe9-latin1.pdf")  # a file name that is not UTF-8
+    odd_name.write_bytes(PDF)
+    with TaskQueue(db, backend="flash", device="cpu", retry_backoff=0.05) as q:
+        big = q.submit(make_pdf(30), name="big.pdf", max_attempts=1)  # its result is over 1 MiB
+        damaged = q.submit(_damaged_page(make_pdf(3)), name="damaged-page.pdf")
+        missing = q.submit(_missing_page_content(make_pdf(2)), name="missing-content.pdf")
+        odd = q.submit(odd_name)
+        small = q.submit(PDF, name="small.pdf")
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as fh:
+        worker = subprocess.Popen(
+            _on_a_small_disk(1024 * 1024, [sys.executable, "-m", "mineru_vram", "worker", str(db), "--until-idle"]),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        code = worker.wait(timeout=600)
+    finally:
+        _kill_group(worker)
+    output = log.read_text(errors="replace")
+    assert code == 1, output[-3000:]  # a task failed
+    assert "Traceback" not in output
+    assert "4 completed, 1 failed" in output
+    with TaskQueue(db) as q:
+        info = q.status(big)
+        assert (info.status, info.error_type) == (TaskStatus.FAILED, "QueueStorageError")
+        assert "File too large" in (info.error or "")
+        for task_id in (damaged, missing, odd, small):
+            assert q.status(task_id).status is TaskStatus.COMPLETED, q.status(task_id)
+        assert q.status(odd).name == str(tmp_path / "caf\\xe9-latin1.pdf")
+        assert q.result(odd).document == q.status(odd).name
+        assert q.result(damaged).page_count == 3
+        assert os.listdir(q.storage / "work") == []
 
 
 def test_worker_admission_timeout_is_a_clear_error_and_claims_nothing(tmp_path: Path) -> None:

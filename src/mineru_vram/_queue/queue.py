@@ -10,6 +10,7 @@ import enum
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 import uuid
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from mineru_vram._budget import VramBudget, resolve_budget
 from mineru_vram._exceptions import (
     ConfigurationError,
+    DocumentTooLargeError,
     ResultTimeoutError,
     SessionStateError,
     TaskCancelledError,
@@ -85,6 +87,8 @@ class TaskQueue:
             nothing acknowledged is lost even to a power cut. ``False`` saves those
             fsyncs (about three per task) and still loses nothing to a killed process;
             an OS crash may lose the last moments' work (SQLite stays consistent).
+        max_document_bytes: the largest input :meth:`submit` accepts (default 512 MiB);
+            workers' sessions get the same limit.
         session_options: more :class:`ModelSession` keyword arguments for workers
             (not stored in the queue file).
     """
@@ -105,6 +109,7 @@ class TaskQueue:
         keep_results: bool | None = None,
         concurrency: int | None = None,
         durable: bool | None = None,
+        max_document_bytes: int | None = None,
         session_options: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(path).expanduser().resolve()
@@ -123,6 +128,7 @@ class TaskQueue:
             "keep_results": keep_results,
             "concurrency": concurrency,
             "durable": durable,
+            "max_document_bytes": max_document_bytes,
         }
         self._overrides = {k: v for k, v in given.items() if v is not None}
         self._budget_probe = None if resolved is None else resolved.probe
@@ -208,7 +214,10 @@ class TaskQueue:
 
         Raises:
             DocumentNotFoundError: the path does not exist (nothing to copy).
+            DocumentTooLargeError: over ``max_document_bytes`` (a path is refused by its
+                size, before it is read).
             ConfigurationError: an option with an unusable value.
+            QueueStorageError: the input or its row cannot be stored (no space, read-only).
         """
         from mineru_vram._documents import _name_of, _read
 
@@ -218,14 +227,26 @@ class TaskQueue:
         attempts = self.settings.max_attempts if max_attempts is None else max_attempts
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ConfigurationError(f"max_attempts={attempts!r}: must be an integer of at least 1")
-        doc_name = _name_of(source, name)
-        data, _ = _read(source, doc_name, None)
+        doc_name = _printable(_name_of(source, name))
+        limit = self.settings.max_document_bytes
+        size = _known_size(source)
+        if size is None or size <= limit:
+            # A path's size is checked before a byte is read; a stream is read to one byte past the limit.
+            data, _ = _read(source, doc_name, None if size is not None else limit)
+            size = len(data)
+        if size > limit:
+            raise DocumentTooLargeError(
+                f"{doc_name}: {size} bytes exceeds the queue's max_document_bytes={limit}",
+                document=doc_name,
+                size=size,
+                limit=limit,
+            )
         options = {"pages": _pages_json(pages), "ocr_mode": ocr_mode}
         task_id = uuid.uuid4().hex
         # The input before the row: a claimed task always has its input.
         target = self._files.write_input(task_id, data, sync=self.settings.durable)
         try:
-            store.add(task_id, doc_name, options, priority=priority, size=len(data), max_attempts=attempts)
+            store.add(task_id, doc_name, options, priority=priority, size=size, max_attempts=attempts)
         except BaseException:
             target.unlink(missing_ok=True)
             raise
@@ -443,7 +464,7 @@ class TaskQueue:
         from mineru_vram._session import ModelSession
 
         s = self.settings
-        options: dict[str, Any] = dict(self.session_options)
+        options: dict[str, Any] = {"max_document_bytes": s.max_document_bytes, **self.session_options}
         return ModelSession(
             s.backend,
             device=s.device,
@@ -495,6 +516,30 @@ def serve(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         queue.close()
+
+
+def _printable(name: str) -> str:
+    """``name`` as text the database can store: a file name that is not UTF-8 keeps its bytes as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name
+
+
+def _known_size(source: object) -> int | None:
+    """The size of bytes, or of a path's file, without reading it (``None``: a stream, or nothing to measure)."""
+    if isinstance(source, memoryview):
+        return source.nbytes
+    if isinstance(source, (bytes, bytearray)):
+        return len(source)
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    try:
+        info = os.stat(os.fspath(source))
+    except (OSError, ValueError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 def _pages_json(pages: str | int | Sequence[int] | range | None) -> Any:

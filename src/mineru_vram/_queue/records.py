@@ -9,8 +9,20 @@ from typing import Any
 
 from mineru_vram._budget import VramBudget
 from mineru_vram._exceptions import ConfigurationError
+from mineru_vram._probe import MIB
 
-__all__ = ["DEFAULT_TASK_TIMEOUT", "Claim", "QueueSettings", "TaskInfo", "TaskStatus", "WorkerStats"]
+__all__ = [
+    "DEFAULT_MAX_DOCUMENT_BYTES",
+    "DEFAULT_TASK_TIMEOUT",
+    "Claim",
+    "QueueSettings",
+    "TaskInfo",
+    "TaskStatus",
+    "WorkerStats",
+]
+
+# The largest input ``submit`` copies in unless the queue says otherwise (a session's default too).
+DEFAULT_MAX_DOCUMENT_BYTES = 512 * MIB
 
 # How long one attempt at a task may run unless the queue says otherwise: a hung parse must
 # end (failed or retried) rather than hold its task for ever.
@@ -110,6 +122,7 @@ class QueueSettings:
     keep_results: bool = True
     concurrency: int = 1
     durable: bool = True
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
 
     @classmethod
     def field_names(cls) -> frozenset[str]:
@@ -138,7 +151,7 @@ class QueueSettings:
             )
         if self.isolation not in ("none", "process"):
             raise ConfigurationError(f"isolation={self.isolation!r}: expected 'none' or 'process'")
-        for name in ("max_attempts", "concurrency"):
+        for name in ("max_attempts", "concurrency", "max_document_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name}={value!r}: must be an integer of at least 1", **{name: value})

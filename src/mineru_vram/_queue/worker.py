@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from mineru_vram._exceptions import (
     AdmissionTimeoutError,
+    InsecurePathError,
     InvalidDocumentError,
     ParseError,
     ParseTimeoutError,
@@ -267,10 +268,18 @@ class Worker:
     # -- one task ------------------------------------------------------------------------------
 
     def _process(self, session: ModelSession, claim: Claim) -> str:
-        """Parse one claimed task and record the outcome. Returns completed / failed / retried / lost."""
-        staged = self.storage.staging_path(claim)
+        """Parse one claimed task and record the outcome. Returns completed / failed / retried / lost.
+
+        Raises:
+            QueueStorageError: the database cannot record the outcome (the loop cannot go on).
+            ParseTimeoutError: an in-process parse ran past ``task_timeout`` (recorded first).
+        """
         try:
+            staged = self.storage.staging_path(claim)
             source = self.storage.input_path(claim.id)
+        except QueueStorageError as exc:  # a row whose id names no file of ours: never followed
+            return self._fail(claim, exc)
+        try:
             try:
                 if not source.is_file():
                     raise InvalidDocumentError(
@@ -288,7 +297,11 @@ class Worker:
             except BaseException:
                 self.store.give_back(claim)  # Ctrl-C: not the document's fault, and not an attempt
                 raise
-            return self._complete(claim, result)
+            try:
+                return self._complete(claim, result)
+            except (QueueStorageError, InsecurePathError) as exc:
+                # The result could not be stored (disk full, a quota): the attempt failed, not the worker.
+                return self._fail(claim, exc)
         finally:
             staged.unlink(missing_ok=True)  # only left when completing failed half-way
 
