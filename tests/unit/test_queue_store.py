@@ -236,6 +236,51 @@ def test_sweep_deletes_only_files_no_row_explains(tmp_path: Path) -> None:
     assert os.listdir(storage.results) == [young_orphan.name]
 
 
+_IDLE_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from mineru_vram._process import OwnerLock
+    from mineru_vram._queue.worker import new_owner
+
+    folder = Path(sys.argv[1])
+    owner = new_owner()
+    with OwnerLock(folder / f"{owner}.lock"):
+        print(owner, flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_lock_files_of_workers_that_died_idle_are_swept_at_the_next_start(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    workers = store.storage.workers
+    idle = subprocess.Popen([sys.executable, "-c", _IDLE_WORKER, str(workers)], stdout=subprocess.PIPE, text=True)
+    busy = subprocess.Popen([sys.executable, "-c", _IDLE_WORKER, str(workers)], stdout=subprocess.PIPE, text=True)
+    assert idle.stdout is not None
+    assert busy.stdout is not None
+    dead_idle, live = idle.stdout.readline().strip(), busy.stdout.readline().strip()
+    old_tmp = workers / ".tmp-crashed-before-rename"
+    old_tmp.write_bytes(b"")
+    os.utime(old_tmp, (time.time() - 3600, time.time() - 3600))
+    young_tmp = workers / ".tmp-being-created"
+    young_tmp.write_bytes(b"")
+    idle.kill()  # SIGKILL: no chance to remove its file
+    idle.communicate(timeout=30)
+    assert (workers / f"{dead_idle}.lock").exists()
+    mine, my_lock = _worker(store)
+    try:
+        store.recover()
+        store.sweep()  # what every worker does when it starts
+        assert sorted(os.listdir(workers)) == sorted(
+            [f"{live}.lock", f"{mine}.lock", young_tmp.name]
+        )  # the dead one's file is gone; the live ones and a file being created stay
+    finally:
+        my_lock.release()
+        busy.kill()
+        busy.communicate(timeout=30)
+
+
 _CLAIMER = textwrap.dedent(
     """
     import json, sys, time

@@ -206,8 +206,13 @@ class Storage:
 
     # -- sweeping ------------------------------------------------------------------------------
 
-    def sweep(self, rows: Mapping[str, LiveRow], *, now: float | None = None) -> None:
-        """Delete files no task row explains (a crash between writing a file and committing)."""
+    def sweep(self, rows: Mapping[str, LiveRow], *, busy: Iterable[str] = (), now: float | None = None) -> None:
+        """Delete files no task row explains (a crash between writing a file and committing).
+
+        Also the lock files of workers that died (killed, or a machine that rebooted)
+        while they held no task; ``busy`` names the workers that hold tasks, whose files
+        recovery reads (it removes them itself once it has recovered their tasks).
+        """
         cutoff = (time.time() if now is None else now) - ORPHAN_AGE_SECONDS
         results = {r.result_name for r in rows.values() if r.result_name}
 
@@ -234,6 +239,14 @@ class Storage:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
+        keep = {f"{owner}.lock" for owner in busy}
+        for path in self.workers.iterdir():
+            # A lock file whose lock can be taken belongs to a dead worker: a live one holds it from
+            # before it is renamed into place. A ``.tmp-`` file is unlocked for a moment after its
+            # creator opens it, so only an old one is judged.
+            if path.name in keep or (path.name.startswith(".tmp-") and not old(path)):
+                continue
+            owner_alive(path, remove_if_dead=True)
 
     def owner_dead(self, owner: str | None) -> bool:
         """Whether ``owner``'s lock file exists and nobody holds it (its process is gone).

@@ -557,10 +557,11 @@ class QueueStore:
 
     @_typed("cannot read the task queue")
     def sweep(self) -> None:
-        """Delete files in the queue's folder that no task row explains."""
-        rows = self.conn().execute("SELECT id, status, result_path, lease_token FROM tasks").fetchall()
+        """Delete files in the queue's folder that no task row explains, and dead workers' lock files."""
+        rows = self.conn().execute("SELECT id, status, result_path, lease_token, lease_owner FROM tasks").fetchall()
         live = {r["id"]: LiveRow(TaskStatus(r["status"]), r["result_path"], r["lease_token"]) for r in rows}
-        self.storage.sweep(live)
+        busy = {r["lease_owner"] for r in rows if r["lease_owner"] and r["status"] == TaskStatus.PROCESSING.value}
+        self.storage.sweep(live, busy=busy)
 
     def _recover_locked(self, c: sqlite3.Connection, now: float) -> tuple[int, list[str]]:
         """Requeue or fail PROCESSING tasks whose worker died or lost its lease. In a write transaction."""
