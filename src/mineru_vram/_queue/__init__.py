@@ -13,7 +13,9 @@ The package, by owner:
 * :mod:`.store`: the SQL (schema, submit, claim, lease renewal, complete, fail,
   recover, sweep, events); it explains the exactly-once rules.
 * :mod:`.files`: the folder beside the database (inputs, staged and stored
-  results, worker locks).
+  results, worker locks), private to its user, and the database file's safety.
+* :mod:`.results`: the stored result format (JSON and raw image bytes: reading it
+  cannot run code).
 * :mod:`.worker`: the loop that claims, parses and records, and its heartbeat.
 * :mod:`.queue`: :class:`TaskQueue`, the facade, and :func:`serve`, the worker
   command's body (its arguments are parsed in ``_cli``).
