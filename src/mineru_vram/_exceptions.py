@@ -31,6 +31,7 @@ working in code that does not know about this library::
     │   │   └── EngineAdmissionError            its memory was not free (also an AdmissionTimeoutError)
     │   ├── EngineCrashedError                  it died while serving
     │   └── EngineStateError (RuntimeError)     an operation the engine's state forbids
+    ├── QueueStorageError (OSError)             a task queue's database or folder cannot be used
     ├── TaskNotFoundError (KeyError)            no such task in the queue (or its result was deleted)
     ├── TaskFailedError                         a queued task ended FAILED
     │   └── TaskCancelledError                  it was cancelled before it ran
@@ -67,6 +68,7 @@ __all__ = [
     "OutOfMemoryError",
     "ParseError",
     "ParseTimeoutError",
+    "QueueStorageError",
     "ResultTimeoutError",
     "SessionStateError",
     "TaskCancelledError",
@@ -291,6 +293,16 @@ class EngineCrashedError(EngineError):
 
 class EngineStateError(EngineError, RuntimeError):
     """The engine's state forbids the operation (for example ``wake`` after ``stop``)."""
+
+
+class QueueStorageError(MineruVramError, OSError):
+    """A task queue's database or folder cannot be used: the disk is full, the path is read-only,
+    the file is not a queue database, or a stored file is damaged or not one the queue wrote.
+
+    ``path`` names the file or folder. Nothing read from a damaged file was used.
+    """
+
+    path: str
 
 
 class TaskNotFoundError(MineruVramError, KeyError):

@@ -67,6 +67,7 @@ from ._exceptions import InsecurePathError
 __all__ = [
     "OwnerLock",
     "ProcessGroup",
+    "check_private",
     "exclusive",
     "free_port",
     "kill_group",
@@ -568,6 +569,31 @@ def _private_one(folder: Path, *, create: bool) -> None:
             "remove it or choose another folder (MINERU_VRAM_RUNTIME_DIR).",
             path=str(folder),
         )
+
+
+def check_private(path: str | os.PathLike[str], *, folder: bool = False) -> bool:
+    """Whether ``path`` exists, having checked that an existing one is safe to trust.
+
+    Nothing is opened (closing a descriptor would drop this process's ``fcntl`` locks
+    on the file, which SQLite relies on).
+
+    Args:
+        path: the file (or folder, with ``folder=True``).
+        folder: whether a folder is expected.
+
+    Raises:
+        InsecurePathError: it exists but is a symbolic link, of the wrong kind, not
+            ours, or others can write to it.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    problem = _ownership_problem(info, want_dir=folder)
+    if problem:
+        kind = "folder" if folder else "file"
+        raise InsecurePathError(f"{path}: refusing to use this {kind}: {problem}", path=str(path))
+    return True
 
 
 def _ownership_problem(info: os.stat_result, *, want_dir: bool) -> str | None:

@@ -27,17 +27,19 @@ from typing import Any
 import pytest
 
 import mineru_vram as mv
-from mineru_vram._queue import (
+from mineru_vram import (
     ResultTimeoutError,
     TaskCancelledError,
     TaskFailedError,
     TaskNotFoundError,
     TaskQueue,
     TaskStatus,
-    _WorkerIdentity,
-    run_worker_cli,
 )
+from mineru_vram._cli import run_worker_cli
+from mineru_vram._process import OwnerLock
+from mineru_vram._queue.worker import Worker, new_owner
 from mineru_vram.testing import make_pdf
+from support import all_gone, wait_for
 
 PDF = make_pdf(1)
 
@@ -82,12 +84,10 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=30)
 
 
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+def _lock(q: TaskQueue) -> tuple[str, OwnerLock]:
+    """A worker id and its lock file, held as a running worker holds its own."""
+    owner = new_owner()
+    return owner, OwnerLock(q.storage / "workers" / f"{owner}.lock")
 
 
 # --- volume -----------------------------------------------------------------------------------
@@ -253,6 +253,89 @@ def test_transient_failures_are_retried_with_backoff(queue: TaskQueue, monkeypat
     assert "Connection reset" in (info.error or "")
 
 
+def test_a_hung_parse_in_process_is_timed_out_and_retried_and_the_worker_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mineru.parser.mineru_parser as mineru_parser
+
+    real = mineru_parser.doc_analyze
+    release = threading.Event()
+    hung: list[str] = []
+
+    def hangs_once(*args: Any, **kwargs: Any) -> Any:
+        if not hung:  # inside MinerU's call: the first parse never returns until released
+            hung.append(threading.current_thread().name)
+            release.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mineru_parser, "doc_analyze", hangs_once)
+    q = TaskQueue(tmp_path / "tasks.db", backend="flash", device="cpu", task_timeout=1.5, retry_backoff=0.05)
+    try:
+        stuck = q.submit(PDF, name="stuck.pdf")
+        after = q.submit(PDF, name="after.pdf")
+        with pytest.raises(mv.ParseTimeoutError, match=r"stuck\.pdf: no result after task_timeout=1\.5s") as hung_error:
+            q.run(until_idle=True)
+        assert hung_error.value.task_id == stuck
+        info = q.status(stuck)
+        assert (info.status, info.attempts, info.error_type) == (TaskStatus.PENDING, 1, "ParseTimeoutError")
+        assert "task_timeout=1.5s" in (info.error or "")
+        assert q.status(after).status is TaskStatus.PENDING  # this worker stopped; the next one takes it
+        release.set()  # the abandoned parse ends; its session closes behind it
+        assert wait_for(lambda: not any(t.name == hung[0] for t in threading.enumerate()), 60)
+        with TaskQueue(q.path, task_timeout=600) as restarted:  # the next worker, as a supervisor starts it
+            stats = restarted.run(until_idle=True)
+        assert stats.completed == 2
+        assert (q.status(stuck).status, q.status(stuck).attempts) == (TaskStatus.COMPLETED, 2)
+        assert [e["event"] for e in q.events(stuck)] == ["submitted", "claimed", "retry", "claimed", "completed"]
+    finally:
+        release.set()
+        q.close()
+
+
+def _descendants() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.mark.slow
+def test_a_hung_isolated_parse_is_killed_and_the_worker_goes_on(tmp_path: Path) -> None:
+    # The bound must pass a cold worker's first parse (seconds on a busy CPU) and still end the test soon.
+    q = TaskQueue(
+        tmp_path / "tasks.db", backend="flash", device="cpu", isolation="process", task_timeout=30, retry_backoff=0.05
+    )
+    before = _descendants()
+    worker = threading.Thread(target=q.run, kwargs={"poll_interval": 0.05})
+    worker.start()
+    try:
+        warm = q.submit(PDF, name="warm.pdf")
+        q.result(warm, timeout=300)  # the isolated worker is up and idle now
+        frozen = _descendants() - before
+        assert frozen, "no worker process was started"
+        for pid in frozen:  # a real hang: the worker process stops answering
+            os.kill(pid, signal.SIGSTOP)
+        stuck = q.submit(PDF, name="stuck.pdf")
+        after = q.submit(PDF, name="after.pdf")
+        assert q.result(after, timeout=300).document == "after.pdf"
+        assert q.result(stuck, timeout=300).document == "stuck.pdf"
+    finally:
+        q.close()  # stops the loop and waits for it
+        worker.join(60)
+        for pid in _descendants():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert not worker.is_alive()
+    with TaskQueue(tmp_path / "tasks.db") as reader:  # the worker's handle is closed
+        info = reader.status(stuck)
+        assert (info.status, info.attempts) == (TaskStatus.COMPLETED, 2)
+        retry = [e["detail"] for e in reader.events(stuck) if e["event"] == "retry"]
+        assert len(retry) == 1
+        assert retry[0].startswith("ParseTimeoutError: stuck.pdf: no result after 30")
+        assert "task_timeout=30s" in retry[0]
+        assert reader.status(after).attempts == 1
+    assert all_gone(list(frozen), 30)  # the hung worker was killed, not left behind
+
+
 def test_async_worker_and_result(queue: TaskQueue) -> None:
     async def main() -> tuple[list[str], Any]:
         ids = [queue.submit(PDF, name=f"a-{i}.pdf") for i in range(3)]
@@ -329,7 +412,7 @@ def test_kill_9_of_the_worker_mid_task_then_restart_completes_everything_once(tm
 
     first = _start_worker(db, log, "--backend", "flash", "--device", "cpu")
     try:
-        _wait_for(lambda: q.status(victim).status is TaskStatus.PROCESSING, 120, "the victim to be claimed")
+        assert wait_for(lambda: q.status(victim).status is TaskStatus.PROCESSING, 120), "the victim was never claimed"
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
     finally:
@@ -365,11 +448,14 @@ _CLAIMANT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from mineru_vram._queue import TaskQueue, _WorkerIdentity
+    from mineru_vram import TaskQueue
+    from mineru_vram._process import OwnerLock
+    from mineru_vram._queue.worker import new_owner
 
     q = TaskQueue(sys.argv[1])
-    with _WorkerIdentity(q.storage / "workers") as owner:
-        claim = q._claim(owner)
+    owner = new_owner()
+    with OwnerLock(q.storage / "workers" / f"{owner}.lock"):
+        claim = q._store.claim(owner)
         print(claim.id, flush=True)
         time.sleep(600)
     """
@@ -401,22 +487,25 @@ def test_a_worker_that_lost_its_lease_cannot_complete_the_task(tmp_path: Path) -
     """Exactly once: a late finisher's result is discarded once the task was given to another."""
     with TaskQueue(tmp_path / "tasks.db", backend="flash", device="cpu", lease_seconds=0.2, retry_backoff=0.01) as q:
         task_id = q.submit(PDF, name="slow.pdf")
-        with _WorkerIdentity(q.storage / "workers") as slow, _WorkerIdentity(q.storage / "workers") as fast:
-            late = q._claim(slow)  # alive (its lock is held) but it stops renewing its lease
+        (slow, slow_lock), (fast, fast_lock) = _lock(q), _lock(q)
+        with slow_lock, fast_lock:
+            late = q._store.claim(slow)  # alive (its lock is held) but it stops renewing its lease
             assert late is not None
             time.sleep(0.3)
             assert q.recover() == 1
             assert q.status(task_id).error == "its worker stopped renewing the lease during attempt 1"
             time.sleep(0.05)  # the retry's backoff
-            again = q._claim(fast)
+            again = q._store.claim(fast)
             assert again is not None
             assert (again.id, again.attempt) == (task_id, 2)
-            assert q._complete(again, {"result": "fast"}, q._staging_path(again)) == "completed"  # type: ignore[arg-type]
-            assert q._complete(late, {"result": "late"}, q._staging_path(late)) == "lost"  # type: ignore[arg-type]
-        assert q.result(task_id) == {"result": "fast"}
+            worker = Worker(q._store, q._files, q.settings, make_session=q._make_session, budget=None)
+            with mv.ModelSession("flash", device="cpu", trust_env=False) as session:
+                assert worker._process(session, again) == "completed"
+                assert worker._process(session, late) == "lost"
+        assert q.result(task_id).document == "slow.pdf"
         events = [e["event"] for e in q.events(task_id)]
         assert events == ["submitted", "claimed", "recovered", "claimed", "completed", "lease_lost"]
-        assert os.listdir(q.storage / "results") == [f"{task_id}-{again.token}.pickle"]
+        assert os.listdir(q.storage / "results") == [q._files.result_name(again)]
         assert os.listdir(q.storage / "work") == []
 
 
@@ -437,8 +526,9 @@ def test_settings_are_stored_in_the_queue_file_and_overridable(tmp_path: Path) -
         assert override.settings.max_attempts == 2
     with TaskQueue(db) as again:
         assert again.settings.max_attempts == 5  # overrides are not written back
-    with pytest.raises(mv.ConfigurationError, match="isolation='process'"):
-        TaskQueue(db, task_timeout=30)
+    assert again.settings.task_timeout == 3600  # every attempt is bounded unless told otherwise
+    with pytest.raises(mv.ConfigurationError, match="task_timeout=0"):
+        TaskQueue(db, task_timeout=0)
     with pytest.raises(mv.ConfigurationError, match="VLM engine"):
         TaskQueue(db, backend="vlm")
 
@@ -453,8 +543,73 @@ def test_worker_cli_runs_until_idle_with_flag_overrides(tmp_path: Path, capsys: 
     with TaskQueue(db) as q:
         assert [q.status(t).status for t in ids] == [TaskStatus.COMPLETED] * 2
         assert q.settings.backend == "pipeline"
-    assert run_worker_cli([str(db), "--budget", "lots"]) == 1
+    assert run_worker_cli([str(db), "--budget", "lots"]) == 2  # bad configuration, as cli.md says
     assert "budget 'lots'" in capsys.readouterr().err
+
+
+def _damaged_page(pdf: bytes) -> bytes:
+    """``pdf`` with its second page's content stream declared compressed while it is not."""
+    return pdf.replace(b"7 0 obj\n<< /Length", b"7 0 obj\n<< /Filter /FlateDecode /Length", 1)
+
+
+def _missing_page_content(pdf: bytes) -> bytes:
+    """``pdf`` with its first page's content pointing at an object that does not exist."""
+    return pdf.replace(b"/Contents 5 0 R", b"/Contents 99 0 R", 1)
+
+
+def _on_a_small_disk(limit: int, argv: list[str]) -> list[str]:
+    """``argv``, run where no file may grow past ``limit`` bytes: for it, the disk is full.
+
+    ``RLIMIT_FSIZE`` and an ignored ``SIGXFSZ`` (so a write past the limit fails with
+    ``EFBIG`` instead of killing the process) both survive the ``exec``.
+    """
+    prelude = (
+        "import os, resource, signal, sys; "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", prelude, *argv]
+
+
+def test_the_worker_command_keeps_serving_through_storage_and_document_failures_and_exits_1(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "tasks.db"
+    odd_name = tmp_path / os.fsdecode(b"caf\xe9-latin1.pdf")  # a file name that is not UTF-8
+    odd_name.write_bytes(PDF)
+    with TaskQueue(db, backend="flash", device="cpu", retry_backoff=0.05) as q:
+        big = q.submit(make_pdf(30), name="big.pdf", max_attempts=1)  # its result is over 1 MiB
+        damaged = q.submit(_damaged_page(make_pdf(3)), name="damaged-page.pdf")
+        missing = q.submit(_missing_page_content(make_pdf(2)), name="missing-content.pdf")
+        odd = q.submit(odd_name)
+        small = q.submit(PDF, name="small.pdf")
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as fh:
+        worker = subprocess.Popen(
+            _on_a_small_disk(1024 * 1024, [sys.executable, "-m", "mineru_vram", "worker", str(db), "--until-idle"]),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        code = worker.wait(timeout=600)
+    finally:
+        _kill_group(worker)
+    output = log.read_text(errors="replace")
+    assert code == 1, output[-3000:]  # a task failed
+    assert "Traceback" not in output
+    assert "4 completed, 1 failed" in output
+    with TaskQueue(db) as q:
+        info = q.status(big)
+        assert (info.status, info.error_type) == (TaskStatus.FAILED, "QueueStorageError")
+        assert "File too large" in (info.error or "")
+        for task_id in (damaged, missing, odd, small):
+            assert q.status(task_id).status is TaskStatus.COMPLETED, q.status(task_id)
+        assert q.status(odd).name == str(tmp_path / "caf\\xe9-latin1.pdf")
+        assert q.result(odd).document == q.status(odd).name
+        assert q.result(damaged).page_count == 3
+        assert os.listdir(q.storage / "work") == []
 
 
 def test_worker_admission_timeout_is_a_clear_error_and_claims_nothing(tmp_path: Path) -> None:

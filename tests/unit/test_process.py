@@ -145,6 +145,23 @@ def test_private_dir_refuses_a_folder_another_user_created_first(shared_tmp: Pat
         _process.private_dir(squatted)
 
 
+def test_check_private_says_whether_a_path_exists_and_refuses_one_others_could_swap(tmp_path: Path) -> None:
+    assert _process.check_private(tmp_path / "missing") is False
+    mine = tmp_path / "mine"
+    mine.write_bytes(b"x")
+    mine.chmod(0o644)  # readable by others is not a risk to us; writable is
+    assert _process.check_private(mine) is True
+    assert _process.check_private(tmp_path, folder=True) is True
+    mine.chmod(0o666)
+    with pytest.raises(mv.InsecurePathError, match="others can write"):
+        _process.check_private(mine)
+    (tmp_path / "link").symlink_to(mine)
+    with pytest.raises(mv.InsecurePathError, match="symbolic link"):
+        _process.check_private(tmp_path / "link")
+    with pytest.raises(mv.InsecurePathError, match="not a regular file"):
+        _process.check_private(tmp_path)
+
+
 def test_private_file_never_follows_a_link(tmp_path: Path) -> None:
     target = tmp_path / "victim"
     target.write_bytes(b"precious")
