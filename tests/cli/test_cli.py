@@ -257,7 +257,8 @@ def keyed_server(tmp_path: Path) -> Any:
 
 
 def _attached_key(argv: list[str]) -> str:
-    from mineru_vram._cli import _build_parser, _make_engine
+    from mineru_vram._cli.main import build_parser as _build_parser
+    from mineru_vram._cli.parse import _make_engine
 
     engine = _make_engine(_build_parser().parse_args(argv))
     try:
@@ -285,7 +286,7 @@ def test_the_cli_reads_the_servers_key_from_a_file_or_the_environment(
 
 
 def _build_help() -> str:
-    from mineru_vram._cli import _build_parser
+    from mineru_vram._cli import build_parser as _build_parser
 
     parser = _build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
