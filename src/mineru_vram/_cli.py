@@ -497,9 +497,9 @@ def probe_report(*, device: str = "cuda:0", floor: bool = True) -> dict[str, Any
     """Everything ``mineru-vram probe`` prints, as a dict (JSON-serialisable)."""
     from ._adapter import mineru_version
     from ._config import env_settings
-    from ._demo import default_cache_dir
     from ._probe import _device_memory, _nvml, _nvml_error, measure_context_floor, nvml_device_count, resolve_device
     from ._version import __version__
+    from .testing._cache import default_models_dir
 
     gpus: list[dict[str, Any]] = []
     count = nvml_device_count()
@@ -545,7 +545,7 @@ def probe_report(*, device: str = "cuda:0", floor: bool = True) -> dict[str, Any
         env_error = None
     except Exception as exc:
         env, env_error = {}, str(exc)
-    random_cache = default_cache_dir()
+    random_cache = default_models_dir()
     return {
         "mineru_vram": __version__,
         "python": platform.python_version(),

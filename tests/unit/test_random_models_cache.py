@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mineru_vram import _random_models as rm
+from mineru_vram.testing import _models as rm
 
 
 class StubBuild:

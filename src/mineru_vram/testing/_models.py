@@ -29,9 +29,12 @@ install.
 byte-level tokenizer that transformers and MinerU's ``transformers`` VLM engine load
 offline.
 
-Nothing here is imported at ``import mineru_vram``; torch, transformers and MinerU's
-model code are imported inside the functions. Building never imports ``mineru.config``
-(which reads the environment and may write files at import).
+Nothing here is imported at ``import mineru_vram``; torch and transformers are imported
+inside the functions, and MinerU's model code and data files are reached only through
+:mod:`mineru_vram._adapter` (:func:`~mineru_vram._adapter.layout_label_constants`,
+:func:`~mineru_vram._adapter.pytorchocr_model`,
+:func:`~mineru_vram._adapter.pytorchocr_resources`). Building never imports
+``mineru.config`` (which reads the environment and may write files at import).
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+
+from mineru_vram import _adapter
+from mineru_vram._process import exclusive
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,6 +95,10 @@ _LAYOUT_PLAN: Final[tuple[tuple[str, float, float, float, float], ...]] = (
 _TABLE_ROWS: Final = 2
 _TABLE_COLS: Final = 3
 
+#: How long a caller waits for another process that is building the same tree. A build
+#: takes 20-30 s on a workstation and a few minutes on two busy cores.
+BUILD_LOCK_TIMEOUT: Final = 1800.0
+
 
 def write_random_models(path: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> Path:
     """Write a MinerU 4 small-model tree with true architectures and random weights.
@@ -103,8 +113,8 @@ def write_random_models(path: str | os.PathLike[str], *, seed: int = 0, overwrit
     format and MinerU version) is returned at once. The tree is built in a temporary
     folder under ``path`` and renamed into place; a manifest, written last and
     atomically, marks it complete, so a crash never leaves a tree that looks finished.
-    Concurrent callers are serialised with a lock file in ``path``. The content is
-    deterministic for a given seed.
+    Concurrent callers (threads, processes, pytest-xdist workers) are serialised with
+    a lock file in ``path``. The content is deterministic for a given seed.
 
     Args:
         path: Folder to use as MinerU's ``model.base_dir``; created if missing.
@@ -116,6 +126,7 @@ def write_random_models(path: str | os.PathLike[str], *, seed: int = 0, overwrit
 
     Raises:
         ValueError: If ``seed`` is negative.
+        TimeoutError: If another process held the build lock for :data:`BUILD_LOCK_TIMEOUT` seconds.
         OSError: If the tree cannot be written.
     """
     if seed < 0:
@@ -125,9 +136,7 @@ def write_random_models(path: str | os.PathLike[str], *, seed: int = 0, overwrit
     if not overwrite and _manifest_matches(root / _MANIFEST_NAME, expected, root):
         return root
     root.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock
-
-    with FileLock(str(root / _LOCK_NAME)):
+    with exclusive(root / _LOCK_NAME, timeout=BUILD_LOCK_TIMEOUT):
         if not overwrite and _manifest_matches(root / _MANIFEST_NAME, expected, root):
             return root
         # From here on the tree may change: without a manifest it reads as incomplete.
@@ -177,6 +186,7 @@ def write_random_vlm(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
 
     Raises:
         ValueError: If ``seed`` is negative.
+        TimeoutError: If another process held the build lock for :data:`BUILD_LOCK_TIMEOUT` seconds.
         OSError: If the folder cannot be written.
     """
     if seed < 0:
@@ -191,9 +201,7 @@ def write_random_vlm(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
     if _manifest_matches(target / _VLM_MANIFEST_NAME, expected, target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock
-
-    with FileLock(str(target.parent / f".{target.name}.lock")):
+    with exclusive(target.parent / f".{target.name}.lock", timeout=BUILD_LOCK_TIMEOUT):
         if _manifest_matches(target / _VLM_MANIFEST_NAME, expected, target):
             return target
         prefix = f".{target.name}{_STAGING_PREFIX}"
@@ -224,7 +232,7 @@ def _version(distribution: str) -> str | None:
 
 
 def _manifest_header(seed: int) -> dict[str, Any]:
-    return {"format": _FORMAT_VERSION, "repo": _REPO_NAME, "seed": seed, "mineru": _version("mineru")}
+    return {"format": _FORMAT_VERSION, "repo": _REPO_NAME, "seed": seed, "mineru": _adapter.mineru_version()}
 
 
 def _manifest_matches(manifest: Path, expected: Mapping[str, Any], base: Path) -> bool:
@@ -303,13 +311,6 @@ def _build_model_tree(repo: Path, seed: int) -> None:
         (folder / _COMPLETE_MARKER).touch()
 
 
-def _mineru_resource(package: str, *parts: str) -> Path:
-    """A data file shipped inside MinerU's package, found without importing mineru.config."""
-    from importlib import resources
-
-    return Path(str(resources.files(package).joinpath(*parts)))
-
-
 def _load_yaml(path: Path) -> Any:
     import yaml
 
@@ -322,23 +323,16 @@ def _load_yaml(path: Path) -> Any:
 
 def _build_layout(folder: Path, seed: int) -> None:
     """PP-DocLayoutV2 (transformers), scripted to report :data:`_LAYOUT_PLAN` on every page."""
-    # pp_doclayout_v2_base is MinerU's torch-free constants module; reading the labels,
-    # thresholds and reading-order classes from it keeps them in step with MinerU.
-    from mineru.model.layout.pp_doclayout_v2_base import (
-        DEFAULT_CLASS_ORDER,
-        DEFAULT_CLASS_THRESHOLDS,
-        DEFAULT_IMAGE_SIZE,
-        DEFAULT_RESCALE_FACTOR,
-        PP_DOCLAYOUT_V2_LABELS,
-    )
     from transformers import PPDocLayoutV2Config, PPDocLayoutV2ForObjectDetection
 
-    labels = list(PP_DOCLAYOUT_V2_LABELS)
+    # MinerU's own labels, thresholds and reading-order classes keep the model in step with MinerU.
+    constants = _adapter.layout_label_constants()
+    labels = list(constants.labels)
     config = PPDocLayoutV2Config(
         id2label=dict(enumerate(labels)),
         label2id={label: index for index, label in enumerate(labels)},
-        class_thresholds=list(DEFAULT_CLASS_THRESHOLDS),
-        class_order=list(DEFAULT_CLASS_ORDER),
+        class_thresholds=list(constants.class_thresholds),
+        class_order=list(constants.class_order),
     )
     with _seeded(seed, "layout"):
         model = PPDocLayoutV2ForObjectDetection(config).eval()  # type: ignore[no-untyped-call]
@@ -351,7 +345,7 @@ def _build_layout(folder: Path, seed: int) -> None:
 
     hook = model.model.decoder.register_forward_pre_hook(keep_inputs, with_kwargs=True)
     try:
-        model(pixel_values=_calibration_page(DEFAULT_IMAGE_SIZE))
+        model(pixel_values=_calibration_page(constants.image_size))
     finally:
         hook.remove()
     anchors = decoder_inputs["reference_points"][0].sigmoid().double()
@@ -359,13 +353,13 @@ def _build_layout(folder: Path, seed: int) -> None:
     _check_layout(labels, model.model.decoder(**decoder_inputs), model.config.class_thresholds)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    width, height = DEFAULT_IMAGE_SIZE
+    width, height = constants.image_size
     preprocessor = {
         "do_normalize": False,
         "do_rescale": True,
         "do_resize": True,
         "image_processor_type": "PPDocLayoutV2ImageProcessor",
-        "rescale_factor": DEFAULT_RESCALE_FACTOR,
+        "rescale_factor": constants.rescale_factor,
         "size": {"height": height, "width": width},
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8")
@@ -563,18 +557,13 @@ def _logit(value: float) -> float:
 # --------------------------------------------------------------------------- OCR
 
 
-def _ocr_resources() -> Path:
-    return _mineru_resource("mineru.model._internal.pytorchocr.utils", "resources")
-
-
 def _ocr_rec_classes() -> int:
     """CTC classes of the recognizer: the dictionary's lines plus blank and space.
 
     MinerU sizes the recognizer from the weights (``head.head.weight``) and decodes with
     its bundled dictionary, so the two must agree.
     """
-    dictionary = _mineru_resource("mineru.model.ocr", "data", "ppocrv6_dict.txt")
-    with dictionary.open(encoding="utf-8") as handle:
+    with _adapter.ocr_dictionary().open(encoding="utf-8") as handle:
         lines = sum(1 for _ in handle)
     return lines + 2
 
@@ -582,10 +571,9 @@ def _ocr_rec_classes() -> int:
 def _build_ocr(folder: Path, seed: int) -> None:
     """The PP-OCR detectors and recognizer named in MinerU's models_config.yml."""
     import torch
-    from mineru.model._internal.pytorchocr.modeling.architectures.base_model import BaseModel
     from safetensors.torch import save_file
 
-    resources = _ocr_resources()
+    resources = _adapter.pytorchocr_resources()
     architectures = _load_yaml(resources / "arch_config.yaml")
     languages = _load_yaml(resources / "models_config.yml")["lang"]
     names = sorted({entry[kind] for entry in languages.values() for kind in ("det", "rec")})
@@ -600,7 +588,7 @@ def _build_ocr(folder: Path, seed: int) -> None:
             kwargs["out_channels"] = classes
         with _seeded(seed, f"ocr:{stem}"):
             # MinerU reparameterises (rep()) after loading, so save the raw state.
-            network = BaseModel(config, **kwargs)
+            network = _adapter.pytorchocr_model(config, **kwargs)
         state = {key: value.detach().contiguous().clone() for key, value in network.state_dict().items()}
         if name.endswith(".safetensors"):
             save_file(state, str(folder / name))
@@ -614,12 +602,11 @@ def _build_ocr(folder: Path, seed: int) -> None:
 def _build_formula(folder: Path, seed: int) -> None:
     """PP-FormulaNet_plus-M that answers ``</s>`` at once, and its inference yml."""
     import torch
-    from mineru.model._internal.pytorchocr.modeling.architectures.base_model import BaseModel
 
-    configs = _load_yaml(_ocr_resources() / "pp_formulanet_arch_config.yaml")
+    configs = _load_yaml(_adapter.pytorchocr_resources() / "pp_formulanet_arch_config.yaml")
     architecture = copy.deepcopy(configs[_MFR_NAME]["Architecture"])
     with _seeded(seed, "formula"):
-        network = BaseModel(architecture)
+        network = _adapter.pytorchocr_model(architecture)
     _script_formula_eos(network)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), folder / f"{_MFR_NAME}.pth")
