@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mineru_vram.testing import _layout
 from mineru_vram.testing import _models as rm
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -211,7 +212,7 @@ def test_layout_reports_the_plan_on_a_real_page(random_models_dir: Path, corpus_
                 round((cy + h / 2) * height),
             ),
         )
-        for label, cx, cy, w, h in rm._LAYOUT_PLAN
+        for label, cx, cy, w, h in _layout.LAYOUT_PLAN
     )
     assert [label for label, _ in got] == [label for label, _ in wanted]
     for (_, box), (_, want) in zip(got, wanted, strict=True):
