@@ -653,13 +653,11 @@ def test_one_cache_folder_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_model_session_fixture_opens_on_the_random_tree_and_leaves_no_tensors(
-    cpu_run: pytest.Pytester, request: pytest.FixtureRequest
+    random_models_dir: Path, cpu_run: pytest.Pytester
 ) -> None:
-    pytest.importorskip("mineru_vram.testing._models")
-    try:
-        models = request.getfixturevalue("random_models_dir")  # the suite's shared tree (tests/conftest.py)
-    except pytest.FixtureLookupError:
-        pytest.skip("the suite's random_models_dir fixture is not defined")
+    # random_models_dir (the suite's shared tree) is a session fixture, so it is set up before
+    # pytester points HOME at its own folder and before it snapshots sys.modules.
+    models = random_models_dir
     cpu_run.makeconftest(
         f"""
         import pytest
