@@ -38,19 +38,16 @@ def corpus_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def random_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def random_models_dir(mineru_vram_models: Path) -> Path:
     """A MinerU-4 model tree with the true architectures and random weights (seed 0).
 
-    Built once into a cache beside pytest's numbered temp folders (the parent of
-    ``basetemp``; pytest rotates only the numbered folders), so later runs reuse it.
-    Building is idempotent per seed and guarded by a lock, so parallel workers share
-    one build.
+    The pytest plugin's ``mineru_vram_models``, under the suite's own name: one cache
+    for the suite, the plugin and ``mineru-vram demo``
+    (``$XDG_CACHE_HOME/mineru-vram/random-models``, or ``--vram-models-dir DIR``),
+    built once and reused by later runs and by parallel workers.
     Use it as MinerU's ``model.base_dir`` with ``source: local``, ``small_backend: torch``.
     """
-    from mineru_vram.testing import write_random_models
-
-    cache = tmp_path_factory.getbasetemp().parent / "mineru-vram-random-models"
-    return write_random_models(cache, seed=0)
+    return mineru_vram_models
 
 
 def _encrypt_pdf(data: bytes, user_password: str = "pw") -> bytes:

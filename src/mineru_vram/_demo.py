@@ -13,13 +13,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["default_cache_dir", "run_demo"]
-
-
-def default_cache_dir() -> Path:
-    """Where the demo keeps its random model tree (``$XDG_CACHE_HOME/mineru-vram``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mineru-vram" / "random-models"
+__all__ = ["run_demo"]
 
 
 def run_demo(
@@ -32,17 +26,22 @@ def run_demo(
 ) -> int:
     """Write random models, parse a generated 2-page PDF, print the release receipt.
 
+    The models are kept in ``models_dir``, by default in the cache the test suite and
+    the pytest plugin share (``$XDG_CACHE_HOME/mineru-vram/random-models``), and built
+    only the first time.
+
     Returns:
         0 when the receipt is clean, 1 otherwise.
     """
     from ._session import ModelSession
-    from .testing import make_pdf, write_random_models
+    from .testing import make_pdf
+    from .testing._cache import default_models_dir, random_models
 
     w = stream or sys.stdout
-    target = Path(models_dir) if models_dir is not None else default_cache_dir()
+    target = Path(models_dir).expanduser() if models_dir is not None else default_models_dir()
     t0 = time.perf_counter()
     print(f"[1/3] random-weight MinerU models in {target} ...", file=w, flush=True)
-    write_random_models(target)
+    random_models(target)
     print(f"      ready in {time.perf_counter() - t0:.1f}s", file=w, flush=True)
     pdf = make_pdf(2)
     print("[2/3] parsing a generated 2-page PDF with ModelSession(backend='pipeline') ...", file=w, flush=True)

@@ -83,7 +83,7 @@ class Reading:
 
 @runtime_checkable
 class VramProbe(Protocol):
-    """Where a :class:`LeakCheck` gets its figures. Override the ``vram_probe`` fixture to swap it."""
+    """Where a :class:`LeakCheck` gets its figures. Override the ``mineru_vram_probe`` fixture to swap it."""
 
     @property
     def device(self) -> str:

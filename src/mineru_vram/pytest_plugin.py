@@ -7,7 +7,7 @@ counters are read only when the tests imported torch and started CUDA themselves
 
 What it adds:
 
-* ``vram_leak_check`` fixture: settles the device before and after the test
+* ``mineru_vram_leak_check`` fixture: settles the device before and after the test
   (collect, empty torch's allocator cache, re-read until the figures agree) and
   fails the test, at teardown, when torch-allocated memory grew at all or NVML's
   per-process figure grew beyond a tolerance. The message names both figures and
@@ -21,9 +21,10 @@ What it adds:
 * ``@pytest.mark.gpu``: skipped where NVML sees no GPU.
 * A report-header line with the device and settings, and a summary of the
   heaviest tests by peak memory (``--vram-top N``).
-* Fixtures: ``vram_device``, ``vram_probe`` (override it to measure differently),
-  ``random_models`` (a session-wide MinerU random-weights tree), ``model_session``
-  (a ``ModelSession`` on it) and ``sglang_standin`` (the SGLang stand-in server).
+* Fixtures, prefixed so they cannot clash with a suite's own: ``mineru_vram_device``,
+  ``mineru_vram_probe`` (override it to measure differently), ``mineru_vram_models``
+  (a MinerU random-weights tree, built once and cached), ``mineru_vram_session`` (a
+  ``ModelSession`` on it) and ``mineru_vram_standin`` (the SGLang stand-in server).
 * pytest-xdist: with ``--vram-per-worker-device`` worker ``gwN`` uses ``cuda:N``
   modulo the GPU count; peaks travel to the controller for the summary.
 
@@ -34,7 +35,6 @@ fixture held is only gone once that fixture is torn down.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,18 +42,20 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ._config import getenv
+
 if TYPE_CHECKING:
     from ._leakcheck import LeakCheck, VramProbe
-    from ._plugin_support import StandinServer
     from ._session import ModelSession
+    from .testing._plugin_support import StandinServer
 
 __all__ = [
-    "model_session",
-    "random_models",
-    "sglang_standin",
-    "vram_device",
-    "vram_leak_check",
-    "vram_probe",
+    "mineru_vram_device",
+    "mineru_vram_leak_check",
+    "mineru_vram_models",
+    "mineru_vram_probe",
+    "mineru_vram_session",
+    "mineru_vram_standin",
 ]
 
 DEFAULT_TOLERANCE_MIB = 32.0
@@ -95,7 +97,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         default=None,
         dest="vram_leak_check",
-        help="check every test for VRAM leaks (as if each used the vram_leak_check fixture)",
+        help="check every test for VRAM leaks (as if each used the mineru_vram_leak_check fixture)",
     )
     group.addoption(
         "--vram-leak-tolerance-mib",
@@ -111,7 +113,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         dest="vram_device",
         metavar="DEVICE",
-        help="device to measure and to give model_session: cpu, cuda, cuda:N (default: the first GPU, else cpu)",
+        help="device to measure and to give mineru_vram_session: cpu, cuda, cuda:N (default: the first GPU, else cpu)",
     )
     group.addoption(
         "--vram-per-worker-device",
@@ -133,7 +135,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         dest="vram_models_dir",
         metavar="DIR",
-        help="where the random_models fixture builds (and reuses) its model tree (default: pytest's basetemp)",
+        help="the folder where the mineru_vram_models fixture builds (and reuses) its model tree "
+        "(default: $XDG_CACHE_HOME/mineru-vram/random-models, shared with mineru-vram demo)",
     )
     parser.addini("vram_leak_check", type="bool", default=False, help="check every test for VRAM leaks")
     parser.addini(
@@ -147,7 +150,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "vram_per_worker_device", type="bool", default=False, help="under pytest-xdist, worker gwN uses cuda:N"
     )
     parser.addini("vram_top", type="string", default=str(DEFAULT_TOP), help="heaviest tests listed at the end")
-    parser.addini("vram_models_dir", type="string", default="", help="where random_models builds its tree")
+    parser.addini("vram_models_dir", type="string", default="", help="where mineru_vram_models builds its tree")
 
 
 def _number(config: pytest.Config, option: str, ini: str, kind: type[float] | type[int]) -> Any:
@@ -219,7 +222,7 @@ def _device(config: pytest.Config) -> str:
         from ._leakcheck import select_device
 
         s = _settings(config)
-        device = select_device(s.device_option, per_worker=s.per_worker, worker=os.environ.get("PYTEST_XDIST_WORKER"))
+        device = select_device(s.device_option, per_worker=s.per_worker, worker=getenv("PYTEST_XDIST_WORKER"))
         config.stash[_device_key] = device
     return device
 
@@ -237,7 +240,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     if s.leak_check:
         mode = f"leak check on for every test, NVML tolerance {s.tolerance_mib:g} MiB"
     else:
-        mode = "leak check off (--vram-leak-check, the vram_leak_check fixture or marker turn it on)"
+        mode = "leak check off (--vram-leak-check, the mineru_vram_leak_check fixture or the marker turn it on)"
     return f"mineru-vram: {where}; {mode}"
 
 
@@ -315,7 +318,7 @@ def _mib(value: Any, what: str) -> float:
 
 def _plan(item: pytest.Item) -> _Plan:
     s = _settings(item.config)
-    requested = "vram_leak_check" in getattr(item, "fixturenames", ())
+    requested = "mineru_vram_leak_check" in getattr(item, "fixturenames", ())
     check = s.leak_check or requested
     tolerance = s.tolerance_mib
     marker = item.get_closest_marker("vram_leak_check")
@@ -343,21 +346,21 @@ def _mineru_vram_autouse(request: pytest.FixtureRequest) -> None:
     # Autouse fixtures are set up before the test's own function-scoped fixtures and
     # torn down after them, so starting the check here brackets all of them.
     if _plan(request.node).measure:
-        request.getfixturevalue("vram_leak_check")
+        request.getfixturevalue("mineru_vram_leak_check")
 
 
 @pytest.fixture(scope="session")
-def vram_device(pytestconfig: pytest.Config) -> str:
+def mineru_vram_device(pytestconfig: pytest.Config) -> str:
     """The device the plugin measures: ``"cpu"`` or ``"cuda:N"`` (see ``--vram-device``)."""
     return _device(pytestconfig)
 
 
 @pytest.fixture(scope="session")
-def vram_probe(vram_device: str) -> VramProbe:
+def mineru_vram_probe(mineru_vram_device: str) -> VramProbe:
     """Where the leak check reads its figures; override this fixture to measure differently."""
     from ._leakcheck import default_probe
 
-    return default_probe(vram_device)
+    return default_probe(mineru_vram_device)
 
 
 def _judgeable(item: pytest.Item) -> tuple[bool, str]:
@@ -411,7 +414,7 @@ def _fixture_values_released(item: pytest.Item) -> Iterator[None]:
 
 
 @pytest.fixture
-def vram_leak_check(request: pytest.FixtureRequest, vram_probe: VramProbe) -> Iterator[LeakCheck]:
+def mineru_vram_leak_check(request: pytest.FixtureRequest, mineru_vram_probe: VramProbe) -> Iterator[LeakCheck]:
     """Fail the test when it leaves GPU memory behind (or exceeds its ``vram_budget``).
 
     Yields the running :class:`~mineru_vram._leakcheck.LeakCheck` (``.before``,
@@ -424,7 +427,7 @@ def vram_leak_check(request: pytest.FixtureRequest, vram_probe: VramProbe) -> It
         del item.stash[_call_report_key]
     plan = _plan(item)
     check = LeakCheck(
-        vram_probe,
+        mineru_vram_probe,
         nodeid=item.nodeid,
         check_leaks=plan.check_leaks,
         tolerance_mib=plan.tolerance_mib,
@@ -449,58 +452,53 @@ def vram_leak_check(request: pytest.FixtureRequest, vram_probe: VramProbe) -> It
 
 
 @pytest.fixture(scope="session")
-def random_models(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A MinerU model tree with random weights (basic tier), built once per session.
+def mineru_vram_models(pytestconfig: pytest.Config) -> Path:
+    """A MinerU model tree with random weights (basic tier), built once and kept.
 
-    Under pytest-xdist the workers share one tree. ``--vram-models-dir DIR`` keeps it
-    across runs (about 900 MB, 20-30 s to build).
+    It lives in ``--vram-models-dir DIR`` (ini ``vram_models_dir``), else in
+    ``$XDG_CACHE_HOME/mineru-vram/random-models``, the folder ``mineru-vram demo``
+    uses too. The first run builds it (about 900 MB, 20-30 s); later runs, other
+    processes and pytest-xdist workers reuse it (they wait while one builds).
     """
-    from ._plugin_support import shared_random_models
+    from .testing._cache import random_models
 
-    configured = _settings(pytestconfig).models_dir
-    if configured:
-        root = Path(configured).expanduser()
-    else:
-        root = tmp_path_factory.getbasetemp()
-        if os.environ.get("PYTEST_XDIST_WORKER"):
-            root = root.parent  # xdist workers' basetemps are siblings under one run folder
-    return shared_random_models(root)
+    return random_models(_settings(pytestconfig).models_dir)
 
 
 @pytest.fixture
-def model_session(random_models: Path, vram_device: str) -> Iterator[ModelSession]:
-    """An open ``ModelSession(backend="pipeline")`` on the random-weights tree and ``vram_device``; closed after."""
+def mineru_vram_session(mineru_vram_models: Path, mineru_vram_device: str) -> Iterator[ModelSession]:
+    """An open ``ModelSession(backend="pipeline")`` on the random-weights tree and ``mineru_vram_device``.
+
+    Closed after the test.
+    """
     from ._session import ModelSession
 
-    with ModelSession(backend="pipeline", device=vram_device, models_dir=random_models) as session:
+    with ModelSession(backend="pipeline", device=mineru_vram_device, models_dir=mineru_vram_models) as session:
         yield session
 
 
 @pytest.fixture
-def sglang_standin(tmp_path_factory: pytest.TempPathFactory, vram_device: str) -> Iterator[StandinServer]:
+def mineru_vram_standin(tmp_path_factory: pytest.TempPathFactory, mineru_vram_device: str) -> Iterator[StandinServer]:
     """The SGLang stand-in server on a free loopback port, with an API key; killed after.
 
     It answers like ``sglang.launch_server`` (``/health``, ``/v1/models``,
     ``/v1/chat/completions`` with canned MinerU answers, ``/release_memory_occupation``
-    ...) and, where torch sees a GPU, holds up to 1 GiB on ``vram_device`` as SGLang's
-    static pool would. Yields an object with ``url``, ``api_key``, ``pid``,
+    ...) and, where torch sees a GPU, holds up to 1 GiB on ``mineru_vram_device`` as
+    SGLang's static pool would. Yields an object with ``url``, ``api_key``, ``pid``,
     ``headers()`` and ``log_tail()``.
     """
     import secrets
 
-    from ._plugin_support import StandinServer
+    from .testing._plugin_support import StandinServer
 
     folder = tmp_path_factory.mktemp("sglang-standin")
     model_path = folder / "model"
     model_path.mkdir()
-    if vram_device == "cpu":
-        device_args = ["--device", "cpu"]
-    else:
-        device_args = ["--base-gpu-id", vram_device.partition(":")[2] or "0"]
     server = StandinServer(
         model_path=model_path,
         api_key=secrets.token_hex(16),
-        extra_args=["--enable-memory-saver", *device_args],
+        device=mineru_vram_device,
+        extra_args=["--enable-memory-saver"],
         log_dir=folder,
     )
     with server:

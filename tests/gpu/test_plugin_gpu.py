@@ -95,24 +95,24 @@ def test_vram_budget_sees_a_peak_that_the_test_reset(inner: pytest.Pytester) -> 
     )
 
 
-def test_a_model_session_test_passes_the_leak_check(inner: pytest.Pytester, random_models: Path) -> None:
+def test_a_model_session_test_passes_the_leak_check(inner: pytest.Pytester, mineru_vram_models: Path) -> None:
     inner.makeconftest(
         f"""
         import pytest
         from pathlib import Path
 
         @pytest.fixture(scope="session")
-        def random_models():
-            return Path({str(random_models)!r})
+        def mineru_vram_models():
+            return Path({str(mineru_vram_models)!r})
         """
     )
     inner.makepyfile(
         """
         from mineru_vram.testing import make_pdf
 
-        def test_parse_on_gpu(model_session):
-            assert model_session.device == "cuda:0"
-            result = model_session.parse(make_pdf(2), name="generated.pdf")
+        def test_parse_on_gpu(mineru_vram_session):
+            assert mineru_vram_session.device == "cuda:0"
+            result = mineru_vram_session.parse(make_pdf(2), name="generated.pdf")
             assert result.page_count == 2
         """
     )

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mineru_vram import _random_models as rm
+from mineru_vram.testing import _layout
+from mineru_vram.testing import _models as rm
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -97,7 +98,7 @@ def _mineru_env(tmp_path: Path, models_dir: Path) -> dict[str, str]:
         MINERU_DEVICE_MODE="cpu",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(rm.__file__).parents[1]), env.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(rm.__file__).parents[2]), env.get("PYTHONPATH")])),
     )
     return env
 
@@ -211,7 +212,7 @@ def test_layout_reports_the_plan_on_a_real_page(random_models_dir: Path, corpus_
                 round((cy + h / 2) * height),
             ),
         )
-        for label, cx, cy, w, h in rm._LAYOUT_PLAN
+        for label, cx, cy, w, h in _layout.LAYOUT_PLAN
     )
     assert [label for label, _ in got] == [label for label, _ in wanted]
     for (_, box), (_, want) in zip(got, wanted, strict=True):
@@ -293,7 +294,7 @@ def test_building_does_not_import_mineru_config(tmp_path: Path) -> None:
         f"""
         import json, os, sys
         before = dict(os.environ)
-        from mineru_vram import _random_models as rm
+        from mineru_vram.testing import _models as rm
         import torch
         with torch.no_grad():
             rm._build_ocr(__import__("pathlib").Path({str(tmp_path / "ocr")!r}), 0)
@@ -305,7 +306,7 @@ def test_building_does_not_import_mineru_config(tmp_path: Path) -> None:
         """
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith("MINERU_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(rm.__file__).parents[1]), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(rm.__file__).parents[2]), env.get("PYTHONPATH")]))
     assert _run_json(["-c", code], env, tmp_path, timeout=300) == {"config": False, "env": []}
 
 

@@ -1,7 +1,7 @@
 """The pytest plugin (``mineru_vram.pytest_plugin``), driven as users drive it: in a pytest subprocess.
 
 The leak-judging logic is exercised on any machine through two sources: a scripted
-probe with GPU-like figures (``FAKE_PROBE``, overriding the ``vram_probe`` fixture)
+probe with GPU-like figures (``FAKE_PROBE``, overriding the ``mineru_vram_probe`` fixture)
 and the real census of live CPU tensors (``--vram-device cpu``), which needs no GPU.
 """
 
@@ -64,7 +64,7 @@ class FakeProbe:
 
 
 @pytest.fixture(scope="session")
-def vram_probe():
+def mineru_vram_probe():
     return FakeProbe()
 """
 
@@ -197,9 +197,9 @@ def test_fixture_checks_only_the_tests_that_request_it(cpu_run: pytest.Pytester)
         def test_unchecked_leak():
             KEEP.append(torch.zeros(1000))
 
-        def test_checked_leak(vram_leak_check):
-            assert vram_leak_check.device == "cpu"
-            assert vram_leak_check.before is not None
+        def test_checked_leak(mineru_vram_leak_check):
+            assert mineru_vram_leak_check.device == "cpu"
+            assert mineru_vram_leak_check.before is not None
             KEEP.append(torch.zeros(1000))
         """
     )
@@ -303,15 +303,15 @@ def test_leak_held_by_a_function_fixture_is_judged_after_its_teardown(cpu_run: p
 def test_torch_allocated_may_not_grow_at_all(fake_gpu: pytest.Pytester) -> None:
     fake_gpu.makepyfile(
         """
-        def test_clean(vram_probe):
-            vram_probe.peak = 200 * 1024 * 1024   # a transient peak, given back
+        def test_clean(mineru_vram_probe):
+            mineru_vram_probe.peak = 200 * 1024 * 1024   # a transient peak, given back
 
-        def test_one_byte(vram_probe):
-            vram_probe.allocated += 1
+        def test_one_byte(mineru_vram_probe):
+            mineru_vram_probe.allocated += 1
 
-        def test_planted_64_mib(vram_probe):
-            vram_probe.allocated += 64 * 1024 * 1024
-            vram_probe.process_mib += 64
+        def test_planted_64_mib(mineru_vram_probe):
+            mineru_vram_probe.allocated += 64 * 1024 * 1024
+            mineru_vram_probe.process_mib += 64
         """
     )
     result = fake_gpu.runpytest_subprocess("--vram-leak-check")
@@ -333,12 +333,12 @@ def test_nvml_tolerance_from_option_ini_and_marker(fake_gpu: pytest.Pytester) ->
         """
         import pytest
 
-        def test_nvml_grows_40(vram_probe):
-            vram_probe.process_mib += 40    # e.g. a library's pool outside torch's allocator
+        def test_nvml_grows_40(mineru_vram_probe):
+            mineru_vram_probe.process_mib += 40    # e.g. a library's pool outside torch's allocator
 
         @pytest.mark.vram_leak_check(tolerance_mib=50)
-        def test_nvml_grows_40_with_marker(vram_probe):
-            vram_probe.process_mib += 40
+        def test_nvml_grows_40_with_marker(mineru_vram_probe):
+            mineru_vram_probe.process_mib += 40
         """
     )
     result = fake_gpu.runpytest_subprocess("--vram-leak-check")
@@ -361,17 +361,17 @@ def test_nvml_growth_of_a_new_cuda_context_is_judged_against_the_bare_context_fl
 ) -> None:
     fake_gpu.makepyfile(
         """
-        def test_creates_context(vram_probe):
-            vram_probe.cuda = False
-            vram_probe.process_mib = 0.0
-            vram_probe.floor = 520.0
+        def test_creates_context(mineru_vram_probe):
+            mineru_vram_probe.cuda = False
+            mineru_vram_probe.process_mib = 0.0
+            mineru_vram_probe.floor = 520.0
 
-        def test_first_cuda_use(vram_probe):
-            vram_probe.cuda = True
-            vram_probe.process_mib = 530.0      # the context: within floor + tolerance
+        def test_first_cuda_use(mineru_vram_probe):
+            mineru_vram_probe.cuda = True
+            mineru_vram_probe.process_mib = 530.0      # the context: within floor + tolerance
 
-        def test_context_plus_leak(vram_probe):
-            vram_probe.process_mib = 700.0      # 170 MiB above the floor
+        def test_context_plus_leak(mineru_vram_probe):
+            mineru_vram_probe.process_mib = 700.0      # 170 MiB above the floor
         """
     )
     result = fake_gpu.runpytest_subprocess("--vram-leak-check", "-p", "no:randomly")
@@ -388,18 +388,18 @@ def test_vram_budget_marker_and_heaviest_tests_summary(fake_gpu: pytest.Pytester
         import pytest
 
         @pytest.mark.vram_budget(100)
-        def test_over_budget(vram_probe):
-            vram_probe.peak = 120 * 1024 * 1024
+        def test_over_budget(mineru_vram_probe):
+            mineru_vram_probe.peak = 120 * 1024 * 1024
 
         @pytest.mark.vram_budget(mib=200)
-        def test_within_budget(vram_probe):
-            vram_probe.peak = 150 * 1024 * 1024
+        def test_within_budget(mineru_vram_probe):
+            mineru_vram_probe.peak = 150 * 1024 * 1024
 
-        def test_light(vram_probe):
-            vram_probe.peak = 10 * 1024 * 1024
+        def test_light(mineru_vram_probe):
+            mineru_vram_probe.peak = 10 * 1024 * 1024
 
-        def test_unmeasured(vram_probe):
-            vram_probe.peak = 999 * 1024 * 1024
+        def test_unmeasured(mineru_vram_probe):
+            mineru_vram_probe.peak = 999 * 1024 * 1024
         """
     )
     result = fake_gpu.runpytest_subprocess("--vram-top", "3", "-p", "no:randomly")
@@ -490,8 +490,8 @@ def test_per_worker_device_follows_the_xdist_worker_name(
 ) -> None:
     cpu_run.makepyfile(
         """
-        def test_device(vram_device):
-            print("DEVICE=" + vram_device)
+        def test_device(mineru_vram_device):
+            print("DEVICE=" + mineru_vram_device)
         """
     )
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
@@ -510,8 +510,8 @@ def test_under_xdist_peaks_reach_the_controller_summary(fake_gpu: pytest.Pyteste
         import pytest
 
         @pytest.mark.parametrize("mib", [10, 20, 30, 40])
-        def test_peak(vram_probe, mib, vram_device):
-            vram_probe.peak = mib * 1024 * 1024
+        def test_peak(mineru_vram_probe, mib, mineru_vram_device):
+            mineru_vram_probe.peak = mib * 1024 * 1024
         """
     )
     result = fake_gpu.runpytest_subprocess("-n", "2", "--vram-leak-check", "--vram-per-worker-device")
@@ -524,65 +524,147 @@ def test_under_xdist_peaks_reach_the_controller_summary(fake_gpu: pytest.Pyteste
 # --- resource fixtures ---------------------------------------------------------------------------
 
 
-def test_sglang_standin_fixture_serves_with_its_key_and_is_killed_after(cpu_run: pytest.Pytester) -> None:
-    pid_file = cpu_run.path / "standin.pid"
+def test_standin_fixture_serves_with_its_key_and_is_killed_after(cpu_run: pytest.Pytester) -> None:
+    pid_file = cpu_run.path / "standin.json"
     cpu_run.makepyfile(
         f"""
         import json, os, urllib.error, urllib.request
+        import psutil
         import pytest
 
-        def test_standin(sglang_standin):
-            open({str(pid_file)!r}, "w").write(str(sglang_standin.pid))
-            assert sglang_standin.url.startswith("http://127.0.0.1:")
-            os.kill(sglang_standin.pid, 0)
-            req = urllib.request.Request(sglang_standin.url + "/v1/models", headers=sglang_standin.headers())
+        def test_standin(mineru_vram_standin):
+            server = psutil.Process(mineru_vram_standin.pid)
+            with open({str(pid_file)!r}, "w") as fh:
+                json.dump({{"pid": mineru_vram_standin.pid, "pgid": mineru_vram_standin.pgid,
+                           "cwd": server.cwd(), "test_cwd": os.getcwd()}}, fh)
+            assert mineru_vram_standin.url.startswith("http://127.0.0.1:")
+            assert os.getpgid(mineru_vram_standin.pid) == mineru_vram_standin.pgid != os.getpgid(0)
+            req = urllib.request.Request(mineru_vram_standin.url + "/v1/models", headers=mineru_vram_standin.headers())
             with urllib.request.urlopen(req, timeout=5) as resp:
                 assert resp.status == 200
                 assert json.load(resp)["data"]
             with pytest.raises(urllib.error.HTTPError) as info:
-                urllib.request.urlopen(sglang_standin.url + "/v1/models", timeout=5)
+                urllib.request.urlopen(mineru_vram_standin.url + "/v1/models", timeout=5)
             assert info.value.code == 401
         """
     )
     result = cpu_run.runpytest_subprocess("--vram-device", "cpu")
     result.assert_outcomes(passed=1)
-    pid = int(pid_file.read_text())
+    seen = json.loads(pid_file.read_text())
+    assert seen["cwd"] != seen["test_cwd"]  # a private working folder, not the one pytest runs in
+    assert oct(os.stat(seen["cwd"]).st_mode & 0o777) == oct(0o700)
     with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+        os.kill(seen["pid"], 0)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(seen["pgid"], 0)
 
 
-def test_random_models_tree_is_built_once_per_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mineru_vram import _plugin_support, testing
+def test_plugin_fixtures_do_not_clash_with_a_suites_own_names(cpu_run: pytest.Pytester) -> None:
+    # A suite that already has fixtures with the short names the plugin once used keeps them,
+    # and the plugin's own fixtures (and the leak check built on them) are unaffected.
+    cpu_run.makeconftest(
+        """
+        import pytest
 
-    calls: list[Path] = []
+        @pytest.fixture(scope="session")
+        def vram_device():
+            return "the suite's own"
 
-    def fake_write(path: Path, *, seed: int = 0) -> Path:
-        calls.append(Path(path))
-        Path(path).mkdir(parents=True, exist_ok=True)
-        return Path(path)
+        @pytest.fixture(scope="session")
+        def vram_probe():
+            raise AssertionError("the plugin must not use the suite's vram_probe")
 
-    monkeypatch.setattr(testing, "write_random_models", fake_write)
-    first = _plugin_support.shared_random_models(tmp_path, seed=3)
-    assert first == tmp_path / "mineru-random-models-3"
-    assert calls == [first]
-    assert (tmp_path / ".mineru-random-models-3.lock").exists()
+        @pytest.fixture
+        def random_models():
+            return "the suite's own"
+
+        @pytest.fixture
+        def model_session():
+            return "the suite's own"
+        """
+    )
+    cpu_run.makepyfile(
+        """
+        def test_both(vram_device, random_models, model_session, mineru_vram_device, mineru_vram_probe):
+            assert vram_device == random_models == model_session == "the suite's own"
+            assert mineru_vram_device == "cpu"
+            assert mineru_vram_probe.device == "cpu"
+        """
+    )
+    result = cpu_run.runpytest_subprocess("--vram-device", "cpu", "--vram-leak-check")
+    result.assert_outcomes(passed=1)
+
+
+def _complete_tree(root: Path) -> Path:
+    """A folder that write_random_models takes as a complete seed-0 tree (a manifest, one file)."""
+    from mineru_vram.testing import _models
+
+    (root / _models._REPO_NAME).mkdir(parents=True)
+    (root / _models._REPO_NAME / "weights").write_bytes(b"12345")
+    manifest = {**_models._manifest_header(0), "files": {f"{_models._REPO_NAME}/weights": 5}}
+    _models._write_json_atomic(root / _models._MANIFEST_NAME, manifest)
+    return root
+
+
+def test_models_fixture_uses_the_shared_cache_or_the_folder_given(
+    cpu_run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cache = tmp_path / "xdg-cache"
+    shared = _complete_tree(cache / "mineru-vram" / "random-models")
+    given = _complete_tree(tmp_path / "given")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    cpu_run.makepyfile(
+        """
+        def test_where(mineru_vram_models):
+            print("MODELS=" + str(mineru_vram_models))
+        """
+    )
+    result = cpu_run.runpytest_subprocess("-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"*MODELS={shared}"])
+    result = cpu_run.runpytest_subprocess("-s", "--vram-models-dir", str(given))
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"*MODELS={given}"])
+    assert not (given / "MinerU-4_models_torch" / "Layout").exists()  # reused, never rebuilt
+
+
+def test_one_cache_folder_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mineru_vram.testing import _cache, _models
+
+    builds: list[Path] = []
+
+    def build(repo: Path, seed: int) -> None:
+        builds.append(repo)
+        repo.mkdir(parents=True)
+        (repo / "weights").write_bytes(b"w")
+
+    monkeypatch.setattr(_models, "_build_model_tree", build)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    expected = tmp_path / "cache" / "mineru-vram" / "random-models"
+    assert _cache.default_models_dir() == expected
+    assert _cache.random_models() == expected
+    assert _cache.random_models() == expected
+    assert len(builds) == 1
+    assert (expected / _models._LOCK_NAME).is_file()  # built under the tree's lock
+    assert _cache.random_models(tmp_path / "elsewhere") == tmp_path / "elsewhere"
+    assert len(builds) == 2
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # not absolute: ignored, as XDG asks
+    assert _cache.default_models_dir() == Path.home() / ".cache" / "mineru-vram" / "random-models"
 
 
 def test_model_session_fixture_opens_on_the_random_tree_and_leaves_no_tensors(
-    cpu_run: pytest.Pytester, request: pytest.FixtureRequest
+    random_models_dir: Path, cpu_run: pytest.Pytester
 ) -> None:
-    pytest.importorskip("mineru_vram._random_models")
-    try:
-        models = request.getfixturevalue("random_models_dir")  # the suite's shared tree (tests/conftest.py)
-    except pytest.FixtureLookupError:
-        pytest.skip("the suite's random_models_dir fixture is not defined")
+    # random_models_dir (the suite's shared tree) is a session fixture, so it is set up before
+    # pytester points HOME at its own folder and before it snapshots sys.modules.
+    models = random_models_dir
     cpu_run.makeconftest(
         f"""
         import pytest
         from pathlib import Path
 
         @pytest.fixture(scope="session")
-        def random_models():
+        def mineru_vram_models():
             return Path({str(models)!r})
         """
     )
@@ -590,10 +672,10 @@ def test_model_session_fixture_opens_on_the_random_tree_and_leaves_no_tensors(
         """
         from mineru_vram import SessionState
 
-        def test_session(model_session):
-            assert model_session.state is SessionState.OPENED
-            assert model_session.device == "cpu"
-            assert model_session.backend == "pipeline"
+        def test_session(mineru_vram_session):
+            assert mineru_vram_session.state is SessionState.OPENED
+            assert mineru_vram_session.device == "cpu"
+            assert mineru_vram_session.backend == "pipeline"
         """
     )
     result = cpu_run.runpytest_subprocess("--vram-leak-check", "--vram-device", "cpu", timeout=600)

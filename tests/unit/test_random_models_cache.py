@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mineru_vram import _random_models as rm
+from mineru_vram.testing import _layout, _tables
+from mineru_vram.testing import _models as rm
 
 
 class StubBuild:
@@ -117,14 +118,14 @@ def test_negative_seed_is_refused(tmp_path: Path) -> None:
 
 def test_region_thresholds_split_evenly_at_gaps() -> None:
     values = [0.1] * 3 + [0.2] * 3 + [0.3] * 3 + [0.4] * 3 + [0.5] * 3
-    cuts = rm._region_thresholds(values, regions=3)
+    cuts = _layout.region_thresholds(values, regions=3)
     assert [round(threshold, 3) for threshold, _ in cuts] == [0.15, 0.25, 0.35, 0.45]
     assert all(abs(gap - 0.1) < 1e-9 for _, gap in cuts)
     with pytest.raises(RuntimeError, match="distinct positions"):
-        rm._region_thresholds([0.1, 0.2, 0.3], regions=3)
+        _layout.region_thresholds([0.1, 0.2, 0.3], regions=3)
 
 
 def test_onnx_writer_varints() -> None:
-    assert rm._varint(0) == b"\x00"
-    assert rm._varint(300) == b"\xac\x02"
-    assert rm._varint(-1) == b"\xff" * 9 + b"\x01"  # int64 -1 as protobuf writes it
+    assert _tables._varint(0) == b"\x00"
+    assert _tables._varint(300) == b"\xac\x02"
+    assert _tables._varint(-1) == b"\xff" * 9 + b"\x01"  # int64 -1 as protobuf writes it

@@ -43,7 +43,6 @@ def probe_report(*, device: str = "cuda:0", floor: bool = True) -> dict[str, Any
     """Everything ``mineru-vram probe`` prints, as a dict (JSON-serialisable)."""
     from mineru_vram._adapter import mineru_paths, mineru_version
     from mineru_vram._config import env_settings
-    from mineru_vram._demo import default_cache_dir
     from mineru_vram._probe import (
         _device_memory,
         _nvml,
@@ -53,6 +52,7 @@ def probe_report(*, device: str = "cuda:0", floor: bool = True) -> dict[str, Any
         resolve_device,
     )
     from mineru_vram._version import __version__
+    from mineru_vram.testing._cache import default_models_dir
 
     gpus: list[dict[str, Any]] = []
     count = nvml_device_count()
@@ -98,7 +98,7 @@ def probe_report(*, device: str = "cuda:0", floor: bool = True) -> dict[str, Any
         env_error = None
     except Exception as exc:
         env, env_error = {}, str(exc)
-    random_cache = default_cache_dir()
+    random_cache = default_models_dir()
     return {
         "mineru_vram": __version__,
         "python": platform.python_version(),
