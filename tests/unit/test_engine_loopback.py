@@ -13,7 +13,7 @@ import pytest
 
 from mineru_vram._engine import http
 from mineru_vram._loopback import ChatRequest, HttpError, LoopbackServer, parse_chat_request
-from mineru_vram._standin import STANDIN_LAYOUT, STANDIN_TEXT, StandinLauncher, _parse_args, canned_completion
+from mineru_vram.testing._standin import STANDIN_LAYOUT, STANDIN_TEXT, StandinLauncher, _parse_args, canned_completion
 
 
 class EchoCompleter:

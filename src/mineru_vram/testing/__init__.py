@@ -4,6 +4,10 @@
   architectures and random weights: realistic memory and timing, noise as text.
 * :func:`write_random_vlm` writes a tiny random Qwen2-VL that MinerU's
   transformers engine loads.
+* :func:`write_random_vlm_gguf` writes MinerU's llama.cpp model (main GGUF +
+  mmproj GGUF, the architecture MinerU's registry names) with random weights,
+  tiny by default, at true size on request; ``llama-server`` and MinerU's
+  in-process llama.cpp engine load it offline.
 * :func:`make_pdf` writes a small valid text PDF with a table.
 * :class:`StandinLauncher` runs the SGLang stand-in where ``ResidentEngine``
   would run SGLang.
@@ -11,7 +15,8 @@
   resident engine singleton), like structlog's ``reset_defaults()``.
 
 The tooling behind them lives in this package's private modules (``_models``,
-``_pdf``, ``_cache``, ``_plugin_support``), apart from the production code.
+``_gguf``, ``_pdf``, ``_cache``, ``_standin``, ``_plugin_support``), apart from the
+production code.
 """
 
 from __future__ import annotations
@@ -19,11 +24,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mineru_vram._standin import StandinLauncher
-
 from ._pdf import make_pdf
+from ._standin import StandinLauncher
 
-__all__ = ["StandinLauncher", "make_pdf", "reset", "write_random_models", "write_random_vlm"]
+__all__ = [
+    "StandinLauncher",
+    "make_pdf",
+    "reset",
+    "write_random_models",
+    "write_random_vlm",
+    "write_random_vlm_gguf",
+]
 
 
 def write_random_models(path: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> Path:
@@ -45,6 +56,23 @@ def write_random_vlm(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
     from ._models import write_random_vlm as _write
 
     return _write(path, seed=seed)
+
+
+def write_random_vlm_gguf(path: str | os.PathLike[str], *, seed: int = 0, size: str = "tiny") -> Path:
+    """Write MinerU's llama.cpp VLM (main + mmproj GGUF) with random weights into the folder ``path``.
+
+    Args:
+        path: the model folder (usable as ``<models_dir>/MinerU2.5-Pro-2605-1.2B-GGUF``).
+        seed: the same seed writes the same bytes; a complete folder is reused.
+        size: ``"tiny"`` (under 1 MB, loads in a second on a CPU) or ``"full"`` (the true
+            architecture, about 1.3 GB at Q8_0, for realistic GPU memory).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    from ._gguf import write_random_vlm_gguf as _write
+
+    return _write(path, seed=seed, size=size)  # type: ignore[arg-type]
 
 
 def reset() -> None:

@@ -32,7 +32,7 @@ class StandinState(enum.Enum):
 
 
 class StandinServer:
-    """The SGLang stand-in (``mineru_vram._standin``) on a loopback port.
+    """The SGLang stand-in (``mineru_vram.testing._standin``) on a loopback port.
 
     It runs through :func:`mineru_vram._process.spawn`: under the keeper, in a
     process group of its own that dies with this process, with a private working
@@ -120,7 +120,7 @@ class StandinServer:
         if self.state is not StandinState.UNSTARTED:
             raise RuntimeError(f"this stand-in server is {self.state.value}; start a new one")
         argv = _process.python_command(
-            "mineru_vram._standin",
+            "mineru_vram.testing._standin",
             "--host",
             self.host,
             "--port",

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from ._random_models import _list_files, _manifest_matches, _version, _write_json_atomic
+from ._models import _list_files, _manifest_matches, _version, _write_json_atomic
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -5,7 +5,7 @@ resident engine's supervisor (start, readiness, health, crash and restart,
 sleep and wake, keep-alive, stop) is driven against this process instead. It is
 a real HTTP server in a real child process on 127.0.0.1, started as::
 
-    python -m mineru_vram._standin --model-path P --host 127.0.0.1 --port N \\
+    python -m mineru_vram.testing._standin --model-path P --host 127.0.0.1 --port N \\
         --mem-fraction-static 0.1 --enable-memory-saver --config key.yaml
 
 It accepts the flags :class:`ResidentEngine` passes to ``sglang.launch_server``
@@ -49,7 +49,7 @@ Fault injection, from the environment (:class:`StandinLauncher` sets these):
 ``MINERU_VRAM_STANDIN_CAP_MIB``     most GPU memory to allocate (default 1024)
 ================================== ==================================================
 
-vLLM flavour: started as ``python -m mineru_vram._standin serve MODEL --port N
+vLLM flavour: started as ``python -m mineru_vram.testing._standin serve MODEL --port N
 --gpu-memory-utilization 0.1 --enable-sleep-mode`` (the ``vllm serve`` command line
 with the module swapped), it reads the key from ``VLLM_API_KEY``, serves vLLM's
 ``POST /sleep?level=&mode=``, ``POST /wake_up`` and ``GET /is_sleeping`` only when
@@ -77,10 +77,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._loopback import ChatRequest, HttpError, LoopbackServer, Request, Response
+from mineru_vram._loopback import ChatRequest, HttpError, LoopbackServer, Request, Response
 
 if TYPE_CHECKING:
-    from ._process import ProcessGroup
+    from mineru_vram._process import ProcessGroup
 
 __all__ = ["STANDIN_ENV", "StandinLauncher", "canned_completion", "main"]
 
@@ -132,7 +132,7 @@ def _parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ar
     flavor = "vllm" if argv[:1] == ["serve"] else "sglang"
     if flavor == "vllm":  # vllm serve MODEL [flags]: the model is positional
         argv = ["--model-path", argv[1], *argv[2:]] if len(argv) > 1 else argv[1:]
-    parser = argparse.ArgumentParser(prog="python -m mineru_vram._standin", allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="python -m mineru_vram.testing._standin", allow_abbrev=False)
     parser.add_argument("--model-path", "--model", dest="model_path", required=True)
     parser.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float, default=None)
     parser.add_argument("--enable-sleep-mode", action="store_true")
@@ -248,7 +248,7 @@ class _Standin:
                 "version": "0.5.23 (mineru-vram stand-in, not SGLang)"
                 if args.flavor == "sglang"
                 else "vLLM (mineru-vram stand-in, not vLLM)",
-                "launch_command": " ".join([sys.executable, "-m", "mineru_vram._standin", *sys.argv[1:]]),
+                "launch_command": " ".join([sys.executable, "-m", "mineru_vram.testing._standin", *sys.argv[1:]]),
             },
         )
         self.server.ready = not self.never_ready
@@ -459,7 +459,7 @@ class StandinLauncher:
     """A ``launcher=`` for :class:`ResidentEngine` that runs the stand-in where SGLang or vLLM would run.
 
     The engine builds its real ``sglang.launch_server`` (or ``vllm serve``) command line; this
-    launcher swaps the module for ``mineru_vram._standin`` and adds fault
+    launcher swaps the module for ``mineru_vram.testing._standin`` and adds fault
     variables, then starts it through the library's real process layer
     (:func:`mineru_vram._process.spawn`: process group, keeper, log file), so
     everything but SGLang itself is exercised.
@@ -491,7 +491,7 @@ class StandinLauncher:
     def __call__(
         self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, cwd: Path | None = None
     ) -> ProcessGroup:
-        from ._process import python_command, spawn
+        from mineru_vram._process import python_command, spawn
 
         argv = list(argv)
         self.launches.append(argv)
@@ -500,7 +500,7 @@ class StandinLauncher:
         if at is None:
             raise ValueError(f"not an sglang.launch_server or vllm serve command line: {argv}")
         # Our own interpreter, isolated from the working folder, whatever python= the engine was given.
-        command = python_command("mineru_vram._standin", *argv[at + 1 :])
+        command = python_command("mineru_vram.testing._standin", *argv[at + 1 :])
         child_env = {k: v for k, v in env.items() if not k.startswith("MINERU_VRAM_STANDIN_")}
         for key, value in faults.items():
             child_env[STANDIN_ENV[key]] = "1" if value is True else str(value)
