@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,7 @@ def _where() -> dict[str, Any]:
     gpus = [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
     actor_id = ctx.get_actor_id()  # None outside an actor
     return {
-        "node": ray.util.get_node_ip_address(),
+        "node": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
         "node_id": ctx.get_node_id(),
         "pid": os.getpid(),
         "gpu": ",".join(gpus),
@@ -401,6 +401,10 @@ def gpu_share(budget: VramBudget, *, gpu_memory_mib: float | None = None) -> flo
     return share
 
 
+def _cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
+
+
 def _as_dataset(source: Any) -> Any:
     if isinstance(source, ray.data.Dataset):
         return source
@@ -488,9 +492,9 @@ def parse_dataset(
         if budget is not None:
             num_gpus = gpu_share(budget, gpu_memory_mib=gpu_memory_mib)
         else:
-            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+            num_gpus = 1.0 if _cluster_gpus() > 0 else 0.0
     if concurrency is None:
-        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = _cluster_gpus()
         concurrency = max(1, int(gpus // num_gpus)) if num_gpus and gpus else 1
     if isinstance(concurrency, tuple):
         compute = ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
@@ -524,8 +528,7 @@ def parse_dataset(
 # --- the job report ----------------------------------------------------------------------------------
 
 
-@ray.remote(num_cpus=0)
-class _Collector:
+class _CollectorActor:
     """Holds what each actor incarnation (actor id, pid) reported: start, progress, close."""
 
     def __init__(self) -> None:
@@ -546,6 +549,9 @@ class _Collector:
         return self.actors
 
 
+_Collector: Any = ray.remote(num_cpus=0)(_CollectorActor)
+
+
 @ray.remote(num_cpus=0)
 def _node_probe(pids: list[int], gpus: list[str], wait: float) -> tuple[list[int], dict[str, float]]:
     """On one node: wait up to ``wait`` s for ``pids`` to exit; then each GPU's used memory by NVML."""
@@ -553,7 +559,7 @@ def _node_probe(pids: list[int], gpus: list[str], wait: float) -> tuple[list[int
 
     def alive(pid: int) -> bool:
         try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
         except psutil.Error:
             return False
 
@@ -759,7 +765,9 @@ class JobReport:
             alive.update(still)
         return {key for key in keys if key[1] not in alive}
 
-    def _summarise(self, state: dict[tuple[str, int], dict[str, Any]], dead: set[tuple[str, int]], wait: float) -> JobSummary:
+    def _summarise(
+        self, state: dict[tuple[str, int], dict[str, Any]], dead: set[tuple[str, int]], wait: float
+    ) -> JobSummary:
         actors: list[ActorRecord] = []
         by_device: dict[str, list[dict[str, Any]]] = {}
         documents = failed = 0
@@ -936,7 +944,7 @@ def parser_actor(
         if budget is not None:
             num_gpus = gpu_share(budget, gpu_memory_mib=gpu_memory_mib)
         else:
-            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+            num_gpus = 1.0 if _cluster_gpus() > 0 else 0.0
     actor_cls = ray.remote(ParserActor)
     return actor_cls.options(
         num_gpus=num_gpus,

@@ -20,9 +20,9 @@ from typing import Any
 
 import psutil
 import pytest
-from support import all_gone, alive
 
 from mineru_vram.testing import make_pdf
+from support import alive, all_gone
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mineru-vram[ray]')")
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'mineru-vram[ray]')")
@@ -141,9 +141,7 @@ def test_pipeline_on_random_models_with_two_actors(local_ray: Any, random_models
     assert summary.documents == 3
 
 
-def test_an_actor_killed_mid_run_is_restarted_and_every_document_comes_out_once(
-    local_ray: Any, tmp_path: Path
-) -> None:
+def test_an_actor_killed_mid_run_is_restarted_and_every_document_comes_out_once(local_ray: Any, tmp_path: Path) -> None:
     docs = _pdfs(tmp_path, 12, pages=3)
     report = JobReport()
     dataset = parse_dataset(docs, backend="flash", concurrency=2, report=report)
@@ -171,7 +169,8 @@ def test_an_actor_killed_mid_run_is_restarted_and_every_document_comes_out_once(
     restarted = [a for a in summary.actors if a.actor_id == victim.actor_id and a.pid != killed]
     assert len(restarted) == 1
     assert restarted[0].status == "closed"
-    assert restarted[0].receipt is not None and restarted[0].receipt.ok
+    assert restarted[0].receipt is not None
+    assert restarted[0].receipt.ok
     assert summary.deaths == 1
     assert summary.ok
 
@@ -194,6 +193,4 @@ def test_nothing_is_left_running_after_shutdown(local_ray: Any, tmp_path: Path) 
 
     ray.shutdown()
 
-    assert all_gone(sorted(seen), timeout=30), [
-        " ".join(psutil.Process(p).cmdline()[:3]) for p in seen if alive(p)
-    ]
+    assert all_gone(sorted(seen), timeout=30), [" ".join(psutil.Process(p).cmdline()[:3]) for p in seen if alive(p)]
