@@ -56,6 +56,7 @@ __all__ = [
     "JobReport",
     "JobSummary",
     "ParserActor",
+    "RESULT_SCHEMA",
     "gpu_share",
     "parse_dataset",
     "parser_actor",
@@ -187,7 +188,12 @@ class _SessionOwner:
         baseline = vram_snapshot(self.session.device)
         self.baseline_device_mib = None if baseline.device_info is None else baseline.device_info.used_mib
         t0 = time.perf_counter()
-        self.session.open()
+        try:
+            self.session.open()
+        except BaseException:
+            if self.engine is not None:
+                self.engine.stop()
+            raise
         self.load_seconds = time.perf_counter() - t0
         self.started = time.time() - self.load_seconds
         self.sampler.read(force=True)
@@ -224,7 +230,9 @@ class _SessionOwner:
             # Bounded: a collector that is gone must not keep the actor from exiting.
             ray.get(ref, timeout=30)
 
-    def parse_one(self, source: Any, name: str | None) -> dict[str, Any]:
+    def parse_one(
+        self, source: Any, name: str | None, *, pages: Any = None, ocr_mode: str | None = None
+    ) -> dict[str, Any]:
         """Parse one document into a row; any error of the document becomes the row's error."""
         start = time.time()
         row: dict[str, Any] = {
@@ -243,7 +251,12 @@ class _SessionOwner:
             "gpu": self.where["gpu"],
         }
         try:
-            result = self.session.parse(source, pages=self.pages, ocr_mode=self.ocr_mode, name=name)  # type: ignore[arg-type]
+            result = self.session.parse(
+                source,
+                pages=self.pages if pages is None else pages,
+                ocr_mode=ocr_mode or self.ocr_mode,  # type: ignore[arg-type]
+                name=name,
+            )
         except SessionStateError:
             raise  # the actor's session is gone: not this document's fault
         except Exception as exc:  # one bad document never fails the job
@@ -415,10 +428,10 @@ def _as_dataset(source: Any) -> Any:
     items: list[dict[str, Any]] = []
     for i, entry in enumerate(source):
         if isinstance(entry, (bytes, bytearray, memoryview)):
-            items.append({"name": f"document-{i}", "path": None, "bytes": bytes(entry)})
+            items.append({"name": f"document-{i}", "bytes": bytes(entry)})
         else:
             # Absolute, so an actor started in another working folder finds it.
-            items.append({"name": os.fspath(entry), "path": os.path.abspath(entry), "bytes": None})
+            items.append({"name": os.fspath(entry), "path": os.path.abspath(entry)})
     if not items:
         raise ConfigurationError("parse_dataset got no documents")
     # One document per block: blocks are what the pool hands out (and retries), so the
@@ -477,8 +490,9 @@ def parse_dataset(
         max_task_retries: times Ray retries the documents of an actor that died;
             default Ray Data's (always). A document that kills its process every time is
             retried that often; ``session_options={"isolation": "process"}`` turns such a
-            crash into that document's error row instead. (Ray 2.51+ warns that these two,
-            like other ``ray_remote_args``, are deprecated for Ray Data; its defaults stay.)
+            crash into that document's error row instead. (Ray 2.60 warns that these two,
+            like all extra ``ray_remote_args`` of ``map_batches``, are deprecated; its
+            defaults are the ones above.)
         ray_remote_args: more Ray actor options (``resources``, ``runtime_env``, ...).
 
     Returns:
@@ -887,8 +901,9 @@ class ParserActor:
         self, source: bytes | str, *, name: str | None = None, pages: Any = None, ocr_mode: str | None = None
     ) -> dict[str, Any]:
         """Parse one PDF (its bytes, or a path on the actor's node) into a row like :func:`parse_dataset`'s."""
-        self._owner.pages, self._owner.ocr_mode = pages, ocr_mode
-        return self._owner.parse_one(source, name or (source if isinstance(source, str) else None))
+        if name is None and isinstance(source, str):
+            name = source
+        return self._owner.parse_one(source, name, pages=pages, ocr_mode=ocr_mode)
 
     def where(self) -> dict[str, Any]:
         """The node, pid, GPU and device of this actor."""

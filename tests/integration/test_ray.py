@@ -27,7 +27,7 @@ from support import alive, all_gone
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mineru-vram[ray]')")
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'mineru-vram[ray]')")
 
-from mineru_vram.ray import JobReport, parse_dataset  # noqa: E402  (after the skip: it imports Ray)
+from mineru_vram.ray import JobReport, parse_dataset, parser_actor  # noqa: E402  (after the skip: it imports Ray)
 
 pytestmark = [
     # Ray Data warns about its own deprecated settings when it builds a DataContext.
@@ -173,6 +173,25 @@ def test_an_actor_killed_mid_run_is_restarted_and_every_document_comes_out_once(
     assert restarted[0].receipt.ok
     assert summary.deaths == 1
     assert summary.ok
+
+
+def test_an_online_actor_parses_requests_and_returns_its_receipt(local_ray: Any) -> None:
+    actor = parser_actor(backend="flash")
+    try:
+        where = ray.get(actor.where.remote(), timeout=120)
+        assert where["device"] == "cpu"
+        rows = ray.get([actor.parse.remote(make_pdf(2), name=f"request-{i}") for i in range(2)], timeout=120)
+        assert [row["name"] for row in rows] == ["request-0", "request-1"]
+        assert all(row["page_count"] == 2 and row["error_type"] is None for row in rows)
+        assert {row["pid"] for row in rows} == {where["pid"]}, "one process, models loaded once"
+        bad = ray.get(actor.parse.remote(b"%PDF-1.4 cut short"), timeout=120)
+        assert bad["error_type"] is not None
+        receipt = ray.get(actor.close.remote(), timeout=120)
+        assert receipt.ok
+        assert receipt.device == "cpu"
+    finally:
+        ray.kill(actor)
+    assert all_gone([where["pid"]], timeout=30)
 
 
 def test_nothing_is_left_running_after_shutdown(local_ray: Any, tmp_path: Path) -> None:
