@@ -414,6 +414,14 @@ def gpu_share(budget: VramBudget, *, gpu_memory_mib: float | None = None) -> flo
     return share
 
 
+def _budget_of(value: VramBudget | int | float | str | None) -> VramBudget | None:
+    """A ``budget=`` argument read by the rules of ModelSession's (MiB, fraction, ``"6GiB"``, ``"25%"``)."""
+    if value is None or isinstance(value, VramBudget):
+        return value
+    # An unopened session loads nothing: it is only asked how it reads the argument.
+    return ModelSession("flash", device="cpu", budget=value, trust_env=False).budget
+
+
 def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
 
@@ -445,7 +453,7 @@ def parse_dataset(
     backend: str = "pipeline",
     concurrency: int | tuple[int, int] | None = None,
     num_gpus: float | None = None,
-    budget: VramBudget | None = None,
+    budget: VramBudget | int | float | str | None = None,
     gpu_memory_mib: float | None = None,
     num_cpus: float = 1,
     pages: Any = None,
@@ -476,8 +484,9 @@ def parse_dataset(
             cluster without GPUs).
         num_gpus: GPUs per actor. Default: :func:`gpu_share` of ``budget``, else 1 on
             a cluster with GPUs and 0 without.
-        budget: each session's :class:`~mineru_vram.VramBudget`: it sets ``num_gpus``
-            (unless given) and the session waits on its node until the memory is free.
+        budget: each session's :class:`~mineru_vram.VramBudget` (or what ``ModelSession``
+            takes: MiB as ``int``, a fraction, ``"6GiB"``, ``"25%"``): it sets ``num_gpus``
+            (unless given), and each session waits on its node until the memory is free.
         gpu_memory_mib: the cards' memory, for a MiB budget (default this machine's).
         num_cpus: CPUs per actor.
         pages: pages of every document to parse (default all).
@@ -500,8 +509,7 @@ def parse_dataset(
     """
     if not ray.is_initialized():
         ray.init()
-    if budget is not None and not isinstance(budget, VramBudget):
-        raise ConfigurationError(f"budget={budget!r}: expected a VramBudget", budget=repr(budget))
+    budget = _budget_of(budget)
     if num_gpus is None:
         if budget is not None:
             num_gpus = gpu_share(budget, gpu_memory_mib=gpu_memory_mib)
@@ -931,7 +939,7 @@ def parser_actor(
     backend: str = "pipeline",
     *,
     num_gpus: float | None = None,
-    budget: VramBudget | None = None,
+    budget: VramBudget | int | float | str | None = None,
     gpu_memory_mib: float | None = None,
     engine: Mapping[str, Any] | None = None,
     session_options: Mapping[str, Any] | None = None,
@@ -955,6 +963,7 @@ def parser_actor(
     """
     if not ray.is_initialized():
         ray.init()
+    budget = _budget_of(budget)
     if num_gpus is None:
         if budget is not None:
             num_gpus = gpu_share(budget, gpu_memory_mib=gpu_memory_mib)
