@@ -75,6 +75,7 @@ RESULT_SCHEMA = pa.schema(
         ("markdown", pa.string()),
         ("content_list", pa.string()),  # MinerU's structured content as JSON text
         ("page_count", pa.int64()),
+        ("started", pa.float64()),  # when the parse began (time.time() on the actor's node)
         ("seconds", pa.float64()),
         ("timings", pa.string()),  # JSON text: {"mineru": s, "convert": s, ...}
         ("error_type", pa.string()),  # null for a parsed document
@@ -240,6 +241,7 @@ class _SessionOwner:
             "markdown": "",
             "content_list": "null",
             "page_count": 0,
+            "started": start,
             "seconds": 0.0,
             "timings": "{}",
             "error_type": None,
@@ -470,7 +472,7 @@ def parse_dataset(
     Nothing runs until the Dataset is consumed (``take_all``, ``iter_rows``,
     ``write_parquet``, ...); Ray shows the progress. Each document gives one row with
     the columns of :data:`RESULT_SCHEMA` (``name``, ``markdown``, ``content_list`` as
-    JSON text, ``page_count``, ``seconds``, ``timings``, ``error_type`` and ``error``
+    JSON text, ``page_count``, ``started``, ``seconds``, ``timings``, ``error_type`` and ``error``
     for a document that failed, and where it ran) plus the input's own columns.
 
     Args:
