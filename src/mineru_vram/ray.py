@@ -179,6 +179,7 @@ class _SessionOwner:
         self.counters = _Counters()
         self._report = report
         self._pid = os.getpid()
+        self.closed = False
         self.engine: Any = None
         if engine is not None:
             from . import ResidentEngine
@@ -199,7 +200,6 @@ class _SessionOwner:
         self.started = time.time() - self.load_seconds
         self.sampler.read(force=True)
         self._send("started", self._info())
-        self.closed = False
 
     def _info(self) -> dict[str, Any]:
         return {
@@ -372,12 +372,16 @@ class DocumentParser:
         # Ray Data's hook for a callable class: it drops the instance when the actor pool
         # shuts down (the actor then exits), and there is no other. Only in the actor that
         # opened the session, and never raising.
-        try:
-            owner = self.__dict__.get("_owner")
-            if owner is not None:
-                owner.close()
-        except Exception as exc:
-            logger.warning("closing the actor's session failed: %s", exc)
+        _close_quietly(self)
+
+
+def _close_quietly(actor: DocumentParser | ParserActor) -> None:
+    try:
+        owner = actor.__dict__.get("_owner")  # absent when the constructor failed
+        if owner is not None:
+            owner.close()
+    except Exception as exc:
+        logger.warning("closing the actor's session failed: %s", exc)
 
 
 # --- the job ---------------------------------------------------------------------------------------
@@ -927,14 +931,14 @@ class ParserActor:
         """Release the models (and stop the engine); the receipt. Then ``ray.kill`` the actor."""
         return self._owner.close()
 
+    def __ray_shutdown__(self) -> None:
+        # Ray's hook for an actor that exits gracefully (its last handle went away); ray.kill
+        # skips it, so call close() before killing an actor whose receipt you want.
+        _close_quietly(self)
+
     def __del__(self) -> None:
-        # Ray calls it when the actor exits after its last handle went away.
-        try:
-            owner = self.__dict__.get("_owner")
-            if owner is not None:
-                owner.close()
-        except Exception as exc:
-            logger.warning("closing the actor's session failed: %s", exc)
+        # The same for Ray versions without __ray_shutdown__ (close is idempotent).
+        _close_quietly(self)
 
 
 def parser_actor(
