@@ -47,6 +47,8 @@ for arg in "$@"; do
                --out $R/engine.json 2>$R/engine.err | tail -50 ;;
     queue) $T python3 benchmarks/bench_queue.py --models-dir $MODELS --corpus $CORPUS --tasks ${TASKS:-200} \
                ${LOOP_TASKS:+--loop-tasks $LOOP_TASKS} --max-pages ${MAXPAGES:-1} --out $R/queue.json 2>$R/queue.err | tail -50 ;;
+    ray) $T python3 benchmarks/bench_ray.py --models-dir $MODELS --docs ${RAY_DOCS:-200} ${RAY_ARGS:-} \
+               --out $R/ray.json 2>$R/ray.err | tail -60 ;;
     timelines) MODES=${TL_MODES:-raw session isolated engine} $T bash docs/timelines/make_timelines.sh $MODELS $CORPUS \
                $R/timelines > $R/timelines.log 2>&1; tail -5 $R/timelines.log; ls $R/timelines ;;
     *) echo "unknown step $step" ;;

@@ -1,0 +1,377 @@
+"""Ray scale-out: parse_dataset on 1 GPU, then on 2 GPUs, against a plain ModelSession loop on 1 GPU.
+
+One run, three phases, each in processes of its own so the cards' memory is read clean
+between them (this script only reads NVML; it never creates a CUDA context):
+
+1. ``loop``: a child process opens ``ModelSession`` on the first card and parses the
+   documents one after another (the baseline: no Ray);
+2. ``ray_1gpu``: ``parse_dataset`` with one actor (``num_gpus=1``) on a local Ray;
+3. ``ray_2gpu``: the same with two actors, one per card.
+
+Every phase parses the same ``--docs`` one-page documents (generated text PDFs, or
+``--corpus`` PDFs cycled and cut to their first page), with ``preload="all"`` so that no
+model loads inside the timed window. Rates are documents over the parsing window (first
+document's start to the last one's end, as the sessions measured it); the wall rate of a
+Ray phase (from submitting to the last row, actor start-up included) is given beside it.
+The comparisons use the steady rates: each worker's first document (its warm-up: CUDA
+kernels, caches, MinerU's render workers) left out of the count and the window, so that a
+cold start paid once per worker does not count twice as much on two GPUs as on one.
+Each Ray actor gets ``--cpus-per-actor`` CPUs (Ray sets its ``OMP_NUM_THREADS`` to that)
+and so does the loop's process, so both parse under the same thread count.
+
+The JSON says: per phase the rate, errors, documents lost or duplicated (Ray), the job
+summary (per-GPU peak, back at baseline, release receipts), each card's memory by NVML
+before and after the phase; then ``ratio_2gpu_vs_1gpu`` (target at least 1.9),
+``ray_1gpu_vs_loop`` (target at least 0.95) and whether every card is back at its
+baseline and no document was lost.
+
+Usage (GPU machine with two cards; random-weight models are written if missing):
+
+    python benchmarks/bench_ray.py --models-dir /tmp/mv-models --docs 200 --out ray.json
+    python benchmarks/bench_ray.py --docs 4 --device cpu        # CPU smoke run (1 then 2 CPU actors)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+TOLERANCE_MIB = 64.0
+
+
+# --- cards, read by NVML only ------------------------------------------------------------------
+
+
+def _cards() -> list[int]:
+    from mineru_vram._probe import nvml_device_count
+
+    return list(range(nvml_device_count()))
+
+
+def _used(cards: list[int]) -> dict[str, float | None]:
+    from mineru_vram import vram_snapshot
+
+    out: dict[str, float | None] = {}
+    for card in cards:
+        info = vram_snapshot(f"cuda:{card}").device_info
+        out[str(card)] = None if info is None else round(info.used_mib, 1)
+    return out
+
+
+class CardSampler:
+    """Each card's used memory every ``interval`` seconds; the peak per phase."""
+
+    def __init__(self, cards: list[int], interval: float = 0.5) -> None:
+        self.cards = cards
+        self.interval = interval
+        self.peaks: dict[str, dict[str, float]] = {}
+        self.phase = "idle"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-cards", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            peaks = self.peaks.setdefault(self.phase, {})
+            for card, used in _used(self.cards).items():
+                if used is not None:
+                    peaks[card] = max(peaks.get(card, 0.0), used)
+
+    def __enter__(self) -> CardSampler:
+        if self.cards:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def _cards_phase(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, Any]:
+    back = {
+        card: None if before[card] is None or after[card] is None else after[card] <= before[card] + TOLERANCE_MIB  # type: ignore[operator]
+        for card in before
+    }
+    return {"before_mib": before, "after_mib": after, "back_at_baseline": back}
+
+
+def _steady(spans: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
+    """The rate without each worker's first document (its warm-up: kernels, caches, render workers).
+
+    ``spans`` maps a worker to its documents' (start, end); the window runs from the first
+    end of a first document to the last end.
+    """
+    firsts = [min(s)[1] for s in spans.values() if s]
+    ends = [end for s in spans.values() for _, end in s]
+    count = sum(max(0, len(s) - 1) for s in spans.values())
+    if not firsts or count == 0:
+        return {"steady_docs": count, "steady_window_s": None, "steady_docs_per_s": None}
+    window = max(ends) - min(firsts)
+    return {
+        "steady_docs": count,
+        "steady_window_s": round(window, 3),
+        "steady_docs_per_s": round(count / window, 4) if window > 0 else None,
+    }
+
+
+# --- documents ---------------------------------------------------------------------------------
+
+
+def _documents(args: Any, folder: Path) -> tuple[list[dict[str, str]], str | None]:
+    """``--docs`` rows of ``name`` and ``path``; the page range to parse (``None``: the whole one-page PDF)."""
+    if args.corpus:
+        pdfs = sorted(Path(args.corpus).glob("*.pdf"))
+        if not pdfs:
+            sys.exit(f"no PDFs in {args.corpus}")
+        rows = [
+            {"name": f"doc-{i:04d}-{pdfs[i % len(pdfs)].name}", "path": str(pdfs[i % len(pdfs)])}
+            for i in range(args.docs)
+        ]
+        return rows, "1"
+    from mineru_vram.testing import make_pdf
+
+    rows = []
+    for i in range(args.docs):
+        path = folder / f"doc-{i:04d}.pdf"
+        path.write_bytes(
+            make_pdf(1, paragraphs=(f"Document {i}", f"The body of document number {i}.", "A second line."))
+        )
+        rows.append({"name": f"doc-{i:04d}", "path": str(path)})
+    return rows, None
+
+
+# --- phase 1: the plain loop, in a child process -------------------------------------------------
+
+
+def _loop_child(config_path: str) -> None:
+    """Runs in the child: open one session, parse every document, print one JSON line."""
+    from mineru_vram import ModelSession
+
+    cfg = json.loads(Path(config_path).read_text())
+    session = ModelSession(
+        cfg["backend"], device=cfg["device"], models_dir=cfg["models_dir"], preload="all", trust_env=False
+    )
+    t0 = time.perf_counter()
+    session.open()
+    load_s = time.perf_counter() - t0
+    spans, errors = [], 0
+    for row in cfg["rows"]:
+        start = time.time()
+        try:
+            session.parse(row["path"], pages=cfg["pages"], name=row["name"])
+        except Exception:
+            errors += 1
+        spans.append((start, time.time()))
+    session.close()
+    per_doc = [end - start for start, end in spans]
+    window = spans[-1][1] - spans[0][0] if spans else 0.0
+    print(
+        json.dumps(
+            {
+                **_steady({"loop": spans}),
+                "docs": len(cfg["rows"]),
+                "errors": errors,
+                "load_s": round(load_s, 3),
+                "window_s": round(window, 3),
+                "docs_per_s": round(len(cfg["rows"]) / window, 4) if window else None,
+                "median_doc_s": round(statistics.median(per_doc), 4) if per_doc else None,
+                "release": str(session.release_report),
+                "release_ok": session.release_report.ok if session.release_report else None,
+            }
+        )
+    )
+
+
+def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path) -> dict[str, Any]:
+    config = folder / "loop.json"
+    device = "cpu" if args.device == "cpu" else "cuda:0"
+    config.write_text(
+        json.dumps(
+            {"backend": args.backend, "device": device, "models_dir": args.models_dir, "rows": rows, "pages": pages}
+        )
+    )
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.cpus_per_actor))
+    if device != "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = "0"  # one card, as a Ray actor with num_gpus=1 sees it
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, __file__, "--loop-child", str(config)], capture_output=True, text=True, env=env, check=False
+    )
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        return {"error": f"loop child exited {done.returncode}", "stderr": done.stderr[-3000:]}
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_s"] = round(wall, 3)
+    return result
+
+
+# --- phases 2 and 3: parse_dataset ---------------------------------------------------------------
+
+
+def _ray_phase(args: Any, rows: list[dict[str, str]], pages: str | None, actors: int) -> dict[str, Any]:
+    import ray
+
+    from mineru_vram.ray import JobReport, parse_dataset
+
+    num_gpus = 0.0 if args.device == "cpu" else 1.0
+    report = JobReport()
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // args.docs_per_block))
+    ds = parse_dataset(
+        dataset,
+        backend=args.backend,
+        concurrency=actors,
+        num_gpus=num_gpus,
+        num_cpus=args.cpus_per_actor,
+        pages=pages,
+        session_options={"models_dir": args.models_dir, "preload": "all", "trust_env": False},
+        report=report,
+    )
+    t0 = time.perf_counter()
+    out = list(ds.iter_rows())
+    wall = time.perf_counter() - t0
+    summary = report.summary(timeout=120)
+    names = collections.Counter(row["name"] for row in out)
+    expected = {row["name"] for row in rows}
+    window = summary.seconds
+    spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for row in out:
+        spans[f"{row['node']}:{row['pid']}"].append((row["started"], row["started"] + row["seconds"]))
+    return {
+        **_steady(spans),
+        "actors": actors,
+        "num_gpus_per_actor": num_gpus,
+        "docs": len(rows),
+        "rows": len(out),
+        "errors": sum(1 for row in out if row["error_type"] is not None),
+        "error_types": dict(collections.Counter(row["error_type"] for row in out if row["error_type"])),
+        "lost": sorted(expected - set(names))[:20],
+        "lost_count": len(expected - set(names)),
+        "duplicated": sorted(n for n, c in names.items() if c > 1)[:20],
+        "window_s": round(window, 3),
+        "docs_per_s": round(len(rows) / window, 4) if window else None,
+        "wall_s": round(wall, 3),
+        "wall_docs_per_s": round(len(rows) / wall, 4),
+        "median_doc_s": round(statistics.median(row["seconds"] for row in out), 4) if out else None,
+        "docs_per_actor": dict(collections.Counter(f"{row['node']}:{row['pid']}/gpu{row['gpu']}" for row in out)),
+        "summary": str(summary),
+        "summary_ok": summary.ok,
+        "gpus": [dataclasses.asdict(g) for g in summary.gpus],
+        "actor_load_s": [round(a.load_seconds, 3) for a in summary.actors],
+        "receipts": [str(a.receipt) for a in summary.actors],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--loop-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--models-dir", default="/tmp/mv-models", help="MinerU model tree; written with random weights if missing"
+    )
+    ap.add_argument("--corpus", default=None, help="PDFs to cycle (first page each); default generated one-page PDFs")
+    ap.add_argument("--docs", type=int, default=200)
+    ap.add_argument("--backend", default="pipeline", choices=("pipeline", "flash"))
+    ap.add_argument("--device", default=None, help="'cpu' for a smoke run; default the GPUs NVML sees")
+    ap.add_argument("--cpus-per-actor", type=int, default=None, help="default: the machine's CPUs / 2")
+    ap.add_argument("--docs-per-block", type=int, default=1, help="documents per Ray block (unit of work and retry)")
+    ap.add_argument("--phases", default="loop,ray_1gpu,ray_2gpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.loop_child:
+        _loop_child(args.loop_child)
+        return
+
+    import mineru_vram as mv
+
+    cards = [] if args.device == "cpu" else _cards()
+    if args.device != "cpu" and len(cards) < 2 and "ray_2gpu" in args.phases:
+        sys.exit(f"NVML sees {len(cards)} GPU(s); the 2-GPU phase needs two (or pass --device cpu)")
+    if args.device is None:
+        args.device = "cuda"
+    if args.cpus_per_actor is None:
+        args.cpus_per_actor = max(1, (os.cpu_count() or 2) // 2)
+    if args.backend == "pipeline":
+        from mineru_vram.testing import write_random_models
+
+        t0 = time.perf_counter()
+        write_random_models(args.models_dir)
+        models_s = time.perf_counter() - t0
+    else:
+        args.models_dir, models_s = None, 0.0
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": args.device,
+        "cards": [str(mv.vram_snapshot(f"cuda:{c}")) for c in cards],
+        "backend": args.backend,
+        "docs": args.docs,
+        "documents": "corpus, first page" if args.corpus else "generated one-page text PDFs",
+        "cpus_per_actor": args.cpus_per_actor,
+        "docs_per_block": args.docs_per_block,
+        "models_ready_s": round(models_s, 3),
+        "baseline_mib": _used(cards),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp, CardSampler(cards) as sampler:
+        rows, pages = _documents(args, Path(tmp))
+        ray_started = False
+        for phase in phases:
+            before = _used(cards)
+            sampler.phase = phase
+            print(f"=== {phase} ({len(rows)} documents) {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
+            if phase == "loop":
+                result[phase] = _loop(args, rows, pages, Path(tmp))
+            elif phase in ("ray_1gpu", "ray_2gpu"):
+                if not ray_started:
+                    import ray
+
+                    ray.init(
+                        num_cpus=max(os.cpu_count() or 2, 2 * args.cpus_per_actor),
+                        num_gpus=len(cards),
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        object_store_memory=1024**3,
+                    )
+                    ray_started = True
+                result[phase] = _ray_phase(args, rows, pages, actors=1 if phase == "ray_1gpu" else 2)
+            else:
+                sys.exit(f"unknown phase {phase}")
+            sampler.phase = "idle"
+            result[phase]["cards"] = _cards_phase(before, _used(cards))
+            result[phase]["cards"]["peak_mib"] = sampler.peaks.get(phase, {})
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+    result["baseline_after_mib"] = _used(cards)
+    # Compared without each worker's first document (see _steady); the full-window rates are in each phase.
+    rate = {p: (result.get(p) or {}).get("steady_docs_per_s") for p in ("loop", "ray_1gpu", "ray_2gpu")}
+    if rate["ray_1gpu"] and rate["ray_2gpu"]:
+        result["ratio_2gpu_vs_1gpu"] = round(rate["ray_2gpu"] / rate["ray_1gpu"], 4)
+    if rate["ray_1gpu"] and rate["loop"]:
+        result["ray_1gpu_vs_loop"] = round(rate["ray_1gpu"] / rate["loop"], 4)
+    ray_phases = [p for p in ("ray_1gpu", "ray_2gpu") if p in result]
+    backs = [b for p in phases if p in result for b in result[p]["cards"]["back_at_baseline"].values()]
+    result["targets"] = {
+        "two_gpus_at_least_1_9x": None if "ratio_2gpu_vs_1gpu" not in result else result["ratio_2gpu_vs_1gpu"] >= 1.9,
+        "ray_within_5pct_of_loop": None if "ray_1gpu_vs_loop" not in result else result["ray_1gpu_vs_loop"] >= 0.95,
+        "cards_back_at_baseline": None if not backs or None in backs else all(backs),
+        "no_document_lost": all(result[p]["lost_count"] == 0 and not result[p]["duplicated"] for p in ray_phases),
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

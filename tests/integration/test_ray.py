@@ -1,0 +1,215 @@
+"""Scale-out on Ray, on the CPU: a real local Ray (two CPUs), real actors, real MinerU code.
+
+``parse_dataset`` runs a pool of two actors, each with its own ModelSession: ``flash``
+on the corpus (MinerU's model-free tier) and ``pipeline`` on random-weight models. One
+bad document among good ones becomes an error row; an actor killed with SIGKILL in the
+middle of a job is restarted by Ray and its documents retried, and every document still
+comes out exactly once; after ``ray.shutdown()`` no process of the cluster, the actors or
+their mineru-vram workers is left.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from mineru_vram.testing import make_pdf
+from support import alive, all_gone
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mineru-vram[ray]')")
+pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'mineru-vram[ray]')")
+
+from mineru_vram.ray import JobReport, parse_dataset, parser_actor  # noqa: E402  (after the skip: it imports Ray)
+
+pytestmark = [
+    # Ray Data warns about its own deprecated settings when it builds a DataContext.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+
+@pytest.fixture(scope="module")
+def _ray_owner() -> Iterator[None]:
+    """Shuts down the module's local Ray at the end, whichever test started it last."""
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_owner: None, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A local Ray of two CPUs and no dashboard, started once for the module (again after a test shut it down)."""
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=256 * 1024 * 1024,
+            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        )
+    return ray
+
+
+def _pdfs(folder: Path, count: int, pages: int = 1) -> list[Path]:
+    paths = []
+    for i in range(count):
+        path = folder / f"doc-{i:02d}.pdf"
+        path.write_bytes(make_pdf(pages, paragraphs=(f"Document {i}", f"The body of document number {i}.")))
+        paths.append(path)
+    return paths
+
+
+def test_flash_on_the_corpus_with_two_actors_and_a_bad_document(
+    local_ray: Any, corpus_dir: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.pdf"
+    bad.write_bytes(b"Meeting notes, not a PDF\n")
+    # The corpus's text PDFs (the scanned one needs OCR models), first page of each.
+    good = [p for p in sorted(corpus_dir.glob("*.pdf")) if p.name != "small_ocr.pdf"]
+    docs = [*good[:2], bad, *good[2:]]
+    report = JobReport()
+
+    rows = parse_dataset(docs, backend="flash", concurrency=2, pages="1", report=report).take_all()
+
+    names = collections.Counter(row["name"] for row in rows)
+    assert names == collections.Counter(str(d) for d in docs), "every document exactly once"
+    by_name = {row["name"]: row for row in rows}
+    failed = by_name[str(bad)]
+    assert failed["error_type"] == "NotAPdfError"
+    assert "not a PDF" in failed["error"]
+    assert failed["markdown"] == ""
+    for doc in good:
+        row = by_name[str(doc)]
+        assert row["error_type"] is None, row["error"]
+        assert row["page_count"] == 1
+        assert row["markdown"].strip()
+        content = json.loads(row["content_list"])  # MinerU's structured content
+        assert len(content["pages"]) == 1
+        assert content["pages"][0]["blocks"], f"{doc.name}: no blocks on its first page"
+        assert json.loads(row["timings"])["mineru"] > 0
+        assert row["backend"] == "flash"
+        assert row["device"] == "cpu"
+        assert row["path"] == str(doc)
+
+    summary = report.summary()
+    assert len(summary.actors) == 2, "two actors, models loaded once each"
+    assert all(actor.status == "closed" for actor in summary.actors)
+    assert all(actor.receipt is not None and actor.receipt.ok for actor in summary.actors)
+    assert summary.documents == len(docs)
+    assert summary.failed == 1
+    assert summary.documents_per_s is not None
+    assert summary.ok
+    assert {row["pid"] for row in rows} <= {actor.pid for actor in summary.actors}
+
+
+def test_pipeline_on_random_models_with_two_actors(local_ray: Any, random_models_dir: Path) -> None:
+    pdfs = [make_pdf(1, paragraphs=(f"Report {i}", f"Line one of report {i}.")) for i in range(3)]
+    report = JobReport()
+
+    dataset = parse_dataset(
+        pdfs,
+        backend="pipeline",
+        concurrency=2,
+        session_options={"models_dir": random_models_dir},
+        report=report,
+    )
+    rows = dataset.take_all()
+
+    assert sorted(row["name"] for row in rows) == ["document-0", "document-1", "document-2"]
+    for row in rows:
+        assert row["error_type"] is None, row["error"]
+        assert row["page_count"] == 1
+        assert len(json.loads(row["content_list"])["pages"]) == 1
+        assert row["backend"] == "pipeline"
+    summary = report.summary()
+    assert len(summary.actors) == 2
+    for actor in summary.actors:
+        assert actor.status == "closed"
+        assert actor.receipt is not None
+        # Each actor loaded MinerU's layout and OCR models and released them on shutdown.
+        assert actor.receipt.models_released > 0
+        assert actor.receipt.models_alive == []
+        assert actor.receipt.ok
+    assert summary.documents == 3
+
+
+def test_an_actor_killed_mid_run_is_restarted_and_every_document_comes_out_once(local_ray: Any, tmp_path: Path) -> None:
+    docs = _pdfs(tmp_path, 12, pages=3)
+    report = JobReport()
+    dataset = parse_dataset(docs, backend="flash", concurrency=2, report=report)
+
+    rows = []
+    killed = None
+    for row in dataset.iter_rows():
+        rows.append(row)
+        if killed is None:
+            # The first result: its actor is in the middle of the job, with documents queued.
+            killed = int(row["pid"])
+            os.kill(killed, signal.SIGKILL)
+    assert killed is not None
+    assert not alive(killed)
+
+    names = collections.Counter(row["name"] for row in rows)
+    assert names == collections.Counter(str(d) for d in docs), "every document exactly once"
+    assert all(row["error_type"] is None for row in rows), [row["error"] for row in rows if row["error"]]
+
+    summary = report.summary()
+    victim = next(a for a in summary.actors if a.pid == killed)
+    assert victim.status == "died"
+    assert victim.receipt is None
+    # Ray restarted the same actor in a new process, which loaded the session again and closed it.
+    restarted = [a for a in summary.actors if a.actor_id == victim.actor_id and a.pid != killed]
+    assert len(restarted) == 1
+    assert restarted[0].status == "closed"
+    assert restarted[0].receipt is not None
+    assert restarted[0].receipt.ok
+    assert summary.deaths == 1
+    assert summary.ok
+
+
+def test_an_online_actor_parses_requests_and_returns_its_receipt(local_ray: Any) -> None:
+    actor = parser_actor(backend="flash")
+    try:
+        where = ray.get(actor.where.remote(), timeout=120)
+        assert where["device"] == "cpu"
+        rows = ray.get([actor.parse.remote(make_pdf(2), name=f"request-{i}") for i in range(2)], timeout=120)
+        assert [row["name"] for row in rows] == ["request-0", "request-1"]
+        assert all(row["page_count"] == 2 and row["error_type"] is None for row in rows)
+        assert {row["pid"] for row in rows} == {where["pid"]}, "one process, models loaded once"
+        bad = ray.get(actor.parse.remote(b"%PDF-1.4 cut short"), timeout=120)
+        assert bad["error_type"] is not None
+        receipt = ray.get(actor.close.remote(), timeout=120)
+        assert receipt.ok
+        assert receipt.device == "cpu"
+    finally:
+        ray.kill(actor)
+    assert all_gone([where["pid"]], timeout=30)
+
+
+def test_nothing_is_left_running_after_shutdown(local_ray: Any, tmp_path: Path) -> None:
+    # isolation="process": each actor's session runs in a mineru-vram worker process of its own.
+    docs = _pdfs(tmp_path, 2)
+    dataset = parse_dataset(docs, backend="flash", concurrency=1, session_options={"isolation": "process"})
+    seen: set[int] = set()
+    workers: set[int] = set()
+    rows = []
+    for row in dataset.iter_rows():
+        rows.append(row)
+        seen.update(p.pid for p in psutil.Process().children(recursive=True))
+        workers.update(p.pid for p in psutil.Process(int(row["pid"])).children(recursive=True))
+    assert [row["error_type"] for row in rows] == [None, None]
+    assert workers, "the actor's session runs in a worker process"
+    assert len(seen) > len(workers) + 2, "the cluster's own processes (GCS, raylet, workers) were seen"
+    seen |= workers
+
+    ray.shutdown()
+
+    assert all_gone(sorted(seen), timeout=30), [" ".join(psutil.Process(p).cmdline()[:3]) for p in seen if alive(p)]

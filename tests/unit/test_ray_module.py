@@ -1,0 +1,80 @@
+"""mineru_vram.ray without a cluster: the import rules, budgets as GPU shares, the summary's verdict."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+import mineru_vram as mv
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_importing_mineru_vram_never_imports_ray() -> None:
+    run = _python(
+        "import sys, mineru_vram, mineru_vram.testing, mineru_vram.pytest_plugin\nprint('ray' in sys.modules)"
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
+
+
+def test_without_ray_the_import_error_names_the_extra() -> None:
+    # None in sys.modules makes `import ray` fail as it does where Ray is not installed.
+    run = _python("import sys\nsys.modules['ray'] = None\nimport mineru_vram.ray")
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: mineru_vram.ray needs Ray Data")
+    assert "pip install 'mineru-vram[ray]'" in last
+
+
+ray_module = pytest.importorskip("mineru_vram.ray", reason="Ray is not installed (pip install 'mineru-vram[ray]')")
+
+
+def test_a_fraction_budget_is_its_share_of_a_gpu() -> None:
+    assert ray_module.gpu_share(mv.VramBudget(fraction=0.5)) == 0.5
+    assert ray_module.gpu_share(mv.VramBudget(fraction=0.333)) == 0.34  # rounded up to a hundredth
+    with_headroom = mv.VramBudget(fraction=0.25, headroom_mib=1024)
+    assert ray_module.gpu_share(with_headroom, gpu_memory_mib=81920) == 0.27
+
+
+def test_a_mib_budget_is_divided_by_the_card() -> None:
+    assert ray_module.gpu_share(mv.VramBudget(mib=20480), gpu_memory_mib=81920) == 0.25
+    assert ray_module.gpu_share(mv.VramBudget(mib=20481), gpu_memory_mib=81920) == 0.26
+    with pytest.raises(mv.ConfigurationError, match="one session runs on one card"):
+        ray_module.gpu_share(mv.VramBudget(mib=90000), gpu_memory_mib=81920)
+
+
+def test_a_mib_budget_without_a_card_to_size_it_is_refused() -> None:
+    if mv.vram_snapshot(0).total_mib is not None:
+        pytest.skip("this machine has a GPU to size the budget against")
+    with pytest.raises(mv.ConfigurationError, match="gpu_memory_mib="):
+        ray_module.gpu_share(mv.VramBudget(mib=6144))
+
+
+def _summary(*, back: bool | None, status: str = "closed") -> Any:
+    gpu = ray_module.GpuRecord(
+        key="10.0.0.1/GPU0", baseline_mib=500.0, peak_mib=9000.0, after_mib=500.0, back_at_baseline=back, actors=1
+    )
+    actor = ray_module.ActorRecord(
+        actor_id="a" * 32, pid=123, node="10.0.0.1", gpu="0", device="cuda:0", status=status, documents=10
+    )
+    return ray_module.JobSummary(documents=10, failed=0, seconds=5.0, actors=(actor,), gpus=(gpu,))
+
+
+def test_the_summary_is_ok_only_when_every_gpu_is_back_and_no_actor_is_left() -> None:
+    good = _summary(back=True)
+    assert good.ok
+    assert good.documents_per_s == 2.0
+    assert "back at baseline" in str(good)
+    assert not _summary(back=False).ok
+    assert "NOT back at baseline" in str(_summary(back=False))
+    assert _summary(back=None).ok, "nothing to measure is not a failure"
+    assert not _summary(back=True, status="running").ok
+    died = _summary(back=True, status="died")
+    assert died.ok
+    assert died.deaths == 1
