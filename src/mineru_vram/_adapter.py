@@ -943,7 +943,7 @@ def _cache_clearers(func: object) -> list[Any]:
     return found
 
 
-# --- resident engine support (added for _engine.py, issue #4) ----------------------------------
+# --- resident engine support ---------------------------------------------------------------------
 # The VLM engine is MinerU's too; what the engine needs from MinerU's internals lives here:
 # building MinerU's in-process transformers VLM outside MinerU's never-evicted model cache,
 # and dropping MinerU's cached http-client predictors for a server that is going away.
