@@ -850,10 +850,27 @@ def _main_free_spawn() -> Iterator[None]:
     from a thread inside :meth:`MineruRuntime.parse` the preparation data leaves
     ``__main__`` out, exactly as it does for ``python -c``. Processes started
     anywhere else (the user's own) are untouched.
+
+    The same children are started isolated (``python -I``): a plain ``python -c``
+    puts the current folder first on ``sys.path`` while it imports
+    ``multiprocessing``, so a ``multiprocessing.py`` or ``json.py`` in the folder the
+    user ran from would run inside MinerU's render workers. They get the parent's
+    import path from the preparation data instead, minus the current folder.
     """
-    from multiprocessing import spawn
+    from multiprocessing import spawn, util
+
+    from ._process import child_sys_path
 
     original = spawn.get_preparation_data
+    original_flags = util._args_from_interpreter_flags  # type: ignore[attr-defined]
+
+    def interpreter_flags() -> list[str]:
+        # multiprocessing builds every child's command line from these flags: the spawn
+        # children and its resource tracker, both started with ``-c``.
+        flags: list[str] = original_flags()
+        if getattr(_spawn_scope, "depth", 0) > 0 and "-I" not in flags:
+            flags = ["-I", *flags]
+        return flags
 
     def get_preparation_data(name: str) -> dict[str, Any]:
         data: dict[str, Any] = original(name)
@@ -862,9 +879,11 @@ def _main_free_spawn() -> Iterator[None]:
             # Instead of the user's __main__, the child runs a module of ours that only quiets
             # pypdfium2's per-bitmap "potentially unsafe operation" warning there (see below).
             data["init_main_from_name"] = "mineru_vram._render_child"
+            data["sys_path"] = child_sys_path()
         return data
 
     spawn.get_preparation_data = get_preparation_data
+    util._args_from_interpreter_flags = interpreter_flags  # type: ignore[attr-defined]
     bitmap_log = logging.getLogger(_PDFIUM_BITMAP_LOGGER)
     level = bitmap_log.level
     bitmap_log.setLevel(logging.ERROR)
@@ -874,6 +893,8 @@ def _main_free_spawn() -> Iterator[None]:
         bitmap_log.setLevel(level)
         if spawn.get_preparation_data is get_preparation_data:
             spawn.get_preparation_data = original
+        if util._args_from_interpreter_flags is interpreter_flags:  # type: ignore[attr-defined]
+            util._args_from_interpreter_flags = original_flags  # type: ignore[attr-defined]
 
 
 def mineru_pdfium_lock() -> Any:
