@@ -131,10 +131,20 @@ def _name_of(source: object, name: str | None) -> str:
     return str(getattr(source, "name", "<stream>"))
 
 
+# A scheme and "://": what a user passing a link has in hand (http, https, s3, ftp, file ...).
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _read(source: Source, doc_name: str, max_bytes: int | None) -> tuple[bytes, Path | None]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(os.fspath(source)).expanduser()
         if not path.exists():
+            if isinstance(source, str) and _URL.match(source):
+                raise DocumentNotFoundError(
+                    f"{doc_name}: a URL is not fetched; download the document and pass its path, its bytes or a "
+                    "binary file object",
+                    document=doc_name,
+                )
             raise DocumentNotFoundError(f"{doc_name}: no such file", document=doc_name)
         if path.is_dir():
             raise DocumentNotFoundError(f"{doc_name}: is a directory, not a PDF file", document=doc_name)

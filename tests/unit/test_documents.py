@@ -319,3 +319,10 @@ def test_parse_pages_with_an_unknown_page_count_checks_only_the_lower_bound() ->
 def test_parse_pages_rejects(pages: object) -> None:
     with pytest.raises(mv.ConfigurationError):
         parse_pages(pages, 5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url", ["https://arxiv.org/pdf/2409.18839", "http://example.com/a.pdf", "s3://bucket/a.pdf"])
+def test_a_url_is_named_as_such_not_as_a_missing_file(url: str) -> None:
+    with pytest.raises(mv.DocumentNotFoundError, match="a URL is not fetched") as info:
+        load_document(url)
+    assert info.value.document == url
