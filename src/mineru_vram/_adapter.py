@@ -534,17 +534,18 @@ class MineruRuntime:
         with _registry_lock:
             return [k for k, ids in _owners.items() if self._id in ids]
 
-    def release_models(self, tracker: AliveTracker) -> int:
-        """Drop from MinerU's caches every entry no other open runtime uses.
+    def take_models(self) -> dict[tuple[str, Any], Any]:
+        """End this runtime's ownership: pop from MinerU's caches every entry no other open runtime uses.
 
         Returns:
-            The number of model objects dropped; each is tracked by weak reference.
+            ``(cache name, key) -> model object`` for the entries taken; the caller drops
+            them (release) or parks them (warm re-entry).
         """
         if "mineru.model.runtime.hybrid" not in sys.modules:
-            return 0
+            return {}
         from mineru.model.runtime.hybrid import LOCAL_MODEL_INIT_LOCK
 
-        released = 0
+        taken: dict[tuple[str, Any], Any] = {}
         caches = _caches()
         with LOCAL_MODEL_INIT_LOCK, _registry_lock:
             self.claim_new()
@@ -557,11 +558,57 @@ class MineruRuntime:
                 cache_name, key = k
                 obj = caches[cache_name].pop(key, None)
                 if obj is not None:
-                    tracker.track(f"{cache_name}:{key!r}", obj)
-                    released += 1
-                del obj
+                    taken[k] = obj
+        # Class-level caches in transformers' layout model hold CUDA tensors of their own.
         _clear_transformers_caches()
+        return taken
+
+    def release_models(self, tracker: AliveTracker) -> int:
+        """Drop from MinerU's caches every entry no other open runtime uses.
+
+        Returns:
+            The number of model objects dropped; each is tracked by weak reference.
+        """
+        taken = self.take_models()
+        for (cache_name, key), obj in taken.items():
+            tracker.track(f"{cache_name}:{key!r}", obj)
+        released = len(taken)
+        taken.clear()
         return released
+
+    def give_models(self, models: dict[tuple[str, Any], Any]) -> int:
+        """Put models taken by :meth:`take_models` (and parked) back into MinerU's caches, as ours.
+
+        Call after :meth:`activate`. An entry MinerU already holds again (another
+        session loaded it meanwhile) is kept, and the parked one dropped.
+
+        Returns:
+            How many entries were put back.
+        """
+        from mineru.model.runtime.hybrid import LOCAL_MODEL_INIT_LOCK
+
+        given = 0
+        caches = _caches()
+        with LOCAL_MODEL_INIT_LOCK, _registry_lock:
+            for (cache_name, key), obj in models.items():
+                cache = caches[cache_name]
+                if key in cache:
+                    continue
+                cache[key] = obj
+                _owners.setdefault((cache_name, key), set()).add(self._id)
+                given += 1
+        return given
+
+    def warm_key(self) -> Any:
+        """The :class:`~mineru_vram._warm.WarmKey` of this runtime's models: what made them."""
+        from ._warm import WarmKey
+
+        return WarmKey(
+            device=self.device,
+            models_dir=None if self.models_dir is None else str(self.models_dir),
+            model_source=self.model_source,
+            small_backend=self.small_backend,
+        )
 
     # -- parse ---------------------------------------------------------------------------------
 

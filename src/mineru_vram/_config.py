@@ -130,6 +130,10 @@ def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         ("STRICT", "strict", _parse_bool),
         ("LEAK_TOLERANCE_MIB", "leak_tolerance_mib", _parse_float),
         ("RUNTIME_DIR", "runtime_dir", None),
+        ("ALLOW_DOWNLOAD", "allow_download", _parse_bool),
+        ("KEEP_WARM", "keep_warm", _parse_bool),
+        ("HOST_CACHE_MIB", "host_cache_mib", _parse_float),
+        ("WARM_SPARE", "warm_spare", _parse_bool),
     ):
         name = ENV_PREFIX + key
         raw = env.get(name)
