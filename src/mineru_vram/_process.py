@@ -51,11 +51,13 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -65,20 +67,24 @@ from typing import IO, Any
 from ._exceptions import InsecurePathError
 
 __all__ = [
+    "OWNER_LOCK_NAME",
     "OwnerLock",
     "ProcessGroup",
+    "command_exitcode",
     "exclusive",
     "free_port",
     "kill_group",
     "listening_pids",
     "log_tail",
     "open_private",
+    "owned_temp_dir",
     "owner_alive",
     "private_dir",
     "private_file",
     "python_command",
     "signal_name",
     "spawn",
+    "sweep_dead_owners",
     "trim_log",
 ]
 
@@ -228,6 +234,18 @@ def signal_name(exitcode: int | None) -> str | None:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def command_exitcode(code: int | None) -> int | None:
+    """The command's exit code in :mod:`subprocess`'s convention, from its keeper's exit code.
+
+    The keeper exits with its command's code, or with ``128 + N`` when signal ``N``
+    killed the command (the shell's convention); the keeper itself shows ``-9`` when
+    its group was killed. Both become ``-N`` here, as for a direct child.
+    """
+    if code is not None and code > 128:
+        return 128 - code
+    return code
 
 
 class ProcessGroup:
@@ -730,3 +748,61 @@ def owner_alive(path: str | os.PathLike[str], *, remove_if_dead: bool = False) -
         return False
     finally:
         os.close(fd)
+
+
+# The owner lock inside a folder made by :func:`owned_temp_dir`.
+OWNER_LOCK_NAME = ".owner.lock"
+
+
+def owned_temp_dir(prefix: str, base: str | os.PathLike[str] | None = None) -> tuple[Path, OwnerLock]:
+    """A new private folder ``<base>/<prefix><random>`` holding its owner's lock.
+
+    The folder is created ``0700`` under a name no one had (``mkdtemp``). While the
+    returned lock is held, :func:`sweep_dead_owners` leaves the folder alone; once
+    its owner died without removing it (``SIGKILL``), the next sweep removes it.
+
+    Args:
+        prefix: the start of the folder's name, shared by every folder of its kind.
+        base: the parent folder (default the system's temporary folder).
+
+    Raises:
+        OSError: the folder cannot be created.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    try:
+        lock = OwnerLock(folder / OWNER_LOCK_NAME).acquire()
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder, lock
+
+
+def sweep_dead_owners(base: str | os.PathLike[str] | None, prefix: str) -> list[Path]:
+    """Remove this user's folders ``<base>/<prefix>*`` whose owner died (see :func:`owned_temp_dir`).
+
+    A folder whose lock file can be taken belonged to a dead owner: :class:`OwnerLock`
+    puts its file in place already locked. A folder without a lock file is kept (its
+    owner may be between creating it and locking it), as is any folder of another user
+    or reached through a symbolic link.
+
+    Returns:
+        The folders removed.
+    """
+    root = Path(base if base is not None else tempfile.gettempdir())
+    try:
+        entries = sorted(root.glob(f"{prefix}*"))
+    except OSError:
+        return []
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    removed: list[Path] = []
+    for entry in entries:
+        try:
+            info = os.lstat(entry)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):
+            continue
+        if owner_alive(entry / OWNER_LOCK_NAME) is False:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
