@@ -45,6 +45,7 @@ __all__ = [
     "drop_http_vlm_clients",
     "is_oom",
     "mineru_version",
+    "vlm_config",
 ]
 
 # Lazily loaded models that MinerU keeps on HybridLocalModelContext as cached properties.
@@ -68,6 +69,15 @@ def mineru_version() -> str | None:
         return metadata.version("mineru")
     except metadata.PackageNotFoundError:
         return None
+
+
+def vlm_config(fields: dict[str, Any] | None) -> Any:
+    """MinerU's ``VlmConfig`` from plain fields (how a VLM engine is reached), or ``None``."""
+    if fields is None:
+        return None
+    from mineru.config import VlmConfig
+
+    return VlmConfig(**fields)
 
 
 def is_oom(exc: BaseException) -> bool:

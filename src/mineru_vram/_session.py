@@ -1,8 +1,9 @@
 """``ModelSession``: MinerU's models for the length of a ``with`` block.
 
 The session owns validation, state and the receipt; the work itself is done by a
-*runner*: :class:`InProcessRunner` loads MinerU's models into this process, and
-the worker runner (``_worker.py``) loads them into a child process that runs an
+*runner* (``_inprocess.py``): :class:`~mineru_vram._inprocess.InProcessRunner`
+loads MinerU's models into this process, and the worker runner
+(``_worker/runner.py``) loads them into a child process that runs an
 ``InProcessRunner`` of its own, so both modes share one code path for parsing and
 release.
 """
@@ -17,30 +18,23 @@ import logging
 import os
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from ._budget import Ledger, Reservation, VramBudget, admit, resolve_budget
-from ._config import BackendSpec, env_settings, resolve_backend
+from ._config import env_settings, resolve_backend
 from ._documents import Document, Source, load_document, parse_pages
-from ._events import emit as _emit_phase  # timeline phase events (issue #5)
-from ._exceptions import (
-    ConfigurationError,
-    MineruVramError,
-    OutOfMemoryError,
-    SessionStateError,
-    VramLeakError,
-)
+from ._events import emit as _emit_phase  # timeline phase events
+from ._exceptions import ConfigurationError, MineruVramError, SessionStateError, VramLeakError
+from ._inprocess import InProcessRunner, ParseOptions, Runner, SessionSettings
 from ._probe import VramSnapshot, resolve_device, vram_snapshot
-from ._release import AliveTracker, ReleaseReport, log_report, return_allocator_memory, settle
+from ._release import ReleaseReport, log_report
 from ._result import BatchItem, BatchResult, ParseResult
 
-__all__ = ["InProcessRunner", "ModelSession", "ParseOptions", "SessionSettings", "SessionState"]
+__all__ = ["ModelSession", "SessionState"]
 
 logger = logging.getLogger("mineru_vram")
 
@@ -57,205 +51,9 @@ class SessionState(enum.Enum):
     CLOSED = "closed"  # released; the session cannot be reopened
 
 
-@dataclass(frozen=True)
-class SessionSettings:
-    """Everything a runner needs, resolved and picklable (it travels to the worker).
-
-    Attributes mirror :class:`ModelSession`'s arguments after defaults and
-    environment variables were applied.
-    """
-
-    backend: BackendSpec
-    device: str
-    models_dir: Path | None = None
-    model_source: str | None = None
-    small_backend: str = "torch"
-    preload: str = "core"
-    strict: bool = False
-    leak_tolerance_mib: float = 32.0
-    context_floor_mib: float | None = None
-    keep_model_output: bool = False
-    vlm_config: dict[str, Any] | None = None
-    isolation: str = "none"
-    recycle_after: int | None = None
-    recycle_above_mib: float | None = None
-    worker_start_timeout: float = 300.0
-    release_timeout: float = 10.0
-    runtime_dir: str | None = None
-    # Budgets and OOM recovery (issue #6): MINERU_VIRTUAL_VRAM_SIZE from the admitted budget
-    # (set inside the session only), and one retry on smaller batches after a CUDA OOM.
-    virtual_vram_gb: int | None = None
-    oom_retry: bool = True
-
-
-@dataclass(frozen=True)
-class ParseOptions:
-    """Per-call options that travel with a document to its runner."""
-
-    page_range: str = ""
-    ocr_mode: str = "auto"
-    timeout: float | None = None
-    # The resident engine's current VlmConfig fields, taken per parse from its lease (the
-    # engine may have restarted or moved port since the session opened).
-    vlm_config: dict[str, Any] | None = None
-
-
-class Runner(Protocol):
-    """Where a session's models live. ``open`` loads, ``close`` releases and measures."""
-
-    baseline: VramSnapshot | None
-
-    def open(self) -> None: ...
-
-    def parse(self, doc: Document, options: ParseOptions) -> ParseResult: ...
-
-    def close(self) -> ReleaseReport: ...
-
-    def abandon(self) -> None:
-        """Best-effort cleanup from a finalizer: no measuring, no raising."""
-        ...
-
-
-class InProcessRunner:
-    """Loads MinerU's models into this process and releases them on close."""
-
-    def __init__(self, settings: SessionSettings) -> None:
-        from ._adapter import MineruRuntime
-
-        self.settings = settings
-        self.baseline: VramSnapshot | None = None
-        self.runtime = MineruRuntime(
-            device=settings.device,
-            models_dir=settings.models_dir,
-            model_source=settings.model_source,
-            small_backend=settings.small_backend,
-            virtual_vram_gb=settings.virtual_vram_gb,
-        )
-        self._vlm_config: Any = None
-        self._lock = threading.Lock()
-        self.oom_retries = 0  # documents that ran out of memory and were retried on smaller batches
-
-    def open(self) -> None:
-        self.baseline = settle(self.settings.device)
-        self.runtime.activate()
-        try:
-            if self.settings.vlm_config is not None:
-                from mineru.config import VlmConfig
-
-                self._vlm_config = VlmConfig(**self.settings.vlm_config)
-            self.runtime.load(tier=self.settings.backend.tier, preload=self.settings.preload)
-        except BaseException:
-            self._release(AliveTracker())
-            raise
-
-    def parse(self, doc: Document, options: ParseOptions) -> ParseResult:
-        if options.timeout is not None:
-            raise ConfigurationError(
-                "parse(timeout=...) needs isolation='process': a parse running in this process "
-                "cannot be interrupted safely",
-                timeout=options.timeout,
-            )
-        vlm_config = self._vlm_config
-        if options.vlm_config is not None:
-            from mineru.config import VlmConfig
-
-            vlm_config = VlmConfig(**options.vlm_config)
-        with self._lock:  # MinerU's models are not safe to call from two threads at once
-            oom_message = None
-            try:
-                return self._parse_once(doc, options, vlm_config)
-            except OutOfMemoryError as exc:
-                if not self.settings.oom_retry:
-                    raise
-                oom_message = str(exc)
-            # OOM recovery (issue #6), outside the except block so the first error's traceback
-            # (cleared by _parse_once) is no longer being handled: release what the document
-            # held (its frames are cleared; the allocator's cached blocks go back to the driver;
-            # an exceptional path, not a per-document ritual), then retry once on halved batches.
-            self.oom_retries += 1
-            return_allocator_memory(self.settings.device)
-            logger.warning("%s; retrying once on smaller batches", oom_message)
-            with self.runtime.smaller_batches() as knobs:
-                try:
-                    result = self._parse_once(doc, options, vlm_config)
-                except OutOfMemoryError as exc:
-                    return_allocator_memory(self.settings.device)
-                    exc.add_note(f"retried once on smaller batches ({knobs}) after: {oom_message}")
-                    raise
-            return dataclasses.replace(result, timings={**result.timings, "oom_retries": 1.0})
-
-    def _parse_once(self, doc: Document, options: ParseOptions, vlm_config: Any) -> ParseResult:
-        try:
-            return self.runtime.parse(
-                doc,
-                tier=self.settings.backend.tier,
-                ocr_mode=options.ocr_mode,
-                page_range=options.page_range,
-                backend=self.settings.backend.name,
-                keep_model_output=self.settings.keep_model_output,
-                vlm_config=vlm_config,
-            )
-        except MineruVramError as exc:
-            # The traceback's frames hold the document's tensors; drop their locals so
-            # the error object the caller keeps does not keep device memory alive.
-            _clear_frames(exc)
-            raise
-
-    def _release(self, tracker: AliveTracker) -> tuple[int, list[tuple[str, float]]]:
-        t0 = time.perf_counter()
-        released = self.runtime.release_models(tracker)
-        steps = [("drop MinerU cache entries", time.perf_counter() - t0)]
-        self.runtime.deactivate()
-        steps += return_allocator_memory(self.settings.device)
-        return released, steps
-
-    def close(self) -> ReleaseReport:
-        device = self.settings.device
-        before = vram_snapshot(device)
-        t0 = time.perf_counter()
-        tracker = AliveTracker()
-        released, steps = self._release(tracker)
-        after = settle(device)
-        seconds = time.perf_counter() - t0
-        context_created = bool(
-            after.cuda_initialized and self.baseline is not None and not self.baseline.cuda_initialized
-        )
-        return ReleaseReport(
-            device=device,
-            isolation="none",
-            baseline=self.baseline,
-            before=before,
-            after=after,
-            seconds=seconds,
-            models_released=released,
-            models_alive=tracker.alive(),
-            steps=steps,
-            context_created=context_created,
-            context_floor_mib=self.settings.context_floor_mib,
-            tolerance_mib=self.settings.leak_tolerance_mib,
-        )
-
-    def abandon(self) -> None:
-        try:
-            self.runtime.release_models(AliveTracker())
-            self.runtime.deactivate()
-        except Exception:
-            pass
-
-
-def _clear_frames(exc: BaseException) -> None:
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if cur.__traceback__ is not None:
-            traceback.clear_frames(cur.__traceback__)
-        cur = cur.__cause__ or cur.__context__
-
-
 def _make_runner(settings: SessionSettings) -> Runner:
     if settings.isolation == "process":
-        from ._worker import WorkerRunner
+        from ._worker.runner import WorkerRunner
 
         return WorkerRunner(settings)
     return InProcessRunner(settings)
@@ -434,7 +232,7 @@ class ModelSession:
         )
 
     def _phase_info(self) -> dict[str, Any]:
-        # What each timeline phase event carries (issue #5); ``session`` pairs starts with ends.
+        # What each timeline phase event carries; ``session`` pairs starts with ends.
         return {
             "session": f"{id(self):x}",
             "backend": self.backend,
@@ -472,7 +270,7 @@ class ModelSession:
             self._state = SessionState.OPENING
         try:
             if self.budget is not None:
-                # Admission (issue #6): wait until the device has the budget free and reserve
+                # Admission: wait until the device has the budget free and reserve
                 # it in the cross-process ledger before anything loads.
                 self.reservation = admit(
                     self.budget,
@@ -482,19 +280,19 @@ class ModelSession:
                 )
                 if self.reservation.virtual_vram_gb is not None:
                     self.settings = dataclasses.replace(self.settings, virtual_vram_gb=self.reservation.virtual_vram_gb)
-            _emit_phase("load.start", **self._phase_info())  # issue #5: timeline phases
+            _emit_phase("load.start", **self._phase_info())
             runner = _make_runner(self.settings)
             runner.open()
             worker_pid = getattr(runner, "pid", None)
             if self.reservation is not None and worker_pid is not None:
                 self.reservation.set_pids([os.getpid(), worker_pid])  # the worker spends the reservation
         except BaseException as exc:
-            _emit_phase("load.end", ok=False, error=_error_text(exc), **self._phase_info())  # issue #5
+            _emit_phase("load.end", ok=False, error=_error_text(exc), **self._phase_info())
             self._state = SessionState.CLOSED
             if self.reservation is not None:
                 self.reservation.release()
             raise
-        _emit_phase("load.end", ok=True, **self._phase_info())  # issue #5: timeline phases
+        _emit_phase("load.end", ok=True, **self._phase_info())
         self._runner = runner
         self._finalizer = weakref.finalize(self, _abandon, runner, os.getpid())
         self._state = SessionState.OPENED
@@ -514,11 +312,11 @@ class ModelSession:
             self._state = SessionState.CLOSING
         runner = self._runner
         assert runner is not None  # OPENED implies a runner
-        _emit_phase("release.start", **self._phase_info())  # issue #5: timeline phases
+        _emit_phase("release.start", **self._phase_info())
         try:
             report = runner.close()
         finally:
-            _emit_phase("release.end", **self._phase_info())  # issue #5: timeline phases
+            _emit_phase("release.end", **self._phase_info())
             if self._finalizer is not None:
                 self._finalizer.detach()
             if self.reservation is not None:
@@ -593,7 +391,7 @@ class ModelSession:
         """
         runner = self._require_open("parse")
         t0 = time.perf_counter()
-        # issue #5: timeline phases (parse.start / parse.end around the whole call)
+        # Timeline phases: parse.start / parse.end around the whole call.
         phase = {**self._phase_info(), "document": name or _display_name(source)}
         _emit_phase("parse.start", **phase)
         try:
@@ -713,7 +511,7 @@ class ModelSession:
 
 
 def _error_text(exc: BaseException) -> str:
-    # For timeline phase events (issue #5): the error's type and the start of its message.
+    # For timeline phase events: the error's type and the start of its message.
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
