@@ -77,7 +77,7 @@ class ParseResult:
 
     def __repr__(self) -> str:
         return (
-            f"ParseResult(document={self.document!r}, pages={self.page_count}, "
+            f"ParseResult(document={self.document!r}, page_count={self.page_count}, "
             f"markdown={len(self.markdown)} chars, images={len(self.images)}, seconds={self.seconds:.2f})"
         )
 
