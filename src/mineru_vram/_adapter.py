@@ -58,7 +58,9 @@ _LAZY_MODELS = (
 )
 
 # Environment variables MinerU sets for itself while loading or parsing; restored with ours.
-_MINERU_SIDE_EFFECT_ENV = ("PYTORCH_ENABLE_MPS_FALLBACK", "TORCH_CUDNN_V8_API_DISABLED")
+# LOGURU_LEVEL: MinerU's configure_global_log_level writes it on every parse, so that the
+# render processes it spawns log at its level.
+_MINERU_SIDE_EFFECT_ENV = ("PYTORCH_ENABLE_MPS_FALLBACK", "TORCH_CUDNN_V8_API_DISABLED", "LOGURU_LEVEL")
 
 
 def mineru_version() -> str | None:

@@ -100,6 +100,14 @@ def test_environment_and_mineru_config_are_restored(session: mv.ModelSession) ->
     assert not Path(home).exists(), "the session's MinerU home is removed on exit"
 
 
+def test_mineru_log_level_is_not_left_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOGURU_LEVEL", raising=False)
+    with mv.ModelSession("flash", device="cpu", trust_env=False) as s:
+        s.parse(make_pdf(1))
+        assert "LOGURU_LEVEL" in os.environ, "MinerU sets it while it parses"
+    assert "LOGURU_LEVEL" not in os.environ
+
+
 def test_bad_inputs_raise_typed_errors_and_the_session_stays_usable(
     session: mv.ModelSession, tmp_path: Path, encrypt_pdf: Callable[..., bytes]
 ) -> None:
