@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any
 
 from ._documents import Document
 from ._exceptions import ConfigurationError, OutOfMemoryError, ParseError
+from ._process import OwnerLock, owned_temp_dir, sweep_dead_owners
 from ._release import AliveTracker
 from ._result import ParseResult
 
@@ -56,6 +57,9 @@ _LAZY_MODELS = (
     "table_cls_model",
     "table_orientation_cls_model",
 )
+
+# The session's MinerU home (MINERU_HOME, config.yaml) is a temporary folder named so.
+_HOME_PREFIX = "mineru-vram-home-"
 
 # Environment variables MinerU sets for itself while loading or parsing; restored with ours.
 # LOGURU_LEVEL: MinerU's configure_global_log_level writes it on every parse, so that the
@@ -251,9 +255,11 @@ class MineruRuntime:
     def _apply_environment(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         try:
-            home_dir = tempfile.TemporaryDirectory(prefix="mineru-vram-home-")
-            stack.callback(home_dir.cleanup)
-            home = Path(home_dir.name)
+            # Homes of processes killed before they could remove theirs (SIGKILL) go first;
+            # each home holds its owner's lock, so a live session's home is never touched.
+            sweep_dead_owners(None, _HOME_PREFIX)
+            home, lock = owned_temp_dir(_HOME_PREFIX)
+            stack.callback(_remove_home, home, lock)
             config_file = home / "config.yaml"
             config_file.write_text(self._config_yaml(), encoding="utf-8")
             env = {
@@ -537,6 +543,11 @@ def _replace_timing(result: ParseResult, timings: dict[str, float]) -> ParseResu
     import dataclasses
 
     return dataclasses.replace(result, timings={**result.timings, **timings})
+
+
+def _remove_home(home: Path, lock: OwnerLock) -> None:
+    shutil.rmtree(home, ignore_errors=True)
+    lock.release()
 
 
 def _stop_render_workers() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,38 @@ def test_mineru_log_level_is_not_left_in_the_environment(monkeypatch: pytest.Mon
         s.parse(make_pdf(1))
         assert "LOGURU_LEVEL" in os.environ, "MinerU sets it while it parses"
     assert "LOGURU_LEVEL" not in os.environ
+
+
+_HOLDS_A_HOME = """
+import os, sys, time
+import mineru_vram as mv
+s = mv.ModelSession("flash", device="cpu", trust_env=False).open()
+print(os.environ["MINERU_HOME"], flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_processs_mineru_home_is_swept_by_the_next_session() -> None:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDS_A_HOME], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        home = Path(holder.stdout.readline().strip())
+        assert home.name.startswith("mineru-vram-home-"), home
+        assert home.is_dir()
+        with mv.ModelSession("flash", device="cpu", trust_env=False):
+            pass
+        assert home.is_dir(), "a live owner's home is left alone"
+        holder.kill()
+        holder.wait(30)
+        assert home.is_dir(), "SIGKILL leaves it behind"
+        with mv.ModelSession("flash", device="cpu", trust_env=False):
+            pass
+        assert not home.exists(), "the next session removes the home of a dead owner"
+    finally:
+        holder.kill()
+        holder.wait(30)
+        assert holder.stdout is not None
+        holder.stdout.close()
 
 
 def test_bad_inputs_raise_typed_errors_and_the_session_stays_usable(
