@@ -113,7 +113,17 @@ class InProcessRunner:
     def open(self) -> None:
         from ._adapter import vlm_config
 
-        self.baseline = settle(self.settings.device)
+        device = self.settings.device
+        if device.startswith("cuda"):
+            import torch  # MinerU imports it for any CUDA device; before loading, say plainly if it cannot work
+
+            if torch.version.cuda is None:
+                raise ConfigurationError(
+                    f"device={device!r} cannot be used: the installed torch {torch.__version__} is built without "
+                    "CUDA. Install a CUDA build of torch, or use device='cpu'.",
+                    device=device,
+                )
+        self.baseline = settle(device)
         self.runtime.activate()
         try:
             self._vlm_config = vlm_config(self.settings.vlm_config)

@@ -30,7 +30,7 @@ from ._documents import Document, Source, load_document, parse_pages
 from ._events import emit as _emit_phase  # timeline phase events
 from ._exceptions import ConfigurationError, MineruVramError, SessionStateError, VramLeakError
 from ._inprocess import InProcessRunner, ParseOptions, Runner, SessionSettings
-from ._probe import VramSnapshot, resolve_device, vram_snapshot
+from ._probe import VramSnapshot, cuda_device_problem, resolve_device, vram_snapshot
 from ._release import ReleaseReport, log_report
 from ._result import BatchItem, BatchResult, ParseResult
 
@@ -189,6 +189,7 @@ class ModelSession:
             oom_retry=oom_retry,
         )
         self.budget = resolve_budget(budget)
+        _check_device(self.settings.device, self.budget)
         self.reservation: Reservation | None = None
         self.ocr_mode = ocr_mode
         self.max_document_bytes = max_document_bytes
@@ -508,6 +509,30 @@ class ModelSession:
             await self.aclose()
         except VramLeakError as leak:
             self._leak_on_exit(leak, exc)
+
+
+def _check_device(device: str, budget: VramBudget | None) -> None:
+    """Refuse a CUDA device this process cannot use, before any work.
+
+    Without the check, MinerU's flash tier reports ``cuda:0`` and runs on the CPU, and
+    the pipeline fails inside torch. A budget's probe stands in for NVML where one is
+    given (tests of admission on machines without a GPU).
+
+    Raises:
+        ConfigurationError: naming what NVML (or the budget's probe, or torch) found.
+    """
+    if not device.startswith("cuda"):
+        return
+    if budget is not None and budget.probe is not None:
+        problem = None if budget.probe(device) is not None else f"the budget's probe does not see {device}"
+    else:
+        problem = cuda_device_problem(device)
+    if problem is not None:
+        raise ConfigurationError(
+            f"device={device!r} cannot be used: {problem}. Use device='cpu', or leave device unset to "
+            "take the first GPU where there is one.",
+            device=device,
+        )
 
 
 def _error_text(exc: BaseException) -> str:

@@ -14,7 +14,9 @@ import pytest
 
 import mineru_vram as mv
 from mineru_vram import _adapter
+from mineru_vram._probe import nvml_device_count
 from mineru_vram.testing import make_pdf
+from support import needs_gpu
 
 # Our own suite runs under the VRAM-leak plugin (issue #7): every session test must leave no live
 # tensor behind (on CPU the plugin counts live torch tensors; on a GPU also torch/NVML figures).
@@ -261,12 +263,31 @@ def test_user_entries_in_mineru_caches_are_left_alone(session: mv.ModelSession) 
         caches["atom"].pop(user_key, None)
 
 
-def test_second_in_process_session_on_another_device_is_refused(session: mv.ModelSession) -> None:
-    with session:
-        other = mv.ModelSession("flash", device="cuda:0")
+@pytest.mark.parametrize(
+    "other",
+    [pytest.param({"device": "cuda:0"}, marks=needs_gpu, id="device"), pytest.param({"small_backend": "onnx"})],
+    ids=lambda o: next(iter(o)),
+)
+def test_second_in_process_session_with_other_settings_is_refused(other: dict[str, str]) -> None:
+    with mv.ModelSession("flash", device="cpu", trust_env=False):
+        second = mv.ModelSession("flash", trust_env=False, **{"device": "cpu", **other})  # type: ignore[arg-type]
         with pytest.raises(mv.ConfigurationError, match="isolation='process'"):
-            other.open()
-        assert other.state is mv.SessionState.CLOSED
+            second.open()
+        assert second.state is mv.SessionState.CLOSED
+
+
+def test_a_cuda_device_that_is_not_there_is_refused_before_any_work() -> None:
+    missing = [f"cuda:{nvml_device_count()}"]  # one past the last device NVML sees
+    if nvml_device_count() == 0:
+        missing += ["cuda", 0]
+    for device in missing:
+        for isolation in ("none", "process"):
+            with pytest.raises(mv.ConfigurationError) as info:
+                mv.ModelSession("flash", device=device, isolation=isolation, trust_env=False)  # type: ignore[arg-type]
+            text = str(info.value)
+            assert "NVML" in text, text
+            assert "device='cpu'" in text, "the way out is named"
+    assert "torch" not in sys.modules or not sys.modules["torch"].cuda.is_initialized()
 
 
 def test_two_sessions_on_one_device_share_models_until_the_last_closes(random_models_dir: Path) -> None:
