@@ -387,15 +387,17 @@ def _parse_one(session: Any, path: str, name: str, pages: list[int] | None, args
     """Parse one file; ``--pages 1-5`` takes the pages a shorter document has, as MinerU's own CLI does."""
     from ._exceptions import ConfigurationError
 
+    # No --timeout: the session's default bound (isolated), which only a hung worker reaches.
+    timeout = "auto" if args.timeout is None else args.timeout
     if pages is None:
-        return session.parse(path, name=name, timeout=args.timeout)
+        return session.parse(path, name=name, timeout=timeout)
     doc = session.load(path, name=name)
     wanted = [p for p in pages if p <= doc.page_count]
     if not wanted:
         raise ConfigurationError(
             f"{name}: --pages {args.pages} selects none of its {doc.page_count} page(s)", document=name
         )
-    return session.parse(doc.data, pages=wanted, name=name, timeout=args.timeout)
+    return session.parse(doc.data, pages=wanted, name=name, timeout=timeout)
 
 
 def _unique_stem(stem: str, used: set[str]) -> str:

@@ -27,7 +27,7 @@ from ._probe import VramSnapshot, vram_snapshot
 from ._release import AliveTracker, ReleaseReport, return_allocator_memory, settle
 from ._result import ParseResult
 
-__all__ = ["InProcessRunner", "ParseOptions", "Runner", "SessionSettings"]
+__all__ = ["InProcessRunner", "ParseOptions", "Runner", "SessionSettings", "check_parse_timeout"]
 
 logger = logging.getLogger("mineru_vram")
 
@@ -63,13 +63,34 @@ class SessionSettings:
     oom_retry: bool = True
 
 
+def check_parse_timeout(timeout: object) -> None:
+    """Accept a parse's ``timeout``: positive seconds, ``"auto"`` (the default bound) or ``None`` (none).
+
+    Raises:
+        ConfigurationError: anything else.
+    """
+    if timeout is None or timeout == "auto":
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigurationError(
+            f"timeout={timeout!r}: must be a positive number of seconds, 'auto' (the default bound) or None (no bound)",
+            timeout=timeout,
+        )
+
+
 @dataclass(frozen=True)
 class ParseOptions:
-    """Per-call options that travel with a document to its runner."""
+    """Per-call options that travel with a document to its runner.
+
+    ``timeout`` bounds a parse in a worker process: seconds, ``"auto"`` (a default
+    bound that grows with the pages parsed) or ``None`` (no bound). A parse in this
+    process cannot be interrupted, so there only ``"auto"`` and ``None`` are accepted,
+    and neither bounds it.
+    """
 
     page_range: str = ""
     ocr_mode: str = "auto"
-    timeout: float | None = None
+    timeout: float | str | None = "auto"
     # The resident engine's current VlmConfig fields, taken per parse from its lease (the
     # engine may have restarted or moved port since the session opened).
     vlm_config: dict[str, Any] | None = None
@@ -135,7 +156,8 @@ class InProcessRunner:
     def parse(self, doc: Document, options: ParseOptions) -> ParseResult:
         from ._adapter import vlm_config as build_vlm_config
 
-        if options.timeout is not None:
+        check_parse_timeout(options.timeout)
+        if options.timeout not in (None, "auto"):
             raise ConfigurationError(
                 "parse(timeout=...) needs isolation='process': a parse running in this process "
                 "cannot be interrupted safely",

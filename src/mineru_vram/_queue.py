@@ -1063,7 +1063,8 @@ class TaskQueue:
                     name=claim.name,
                     pages=options.get("pages"),
                     ocr_mode=options.get("ocr_mode"),
-                    timeout=self.settings.task_timeout,
+                    # No task_timeout: the session's default bound, which only a hung worker reaches.
+                    timeout="auto" if self.settings.task_timeout is None else self.settings.task_timeout,
                 )
             except SessionStateError:
                 self._give_back(claim)

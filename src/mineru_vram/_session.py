@@ -371,7 +371,7 @@ class ModelSession:
         pages: str | int | Sequence[int] | range | None = None,
         ocr_mode: Literal["auto", "txt", "ocr"] | None = None,
         name: str | None = None,
-        timeout: float | None = None,
+        timeout: float | Literal["auto"] | None = "auto",
     ) -> ParseResult:
         """Parse one PDF.
 
@@ -380,13 +380,19 @@ class ModelSession:
             pages: 1-based pages to parse (``"1-3,7"``, ``5``, ``range(1, 4)``); default all.
             ocr_mode: ``"auto"``, ``"txt"`` or ``"ocr"``; default the session's.
             name: the document's name in results and errors (default its path).
-            timeout: seconds before a hung parse is killed (process isolation only).
+            timeout: (process isolation) seconds before a parse that has not answered is
+                stopped by killing its worker. ``"auto"``: a default bound, 600 s plus
+                120 s for each page parsed, which only a worker that hangs reaches;
+                ``None``: no bound. In-process parses cannot be interrupted: there a
+                number is refused and ``"auto"`` bounds nothing.
 
         Raises:
             InvalidDocumentError: (and subclasses) the input is not a parseable PDF;
                 raised before any model runs.
             ParseError: MinerU failed on the document.
             OutOfMemoryError: the device ran out of memory.
+            ParseTimeoutError: (process isolation) no result within ``timeout``; the
+                message names the bound.
             WorkerCrashedError: (process isolation) the worker died.
             SessionStateError: the session is not open.
         """
@@ -422,7 +428,7 @@ class ModelSession:
         progress: bool = True,
         pages: str | int | Sequence[int] | range | None = None,
         ocr_mode: Literal["auto", "txt", "ocr"] | None = None,
-        timeout: float | None = None,
+        timeout: float | Literal["auto"] | None = "auto",
     ) -> BatchResult:
         """Parse documents one after another; a bad one does not stop the batch.
 

@@ -10,6 +10,7 @@ dying with models loaded) uses the random-weight model tree.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -241,9 +242,59 @@ def test_hung_worker_is_killed_by_the_parse_timeout(flash_session: mv.ModelSessi
     assert any("restarted the worker" in e for e in report.events)
 
 
-def test_timeout_must_be_positive(flash_session: mv.ModelSession) -> None:
-    with flash_session as s, pytest.raises(mv.ConfigurationError):
-        s.parse(PDF, timeout=0)
+def test_a_hung_worker_is_killed_by_the_default_bound_which_the_error_names(
+    flash_session: mv.ModelSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with flash_session as s, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        runner = _runner(s)
+        s.parse(PDF)  # warm: MinerU imported in the worker
+        # The default bound, shrunk so the test does not wait minutes: 1 s + 0.5 s a page.
+        monkeypatch.setattr(worker_runner, "PARSE_TIMEOUT_BASE_SECONDS", 1.0)
+        monkeypatch.setattr(worker_runner, "PARSE_TIMEOUT_PER_PAGE_SECONDS", 0.5)
+        pid = runner.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # a worker that never answers
+        try:
+            future = pool.submit(s.parse, PDF, name="hangs.pdf")  # no timeout given
+            with pytest.raises(mv.ParseTimeoutError) as err:
+                future.result(timeout=60)  # before the default existed, this parse waited for ever
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        assert err.value.timeout == 2.0, "1 s + 0.5 s for each of the 2 pages"
+        assert err.value.document == "hangs.pdf"
+        assert "default bound" in str(err.value)
+        assert "timeout=None" in str(err.value), "the error says how to lift the bound"
+        assert not alive(pid)
+        assert runner.timeouts == 1
+        monkeypatch.undo()  # a fresh worker's first parse imports MinerU: more than 2 s on a busy machine
+        assert s.parse(PDF, name="after.pdf").document == "after.pdf"
+
+
+def test_timeout_none_lifts_the_bound(flash_session: mv.ModelSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    with flash_session as s, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        runner = _runner(s)
+        s.parse(PDF)
+        monkeypatch.setattr(worker_runner, "PARSE_TIMEOUT_BASE_SECONDS", 0.1)
+        monkeypatch.setattr(worker_runner, "PARSE_TIMEOUT_PER_PAGE_SECONDS", 0.1)
+        pid = runner.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            future = pool.submit(s.parse, PDF, name="patient.pdf", timeout=None)
+            with pytest.raises(concurrent.futures.TimeoutError):
+                future.result(timeout=2.0)  # well past the default bound: still waiting
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert future.result(timeout=60).document == "patient.pdf"
+        assert runner.pid == pid
+        assert runner.timeouts == 0
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), "soon"])
+def test_timeout_must_be_positive_auto_or_none(flash_session: mv.ModelSession, timeout: Any) -> None:
+    with flash_session as s, pytest.raises(mv.ConfigurationError, match="timeout="):
+        s.parse(PDF, timeout=timeout)
 
 
 def test_worker_killed_while_idle_is_replaced_on_the_next_parse(flash_session: mv.ModelSession) -> None:

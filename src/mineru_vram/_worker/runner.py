@@ -50,13 +50,13 @@ from typing import TYPE_CHECKING, Any
 from mineru_vram import _process
 from mineru_vram._documents import Document
 from mineru_vram._exceptions import (
-    ConfigurationError,
     ParseTimeoutError,
     SessionStateError,
     WorkerCrashedError,
     WorkerStartError,
     add_note,
 )
+from mineru_vram._inprocess import check_parse_timeout
 from mineru_vram._probe import MIB, VramSnapshot
 from mineru_vram._release import ReleaseReport, settle
 
@@ -82,6 +82,13 @@ LOG_LIMIT = 8 * MIB
 LOG_KEEP_CHARS = 64_000
 # Longest wait for a worker that was asked to exit before its group is killed.
 STOP_GRACE_SECONDS = 5.0
+# The default bound on one parse (timeout="auto"): far more than a slow CPU parse of real
+# pages needs, lazy model loads on a worker's first document included, so that only a
+# worker that hangs reaches it.
+PARSE_TIMEOUT_BASE_SECONDS = 600.0
+PARSE_TIMEOUT_PER_PAGE_SECONDS = 120.0
+# Longest wait in close() for the runner's lock (held by a parse in another thread).
+CLOSE_WAIT_SECONDS = 600.0
 # Longest wait for a test hook's answer.
 DEBUG_TIMEOUT = 60.0
 # Per-document memory samples kept on the runner (a deque: a long session stays bounded).
@@ -91,6 +98,22 @@ MAX_EVENTS = 1000
 # Runner folders carry the parent's pid in their name (for people reading /tmp) and an
 # owner lock, so a later runner can remove the folder of a parent killed before it cleaned up.
 FOLDER_PREFIX = "mineru-vram-worker-"
+
+
+def parse_bound(doc: Document, options: ParseOptions) -> tuple[float | None, str]:
+    """How long a parse may take in the worker (``None``: for ever), and how to name that bound in an error."""
+    timeout = options.timeout
+    if timeout is None:
+        return None, "timeout=None"
+    if timeout != "auto":
+        return float(timeout), f"timeout={timeout:g}"
+    pages = len(options.page_range.split(",")) if options.page_range else doc.page_count
+    bound = PARSE_TIMEOUT_BASE_SECONDS + PARSE_TIMEOUT_PER_PAGE_SECONDS * max(1, pages)
+    return bound, (
+        f"the default bound for {pages} page(s): {PARSE_TIMEOUT_BASE_SECONDS:g}s + "
+        f"{PARSE_TIMEOUT_PER_PAGE_SECONDS:g}s a page; pass parse(timeout=...) for another bound, "
+        "or timeout=None for none"
+    )
 
 
 class RunnerState(enum.Enum):
@@ -314,10 +337,15 @@ class WorkerRunner:
             WorkerCrashedError: the worker died during the parse.
             WorkerStartError: a replacement worker could not start.
         """
-        timeout = options.timeout
-        if timeout is not None and not timeout > 0:
-            raise ConfigurationError(f"timeout={timeout!r}: must be a positive number of seconds", timeout=timeout)
-        with self._lock:
+        check_parse_timeout(options.timeout)
+        bound, how = parse_bound(doc, options)
+        if not self._lock.acquire(timeout=-1 if bound is None else bound):
+            raise ParseTimeoutError(
+                f"{doc.name}: waited {bound:g}s ({how}) for the worker, busy with a document from another thread",
+                document=doc.name,
+                timeout=bound,
+            )
+        try:
             if self._state is not RunnerState.OPENED:
                 raise SessionStateError(f"cannot parse: the worker runner is {self._state.value}")
             worker = self._ensure_worker()
@@ -325,12 +353,12 @@ class WorkerRunner:
             ref = protocol.document_ref(doc, self._folder, protocol.next_stem("doc"), INLINE_LIMIT)
             message = protocol.Parse(document=ref, options=dataclasses.replace(options, timeout=None))
             try:
-                reply = worker.request(message, timeout=timeout)
+                reply = worker.request(message, timeout=bound)
             except WorkerDied:
                 raise self._crashed(worker, doc.name) from None
             except WorkerTimedOut:
-                assert timeout is not None
-                raise self._timed_out(worker, doc.name, timeout) from None
+                assert bound is not None
+                raise self._timed_out(worker, doc.name, bound, how) from None
             except BaseException:
                 # Interrupted while the worker works: its answer would arrive out of step
                 # with the next request, so this worker cannot be used again.
@@ -358,6 +386,8 @@ class WorkerRunner:
                 document=doc.name,
                 pid=worker.pid,
             )
+        finally:
+            self._lock.release()
 
     def _discard(self, worker: WorkerHandle, end: str, restart_reason: str) -> int | None:
         """Kill a worker that failed, wait until the device has its memory back, and say why.
@@ -396,21 +426,21 @@ class WorkerRunner:
             log_tail=tail,
         )
 
-    def _timed_out(self, worker: WorkerHandle, document: str, timeout: float) -> ParseTimeoutError:
+    def _timed_out(self, worker: WorkerHandle, document: str, timeout: float, how: str) -> ParseTimeoutError:
         self.timeouts += 1
         code = self._discard(
             worker,
-            f"killed: {document} exceeded timeout={timeout}s",
+            f"killed: {document} exceeded its timeout, {timeout:g}s",
             f"pid {worker.pid} was killed after {document} exceeded its timeout",
         )
         self._event(
-            f"worker pid {worker.pid} killed: {document} had no result after timeout={timeout}s; "
+            f"worker pid {worker.pid} killed: {document} had no result after its timeout, {timeout:g}s ({how}); "
             "a new worker starts on the next parse",
             level=logging.WARNING,
         )
         return ParseTimeoutError(
-            f"{document}: no result after {timeout}s; the worker (pid {worker.pid}) was killed and a new one "
-            "starts on the next parse",
+            f"{document}: no result after {timeout:g}s ({how}); the worker (pid {worker.pid}) was killed and a "
+            "new one starts on the next parse",
             document=document,
             timeout=timeout,
             pid=worker.pid,
@@ -468,92 +498,108 @@ class WorkerRunner:
         """Stop every worker and wait until the device is back at the baseline.
 
         Idempotent: a second call returns the first receipt.
+
+        Raises:
+            SessionStateError: a parse from another thread still held the worker after
+                ``CLOSE_WAIT_SECONDS``; nothing was stopped, and close can be called again.
         """
-        with self._lock:
-            if self._report is not None:
-                return self._report
-            if self._state is RunnerState.UNOPENED:
-                raise SessionStateError("cannot close a worker runner that was never opened")
-            t0 = time.perf_counter()
-            device = self.settings.device
-            before = self._last_snapshot
-            models = 0
-            worker = self._worker
-            exitcode: int | None = None
-            pids = [w.pid for w in self._retired]
-            steps: list[tuple[str, float]] = []
-            if worker is not None:
-                pids.append(worker.pid)
-                if worker.alive():
-                    try:
-                        bye = worker.request(protocol.Exit(), timeout=self._grace())
-                        if isinstance(bye, protocol.Bye):
-                            before = bye.stats.snapshot or before
-                            models = bye.models
-                    except (WorkerDied, WorkerTimedOut):
-                        pass
-                exitcode = worker.stop(self._grace())
-                worker.end = worker.end or "session closed"
-                self._history.append(worker.summary())
-                self._worker = None
-            self._reap_retired()
-            stop_seconds = time.perf_counter() - t0
-            steps.append(("stop worker", stop_seconds))
-            base = None if self.baseline is None else self.baseline.device_info
-            back, left, t_back, used_after = wait_device_back(
-                device,
-                base,
-                pids,
-                tolerance_mib=float(self.settings.leak_tolerance_mib),
-                timeout=float(self.settings.release_timeout),
+        if not self._lock.acquire(timeout=CLOSE_WAIT_SECONDS):
+            raise SessionStateError(
+                f"close waited {CLOSE_WAIT_SECONDS:g}s (CLOSE_WAIT_SECONDS) for a parse in another thread to end; "
+                "the worker is still running. Call close() again once the parse has ended.",
+                timeout=CLOSE_WAIT_SECONDS,
             )
-            steps.append(("wait for NVML", time.perf_counter() - t0 - stop_seconds))
-            after = settle(device)
-            seconds = time.perf_counter() - t0
-            if left:
-                self._event("after release: " + "; ".join(left), level=logging.WARNING)
-            base_used = None if base is None else base.used_mib
-            last = self._history[-1] if self._history else {}
-            worker_info: dict[str, Any] = {
-                # The last worker: the one closed here, or the one that failed last.
-                "pid": worker.pid if worker is not None else last.get("pid"),
-                "exitcode": exitcode if worker is not None else last.get("exitcode"),
-                "stop_seconds": round(stop_seconds, 4),
-                # From the start of close until NVML showed the device back (None: cannot tell).
-                "seconds_to_baseline": None if t_back is None or back is None else round(stop_seconds + t_back, 4),
-                "nvml_wait_seconds": None if t_back is None or back is None else round(t_back, 4),
-                "back_at_baseline": back,
-                "device_used_baseline_mib": base_used,
-                "device_used_after_mib": used_after,
-                "device_residual_mib": None if used_after is None or base_used is None else used_after - base_used,
-                "left": left,
-                "workers_started": self._started,
-                "restarts": self.restarts,
-                "recycles": self.recycles,
-                "crashes": self.crashes,
-                "timeouts": self.timeouts,
-                "documents": self.documents,
-                "history": list(self._history),
-            }
-            self._remove_folder()
-            self._state = RunnerState.CLOSED
-            self._report = ReleaseReport(
-                device=device,
-                isolation="process",
-                baseline=self.baseline,
-                before=before,
-                after=after,
-                seconds=seconds,
-                models_released=models,
-                models_alive=[],
-                steps=steps,
-                context_created=False,  # the parent never initialises CUDA for the worker
-                context_floor_mib=self.settings.context_floor_mib,
-                tolerance_mib=self.settings.leak_tolerance_mib,
-                events=list(self.events),
-                worker=worker_info,
-            )
+        try:
+            return self._close()
+        finally:
+            self._lock.release()
+
+    def _close(self) -> ReleaseReport:
+        """close() under the runner's lock."""
+        if self._report is not None:
             return self._report
+        if self._state is RunnerState.UNOPENED:
+            raise SessionStateError("cannot close a worker runner that was never opened")
+        t0 = time.perf_counter()
+        device = self.settings.device
+        before = self._last_snapshot
+        models = 0
+        worker = self._worker
+        exitcode: int | None = None
+        pids = [w.pid for w in self._retired]
+        steps: list[tuple[str, float]] = []
+        if worker is not None:
+            pids.append(worker.pid)
+            if worker.alive():
+                try:
+                    bye = worker.request(protocol.Exit(), timeout=self._grace())
+                    if isinstance(bye, protocol.Bye):
+                        before = bye.stats.snapshot or before
+                        models = bye.models
+                except (WorkerDied, WorkerTimedOut):
+                    pass
+            exitcode = worker.stop(self._grace())
+            worker.end = worker.end or "session closed"
+            self._history.append(worker.summary())
+            self._worker = None
+        self._reap_retired()
+        stop_seconds = time.perf_counter() - t0
+        steps.append(("stop worker", stop_seconds))
+        base = None if self.baseline is None else self.baseline.device_info
+        back, left, t_back, used_after = wait_device_back(
+            device,
+            base,
+            pids,
+            tolerance_mib=float(self.settings.leak_tolerance_mib),
+            timeout=float(self.settings.release_timeout),
+        )
+        steps.append(("wait for NVML", time.perf_counter() - t0 - stop_seconds))
+        after = settle(device)
+        seconds = time.perf_counter() - t0
+        if left:
+            self._event("after release: " + "; ".join(left), level=logging.WARNING)
+        base_used = None if base is None else base.used_mib
+        last = self._history[-1] if self._history else {}
+        worker_info: dict[str, Any] = {
+            # The last worker: the one closed here, or the one that failed last.
+            "pid": worker.pid if worker is not None else last.get("pid"),
+            "exitcode": exitcode if worker is not None else last.get("exitcode"),
+            "stop_seconds": round(stop_seconds, 4),
+            # From the start of close until NVML showed the device back (None: cannot tell).
+            "seconds_to_baseline": None if t_back is None or back is None else round(stop_seconds + t_back, 4),
+            "nvml_wait_seconds": None if t_back is None or back is None else round(t_back, 4),
+            "back_at_baseline": back,
+            "device_used_baseline_mib": base_used,
+            "device_used_after_mib": used_after,
+            "device_residual_mib": None if used_after is None or base_used is None else used_after - base_used,
+            "left": left,
+            "workers_started": self._started,
+            "restarts": self.restarts,
+            "recycles": self.recycles,
+            "crashes": self.crashes,
+            "timeouts": self.timeouts,
+            "documents": self.documents,
+            "history": list(self._history),
+        }
+        self._remove_folder()
+        self._state = RunnerState.CLOSED
+        self._report = ReleaseReport(
+            device=device,
+            isolation="process",
+            baseline=self.baseline,
+            before=before,
+            after=after,
+            seconds=seconds,
+            models_released=models,
+            models_alive=[],
+            steps=steps,
+            context_created=False,  # the parent never initialises CUDA for the worker
+            context_floor_mib=self.settings.context_floor_mib,
+            tolerance_mib=self.settings.leak_tolerance_mib,
+            events=list(self.events),
+            worker=worker_info,
+        )
+        return self._report
 
     def _shutdown_all(self) -> None:
         for worker in [*self._retired, *([self._worker] if self._worker is not None else [])]:
@@ -592,8 +638,10 @@ class WorkerRunner:
             worker = self._ensure_worker()
             try:
                 reply = worker.request(protocol.Debug(command=command, args=args), timeout=DEBUG_TIMEOUT)
-            except (WorkerDied, WorkerTimedOut):
+            except WorkerDied:
                 raise self._crashed(worker, f"<debug {command}>") from None
+            except WorkerTimedOut:
+                raise self._timed_out(worker, f"<debug {command}>", DEBUG_TIMEOUT, "DEBUG_TIMEOUT") from None
             if isinstance(reply, protocol.Error):
                 add_note(reply.error, f"raised in the mineru-vram worker (pid {worker.pid}):\n{reply.traceback}")
                 raise reply.error
