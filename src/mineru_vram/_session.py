@@ -40,6 +40,10 @@ logger = logging.getLogger("mineru_vram")
 
 Isolation = Literal["none", "process"]
 
+# How long close() waits by default for parses running in other threads before it gives up
+# (it releases nothing under a running parse).
+CLOSE_TIMEOUT_SECONDS = 600.0
+
 
 class SessionState(enum.Enum):
     """Lifecycle of a :class:`ModelSession`."""
@@ -196,6 +200,10 @@ class ModelSession:
         self.max_pages = max_pages
         self._state = SessionState.UNOPENED
         self._state_lock = threading.RLock()
+        # Parses running now (from any thread); close() waits for them, and notify_all says one ended.
+        self._parsing = 0
+        self._parse_ended = threading.Condition(self._state_lock)
+        self._releasing = False  # close() got past the wait and is releasing
         self._runner: Runner | None = None
         self._finalizer: weakref.finalize[..., Any] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -249,7 +257,9 @@ class ModelSession:
             raise SessionStateError(
                 f"cannot {what}: the session is not open; use `with ModelSession(...) as s:` or call open() first"
             )
-        if state in (SessionState.CLOSING, SessionState.CLOSED):
+        if state is SessionState.CLOSING:
+            raise SessionStateError(f"cannot {what}: the session is closing (close() was called); create a new one")
+        if state is SessionState.CLOSED:
             raise SessionStateError(f"cannot {what}: the session is closed; create a new ModelSession")
         raise SessionStateError(f"cannot {what}: the session is {state.value}")
 
@@ -299,18 +309,37 @@ class ModelSession:
         self._state = SessionState.OPENED
         return self
 
-    def close(self) -> ReleaseReport | None:
+    def close(self, *, timeout: float | None = CLOSE_TIMEOUT_SECONDS) -> ReleaseReport | None:
         """Release the models and measure. Idempotent; returns the receipt.
 
+        Parses running in other threads are waited for first: nothing is released under
+        them. From the moment close is called, new parses raise :class:`SessionStateError`.
+
+        Args:
+            timeout: how long to wait for running parses (``None``: as long as they take).
+
         Raises:
+            SessionStateError: parses were still running after ``timeout``. Nothing was
+                released; the session stays closing, and close can be called again.
             VramLeakError: with ``strict=True``, when the receipt is not clean.
         """
         with self._state_lock:
-            if self._state in (SessionState.CLOSED, SessionState.CLOSING, SessionState.UNOPENED):
+            if self._state in (SessionState.CLOSED, SessionState.UNOPENED) or self._releasing:
                 if self._state is SessionState.UNOPENED:
                     self._state = SessionState.CLOSED
                 return self.release_report
             self._state = SessionState.CLOSING
+            if not self._parse_ended.wait_for(lambda: self._parsing == 0, timeout=timeout):
+                raise SessionStateError(
+                    f"close() waited {timeout:g}s for {self._parsing} parse(s) running in other threads to end "
+                    f"(close(timeout=...), default {CLOSE_TIMEOUT_SECONDS:g}s); nothing was released and new parses "
+                    "are refused. Call close() again once they end.",
+                    timeout=timeout,
+                    running=self._parsing,
+                )
+            if self._releasing:  # another thread's close got here first
+                return self.release_report
+            self._releasing = True
         runner = self._runner
         assert runner is not None  # OPENED implies a runner
         _emit_phase("release.start", **self._phase_info())
@@ -396,7 +425,26 @@ class ModelSession:
             WorkerCrashedError: (process isolation) the worker died.
             SessionStateError: the session is not open.
         """
-        runner = self._require_open("parse")
+        with self._state_lock:
+            runner = self._require_open("parse")
+            self._parsing += 1  # close() waits until this parse has ended
+        try:
+            return self._parse(runner, source, pages=pages, ocr_mode=ocr_mode, name=name, timeout=timeout)
+        finally:
+            with self._state_lock:
+                self._parsing -= 1
+                self._parse_ended.notify_all()
+
+    def _parse(
+        self,
+        runner: Runner,
+        source: Source,
+        *,
+        pages: str | int | Sequence[int] | range | None,
+        ocr_mode: str | None,
+        name: str | None,
+        timeout: float | str | None,
+    ) -> ParseResult:
         t0 = time.perf_counter()
         # Timeline phases: parse.start / parse.end around the whole call.
         phase = {**self._phase_info(), "document": name or _display_name(source)}
@@ -494,13 +542,13 @@ class ModelSession:
         """``parse_many`` on the session's executor; takes the same arguments."""
         return await self._run(self.parse_many, list(sources), **kwargs)  # type: ignore[no-any-return]
 
-    async def aclose(self) -> ReleaseReport | None:
-        """``close`` on the session's executor."""
+    async def aclose(self, *, timeout: float | None = CLOSE_TIMEOUT_SECONDS) -> ReleaseReport | None:
+        """``close`` on the session's executor; takes the same arguments."""
         if self._state is SessionState.UNOPENED or self._executor is None:
-            return self.close()
+            return self.close(timeout=timeout)
         executor = self._executor
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self.close)  # type: ignore[no-any-return]
+        return await loop.run_in_executor(executor, lambda: self.close(timeout=timeout))
 
     async def __aenter__(self) -> ModelSession:
         return await self.aopen()

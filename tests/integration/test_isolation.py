@@ -291,6 +291,42 @@ def test_timeout_none_lifts_the_bound(flash_session: mv.ModelSession, monkeypatc
         assert runner.timeouts == 0
 
 
+def test_close_waits_for_a_parse_in_another_thread_with_a_bound_it_names(flash_session: mv.ModelSession) -> None:
+    s = flash_session.open()
+    runner = _runner(s)
+    s.parse(PDF)
+    pid = runner.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # the parse below waits on a worker that does not answer
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        parsing = pool.submit(s.parse, PDF, name="slow.pdf", timeout=None)
+        try:
+
+            def worker_busy() -> bool:  # the parse holds the runner's lock while it waits on the worker
+                if runner._lock.acquire(blocking=False):
+                    runner._lock.release()
+                    return False
+                return True
+
+            assert wait_for(worker_busy, timeout=30)
+            closing = pool.submit(s.close, timeout=1.0)
+            with pytest.raises(mv.SessionStateError, match=r"waited 1s") as info:
+                closing.result(timeout=60)  # without a bound, close waited as long as the parse
+            assert info.value.timeout == 1.0
+            assert s.state is mv.SessionState.CLOSING
+            assert alive(pid), "nothing was stopped under the running parse"
+            with pytest.raises(mv.SessionStateError, match="closing"):
+                s.parse(PDF)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert parsing.result(timeout=60).document == "slow.pdf"
+    report = s.close()
+    assert report is not None
+    assert report.worker["documents"] == 2
+    assert report.worker["exitcode"] == 0
+    assert s.state is mv.SessionState.CLOSED
+
+
 @pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), "soon"])
 def test_timeout_must_be_positive_auto_or_none(flash_session: mv.ModelSession, timeout: Any) -> None:
     with flash_session as s, pytest.raises(mv.ConfigurationError, match="timeout="):

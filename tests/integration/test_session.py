@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,6 +143,56 @@ def test_a_killed_processs_mineru_home_is_swept_by_the_next_session() -> None:
         holder.wait(30)
         assert holder.stdout is not None
         holder.stdout.close()
+
+
+class _Gate:
+    """Stand-in wrapper around MinerU's analysis: holds a parse inside MinerU until the test opens it.
+
+    Records, when the parse goes on, whether the session's MinerU home was still there:
+    a release under a running parse would have removed it.
+    """
+
+    def __init__(self, real: Callable[..., object]) -> None:
+        self.real = real
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.home_on_resume: bool | None = None
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        self.entered.set()
+        assert self.go.wait(120), "the test never let the parse go on"
+        home = os.environ.get("MINERU_HOME")
+        self.home_on_resume = home is not None and Path(home).is_dir()
+        return self.real(*args, **kwargs)
+
+
+def test_close_waits_for_a_parse_in_another_thread_and_refuses_new_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mineru.parser.mineru_parser as mineru_parser
+
+    gate = _Gate(mineru_parser.doc_analyze)
+    monkeypatch.setattr(mineru_parser, "doc_analyze", gate)
+    s = mv.ModelSession("flash", device="cpu", trust_env=False).open()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        parsing = pool.submit(s.parse, make_pdf(1), name="slow.pdf")
+        try:
+            assert gate.entered.wait(120)
+            with pytest.raises(mv.SessionStateError, match=r"waited 0\.5s") as info:
+                s.close(timeout=0.5)
+            assert info.value.timeout == 0.5
+            assert s.state is mv.SessionState.CLOSING
+            with pytest.raises(mv.SessionStateError, match="closing"):
+                s.parse(make_pdf(1))
+            closing = pool.submit(s.close)  # waits for the parse, without a bound this time
+        finally:
+            gate.go.set()
+        result = parsing.result(timeout=120)
+        report = closing.result(timeout=120)
+    assert gate.home_on_resume is True, "the models and MinerU's set-up were released under a running parse"
+    assert result.document == "slow.pdf"
+    assert report is s.release_report
+    assert report is not None
+    assert report.ok
+    assert s.state is mv.SessionState.CLOSED
 
 
 def test_bad_inputs_raise_typed_errors_and_the_session_stays_usable(
