@@ -237,11 +237,9 @@ def signal_name(exitcode: int | None) -> str | None:
 
 
 def command_exitcode(code: int | None) -> int | None:
-    """The command's exit code in :mod:`subprocess`'s convention, from its keeper's exit code.
+    """The command's exit code as :mod:`subprocess` gives it (``-N`` for signal ``N``), from its keeper's.
 
-    The keeper exits with its command's code, or with ``128 + N`` when signal ``N``
-    killed the command (the shell's convention); the keeper itself shows ``-9`` when
-    its group was killed. Both become ``-N`` here, as for a direct child.
+    The keeper exits ``128 + N`` when signal ``N`` killed its command, and shows ``-9`` when its group was.
     """
     if code is not None and code > 128:
         return 128 - code
@@ -755,18 +753,11 @@ OWNER_LOCK_NAME = ".owner.lock"
 
 
 def owned_temp_dir(prefix: str, base: str | os.PathLike[str] | None = None) -> tuple[Path, OwnerLock]:
-    """A new private folder ``<base>/<prefix><random>`` holding its owner's lock.
+    """A new folder ``<base>/<prefix><random>`` (``0700``, ``mkdtemp``) holding its owner's lock.
 
-    The folder is created ``0700`` under a name no one had (``mkdtemp``). While the
-    returned lock is held, :func:`sweep_dead_owners` leaves the folder alone; once
-    its owner died without removing it (``SIGKILL``), the next sweep removes it.
-
-    Args:
-        prefix: the start of the folder's name, shared by every folder of its kind.
-        base: the parent folder (default the system's temporary folder).
-
-    Raises:
-        OSError: the folder cannot be created.
+    While the lock is held :func:`sweep_dead_owners` leaves the folder alone; once its owner
+    died without removing it (``SIGKILL``), the next sweep removes it. ``base``: default the
+    system's temporary folder.
     """
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
     try:
@@ -778,15 +769,10 @@ def owned_temp_dir(prefix: str, base: str | os.PathLike[str] | None = None) -> t
 
 
 def sweep_dead_owners(base: str | os.PathLike[str] | None, prefix: str) -> list[Path]:
-    """Remove this user's folders ``<base>/<prefix>*`` whose owner died (see :func:`owned_temp_dir`).
+    """Remove this user's folders ``<base>/<prefix>*`` whose owner died (see :func:`owned_temp_dir`); returns them.
 
-    A folder whose lock file can be taken belonged to a dead owner: :class:`OwnerLock`
-    puts its file in place already locked. A folder without a lock file is kept (its
-    owner may be between creating it and locking it), as is any folder of another user
-    or reached through a symbolic link.
-
-    Returns:
-        The folders removed.
+    A lock file that can be taken marks a dead owner (:class:`OwnerLock` puts it in place locked).
+    Kept: folders without a lock file (the owner may be about to lock it), others' folders, links.
     """
     root = Path(base if base is not None else tempfile.gettempdir())
     try:
