@@ -1,7 +1,7 @@
 """The worker's side: one :class:`~mineru_vram._inprocess.InProcessRunner`, driven by messages.
 
-Started by the runner as ``python -I -m mineru_vram._worker.child <fd>`` (through
-:func:`mineru_vram._process.python_command`, under the keeper of
+Started by the runner as the equivalent of ``python -I -m mineru_vram._worker.child <fd>``
+(:func:`mineru_vram._process.python_command`, under the keeper of
 :func:`mineru_vram._process.spawn`, which kills it when the parent dies), with its
 end of the socketpair as descriptor ``fd``. It waits for
 :class:`~mineru_vram._worker.protocol.Init`, loads the models, says
