@@ -34,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +43,7 @@ from typing import Any
 
 from ._documents import Document
 from ._exceptions import ConfigurationError, OutOfMemoryError, ParseError
+from ._process import OwnerLock, owned_temp_dir, sweep_dead_owners
 from ._release import AliveTracker
 from ._result import ParseResult
 
@@ -55,6 +56,7 @@ __all__ = [
     "environment_before_sessions",
     "is_oom",
     "mineru_version",
+    "vlm_config",
 ]
 
 # Lazily loaded models that MinerU keeps on HybridLocalModelContext as cached properties.
@@ -66,8 +68,13 @@ _LAZY_MODELS = (
     "table_orientation_cls_model",
 )
 
+# The session's MinerU home (MINERU_HOME, config.yaml) is a temporary folder named so.
+_HOME_PREFIX = "mineru-vram-home-"
+
 # Environment variables MinerU sets for itself while loading or parsing; restored with ours.
-_MINERU_SIDE_EFFECT_ENV = ("PYTORCH_ENABLE_MPS_FALLBACK", "TORCH_CUDNN_V8_API_DISABLED")
+# LOGURU_LEVEL: MinerU's configure_global_log_level writes it on every parse, so that the
+# render processes it spawns log at its level.
+_MINERU_SIDE_EFFECT_ENV = ("PYTORCH_ENABLE_MPS_FALLBACK", "TORCH_CUDNN_V8_API_DISABLED", "LOGURU_LEVEL")
 
 
 def mineru_version() -> str | None:
@@ -78,6 +85,15 @@ def mineru_version() -> str | None:
         return metadata.version("mineru")
     except metadata.PackageNotFoundError:
         return None
+
+
+def vlm_config(fields: dict[str, Any] | None) -> Any:
+    """MinerU's ``VlmConfig`` from plain fields (how a VLM engine is reached), or ``None``."""
+    if fields is None:
+        return None
+    from mineru.config import VlmConfig
+
+    return VlmConfig(**fields)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -380,9 +396,11 @@ class MineruRuntime:
         """Set MinerU's environment and configuration; returns the undo and the variables' old values."""
         stack = contextlib.ExitStack()
         try:
-            home_dir = tempfile.TemporaryDirectory(prefix="mineru-vram-home-")
-            stack.callback(home_dir.cleanup)
-            home = Path(home_dir.name)
+            # Homes of processes killed before they could remove theirs (SIGKILL) go first;
+            # each home holds its owner's lock, so a live session's home is never touched.
+            sweep_dead_owners(None, _HOME_PREFIX)
+            home, lock = owned_temp_dir(_HOME_PREFIX)
+            stack.callback(_remove_home, home, lock)
             config_file = home / "config.yaml"
             config_file.write_text(self._config_yaml(), encoding="utf-8")
             env = {
@@ -955,6 +973,11 @@ def mineru_pdfium_lock() -> Any:
     """
     module = sys.modules.get("docvortex.document.pdf.pdfium")
     return getattr(module, "_pdfium_lock", None)
+
+
+def _remove_home(home: Path, lock: OwnerLock) -> None:
+    shutil.rmtree(home, ignore_errors=True)
+    lock.release()
 
 
 def _stop_render_workers() -> None:

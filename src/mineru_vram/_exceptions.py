@@ -45,6 +45,7 @@ worker boundary), because ``__reduce__`` rebuilds it from its keyword arguments.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __all__ = [
@@ -331,3 +332,35 @@ class ResultTimeoutError(MineruVramError, TimeoutError):
     """``result(timeout=...)`` passed before the task ended. The task goes on."""
 
     task_id: str | None
+
+
+# BaseException.add_note exists from Python 3.11; a test turns this off to check the fallback.
+_NOTES_SUPPORTED = sys.version_info >= (3, 11)
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach ``note`` to ``exc``, on every supported Python.
+
+    Python 3.11+ uses ``add_note`` (printed under the traceback). Python 3.10 has no
+    notes and would print none, so there the note is kept in ``__notes__`` (for code
+    that reads it) and appended to the error's message, where it is seen.
+    """
+    add = getattr(exc, "add_note", None)
+    if _NOTES_SUPPORTED and add is not None:
+        add(note)
+        return
+    notes = getattr(exc, "__notes__", None)
+    if not isinstance(notes, list):
+        notes = []
+        try:
+            exc.__notes__ = notes  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type with __slots__ and no __dict__
+            pass
+    notes.append(note)
+    if isinstance(exc, MineruVramError):
+        exc.message = f"{exc.message}\n{note}"
+        exc.args = (exc.message, *exc.args[1:])
+    elif exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}\n{note}", *exc.args[1:])
+    else:
+        exc.args = (*exc.args, note)

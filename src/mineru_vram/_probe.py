@@ -30,6 +30,7 @@ __all__ = [
     "MIB",
     "ProcessMemory",
     "VramSnapshot",
+    "cuda_device_problem",
     "device_index",
     "measure_context_floor",
     "nvml_device_count",
@@ -118,6 +119,30 @@ def _nvml_handle(cuda_index: int) -> Any | None:
         return nvml.nvmlDeviceGetHandleByUUID(entry if entry.startswith("GPU-") else f"GPU-{entry}")
     except Exception:
         return None
+
+
+def cuda_device_problem(device: str) -> str | None:
+    """Why the resolved ``device`` cannot be used in this process, or ``None`` when it can.
+
+    Asks NVML (honouring ``CUDA_VISIBLE_DEVICES``) and, where torch is already imported,
+    whether that torch was built with CUDA. Creates no CUDA context and imports no torch.
+    ``"cpu"`` is always usable.
+    """
+    if not device.startswith("cuda"):
+        return None
+    index = device_index(device)
+    if _nvml() is None:
+        return f"NVML cannot be used here ({_nvml_error() or 'pynvml is missing'}), so no GPU is visible"
+    if _nvml_handle(index) is None:
+        seen = f"NVML sees {nvml_device_count()} GPU(s)"
+        visible = _visible_devices()
+        if visible is not None:
+            seen += f", CUDA_VISIBLE_DEVICES={','.join(visible)!r} leaves {len(visible)}"
+        return f"{seen}, so there is no CUDA device {index}"
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(getattr(torch, "version", None), "cuda", "") is None:
+        return f"the torch in this process ({getattr(torch, '__version__', '?')}) is built without CUDA"
+    return None
 
 
 def resolve_device(device: str | int | None) -> str:

@@ -51,11 +51,13 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -65,15 +67,18 @@ from typing import IO, Any
 from ._exceptions import InsecurePathError
 
 __all__ = [
+    "OWNER_LOCK_NAME",
     "OwnerLock",
     "ProcessGroup",
     "check_private",
+    "command_exitcode",
     "exclusive",
     "free_port",
     "kill_group",
     "listening_pids",
     "log_tail",
     "open_private",
+    "owned_temp_dir",
     "owner_alive",
     "port_free",
     "private_dir",
@@ -81,6 +86,7 @@ __all__ = [
     "python_command",
     "signal_name",
     "spawn",
+    "sweep_dead_owners",
     "trim_log",
 ]
 
@@ -236,6 +242,16 @@ def signal_name(exitcode: int | None) -> str | None:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def command_exitcode(code: int | None) -> int | None:
+    """The command's exit code as :mod:`subprocess` gives it (``-N`` for signal ``N``), from its keeper's.
+
+    The keeper exits ``128 + N`` when signal ``N`` killed its command, and shows ``-9`` when its group was.
+    """
+    if code is not None and code > 128:
+        return 128 - code
+    return code
 
 
 class ProcessGroup:
@@ -816,3 +832,49 @@ def owner_alive(path: str | os.PathLike[str], *, remove_if_dead: bool = False) -
         return False
     finally:
         os.close(fd)
+
+
+# The owner lock inside a folder made by :func:`owned_temp_dir`.
+OWNER_LOCK_NAME = ".owner.lock"
+
+
+def owned_temp_dir(prefix: str, base: str | os.PathLike[str] | None = None) -> tuple[Path, OwnerLock]:
+    """A new folder ``<base>/<prefix><random>`` (``0700``, ``mkdtemp``) holding its owner's lock.
+
+    While the lock is held :func:`sweep_dead_owners` leaves the folder alone; once its owner
+    died without removing it (``SIGKILL``), the next sweep removes it. ``base``: default the
+    system's temporary folder.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    try:
+        lock = OwnerLock(folder / OWNER_LOCK_NAME).acquire()
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder, lock
+
+
+def sweep_dead_owners(base: str | os.PathLike[str] | None, prefix: str) -> list[Path]:
+    """Remove this user's folders ``<base>/<prefix>*`` whose owner died (see :func:`owned_temp_dir`); returns them.
+
+    A lock file that can be taken marks a dead owner (:class:`OwnerLock` puts it in place locked).
+    Kept: folders without a lock file (the owner may be about to lock it), others' folders, links.
+    """
+    root = Path(base if base is not None else tempfile.gettempdir())
+    try:
+        entries = sorted(root.glob(f"{prefix}*"))
+    except OSError:
+        return []
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    removed: list[Path] = []
+    for entry in entries:
+        try:
+            info = os.lstat(entry)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):
+            continue
+        if owner_alive(entry / OWNER_LOCK_NAME) is False:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed

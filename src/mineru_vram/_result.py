@@ -7,12 +7,15 @@ nothing that cannot cross a process boundary by pickling.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ._exceptions import InsecurePathError
 
 __all__ = ["BatchItem", "BatchResult", "ParseResult"]
 
@@ -55,31 +58,56 @@ class ParseResult:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         stem = Path(self.document).stem or "document"
-        (out / f"{stem}.md").write_text(self.markdown, encoding="utf-8")
-        (out / f"{stem}_content_list.json").write_text(
-            json.dumps(self.content_list, ensure_ascii=False, indent=2), encoding="utf-8"
-        )
-        (out / f"{stem}_middle.json").write_text(
-            json.dumps(self.middle_json, ensure_ascii=False, indent=2), encoding="utf-8"
-        )
+        _write(out / f"{stem}.md", self.markdown.encode("utf-8"))
+        _write(out / f"{stem}_content_list.json", _json(self.content_list))
+        _write(out / f"{stem}_middle.json", _json(self.middle_json))
         if self.model_output is not None:
-            (out / f"{stem}_model.json").write_text(
-                json.dumps(self.model_output, ensure_ascii=False, indent=2), encoding="utf-8"
-            )
+            _write(out / f"{stem}_model.json", _json(self.model_output))
+        root = out.resolve()
         for rel, payload in self.images.items():
-            target = (out / rel).resolve()
-            # Image names come from MinerU; refuse anything that would escape ``out``.
-            if out.resolve() not in target.parents:
+            # Image names come from MinerU; refuse anything that would escape ``out``:
+            # ``..`` or an absolute name, or a folder on the way that links elsewhere.
+            name = Path(rel)
+            if name.is_absolute() or ".." in name.parts:
                 raise ValueError(f"image path {rel!r} escapes the output directory")
+            target = root / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(payload)
+            folder = target.parent.resolve()
+            if folder != root and root not in folder.parents:
+                raise ValueError(f"image path {rel!r} escapes the output directory")
+            _write(target, payload)
         return out
 
     def __repr__(self) -> str:
         return (
-            f"ParseResult(document={self.document!r}, pages={self.page_count}, "
+            f"ParseResult(document={self.document!r}, page_count={self.page_count}, "
             f"markdown={len(self.markdown)} chars, images={len(self.images)}, seconds={self.seconds:.2f})"
         )
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, indent=2).encode("utf-8")
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Create or replace the file ``path``, never writing through a symbolic link planted there.
+
+    The mode is the usual one (``0666`` less the umask): these are the user's outputs.
+
+    Raises:
+        InsecurePathError: ``path`` is a symbolic link.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InsecurePathError(
+                f"{path}: refusing to write through a symbolic link; remove it or save elsewhere", path=str(path)
+            ) from None
+        raise
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """``ModelSession``: MinerU's models for the length of a ``with`` block.
 
 The session owns validation, state and the receipt; the work itself is done by a
-*runner*: :class:`InProcessRunner` loads MinerU's models into this process, and
-the worker runner (``_worker.py``) loads them into a child process that runs an
+*runner* (``_inprocess.py``): :class:`~mineru_vram._inprocess.InProcessRunner`
+loads MinerU's models into this process, and the worker runner
+(``_worker/runner.py``) loads them into a child process that runs an
 ``InProcessRunner`` of its own, so both modes share one code path for parsing and
 release.
 """
@@ -17,34 +18,31 @@ import logging
 import os
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from ._budget import Ledger, Reservation, VramBudget, admit, resolve_budget
-from ._config import BackendSpec, env_settings, resolve_backend
+from ._config import env_settings, resolve_backend
 from ._documents import Document, Source, load_document, parse_pages
-from ._events import emit as _emit_phase  # timeline phase events (issue #5)
-from ._exceptions import (
-    ConfigurationError,
-    MineruVramError,
-    OutOfMemoryError,
-    SessionStateError,
-    VramLeakError,
-)
-from ._probe import VramSnapshot, resolve_device, vram_snapshot
-from ._release import AliveTracker, ReleaseReport, log_report, return_allocator_memory, settle
+from ._events import emit as _emit_phase  # timeline phase events
+from ._exceptions import ConfigurationError, MineruVramError, SessionStateError, VramLeakError
+from ._inprocess import InProcessRunner, ParseOptions, Runner, SessionSettings
+from ._probe import VramSnapshot, cuda_device_problem, resolve_device, vram_snapshot
+from ._release import ReleaseReport, log_report
 from ._result import BatchItem, BatchResult, ParseResult
 
-__all__ = ["InProcessRunner", "ModelSession", "ParseOptions", "SessionSettings", "SessionState"]
+__all__ = ["ModelSession", "SessionState"]
 
 logger = logging.getLogger("mineru_vram")
 
 Isolation = Literal["none", "process"]
+
+# How long close() waits by default for parses running in other threads before it gives up
+# (it releases nothing under a running parse).
+CLOSE_TIMEOUT_SECONDS = 600.0
 
 
 class SessionState(enum.Enum):
@@ -57,205 +55,9 @@ class SessionState(enum.Enum):
     CLOSED = "closed"  # released; the session cannot be reopened
 
 
-@dataclass(frozen=True)
-class SessionSettings:
-    """Everything a runner needs, resolved and picklable (it travels to the worker).
-
-    Attributes mirror :class:`ModelSession`'s arguments after defaults and
-    environment variables were applied.
-    """
-
-    backend: BackendSpec
-    device: str
-    models_dir: Path | None = None
-    model_source: str | None = None
-    small_backend: str = "torch"
-    preload: str = "core"
-    strict: bool = False
-    leak_tolerance_mib: float = 32.0
-    context_floor_mib: float | None = None
-    keep_model_output: bool = False
-    vlm_config: dict[str, Any] | None = None
-    isolation: str = "none"
-    recycle_after: int | None = None
-    recycle_above_mib: float | None = None
-    worker_start_timeout: float = 300.0
-    release_timeout: float = 10.0
-    runtime_dir: str | None = None
-    # Budgets and OOM recovery (issue #6): MINERU_VIRTUAL_VRAM_SIZE from the admitted budget
-    # (set inside the session only), and one retry on smaller batches after a CUDA OOM.
-    virtual_vram_gb: int | None = None
-    oom_retry: bool = True
-
-
-@dataclass(frozen=True)
-class ParseOptions:
-    """Per-call options that travel with a document to its runner."""
-
-    page_range: str = ""
-    ocr_mode: str = "auto"
-    timeout: float | None = None
-    # The resident engine's current VlmConfig fields, taken per parse from its lease (the
-    # engine may have restarted or moved port since the session opened).
-    vlm_config: dict[str, Any] | None = None
-
-
-class Runner(Protocol):
-    """Where a session's models live. ``open`` loads, ``close`` releases and measures."""
-
-    baseline: VramSnapshot | None
-
-    def open(self) -> None: ...
-
-    def parse(self, doc: Document, options: ParseOptions) -> ParseResult: ...
-
-    def close(self) -> ReleaseReport: ...
-
-    def abandon(self) -> None:
-        """Best-effort cleanup from a finalizer: no measuring, no raising."""
-        ...
-
-
-class InProcessRunner:
-    """Loads MinerU's models into this process and releases them on close."""
-
-    def __init__(self, settings: SessionSettings) -> None:
-        from ._adapter import MineruRuntime
-
-        self.settings = settings
-        self.baseline: VramSnapshot | None = None
-        self.runtime = MineruRuntime(
-            device=settings.device,
-            models_dir=settings.models_dir,
-            model_source=settings.model_source,
-            small_backend=settings.small_backend,
-            virtual_vram_gb=settings.virtual_vram_gb,
-        )
-        self._vlm_config: Any = None
-        self._lock = threading.Lock()
-        self.oom_retries = 0  # documents that ran out of memory and were retried on smaller batches
-
-    def open(self) -> None:
-        self.baseline = settle(self.settings.device)
-        self.runtime.activate()
-        try:
-            if self.settings.vlm_config is not None:
-                from mineru.config import VlmConfig
-
-                self._vlm_config = VlmConfig(**self.settings.vlm_config)
-            self.runtime.load(tier=self.settings.backend.tier, preload=self.settings.preload)
-        except BaseException:
-            self._release(AliveTracker())
-            raise
-
-    def parse(self, doc: Document, options: ParseOptions) -> ParseResult:
-        if options.timeout is not None:
-            raise ConfigurationError(
-                "parse(timeout=...) needs isolation='process': a parse running in this process "
-                "cannot be interrupted safely",
-                timeout=options.timeout,
-            )
-        vlm_config = self._vlm_config
-        if options.vlm_config is not None:
-            from mineru.config import VlmConfig
-
-            vlm_config = VlmConfig(**options.vlm_config)
-        with self._lock:  # MinerU's models are not safe to call from two threads at once
-            oom_message = None
-            try:
-                return self._parse_once(doc, options, vlm_config)
-            except OutOfMemoryError as exc:
-                if not self.settings.oom_retry:
-                    raise
-                oom_message = str(exc)
-            # OOM recovery (issue #6), outside the except block so the first error's traceback
-            # (cleared by _parse_once) is no longer being handled: release what the document
-            # held (its frames are cleared; the allocator's cached blocks go back to the driver;
-            # an exceptional path, not a per-document ritual), then retry once on halved batches.
-            self.oom_retries += 1
-            return_allocator_memory(self.settings.device)
-            logger.warning("%s; retrying once on smaller batches", oom_message)
-            with self.runtime.smaller_batches() as knobs:
-                try:
-                    result = self._parse_once(doc, options, vlm_config)
-                except OutOfMemoryError as exc:
-                    return_allocator_memory(self.settings.device)
-                    exc.add_note(f"retried once on smaller batches ({knobs}) after: {oom_message}")
-                    raise
-            return dataclasses.replace(result, timings={**result.timings, "oom_retries": 1.0})
-
-    def _parse_once(self, doc: Document, options: ParseOptions, vlm_config: Any) -> ParseResult:
-        try:
-            return self.runtime.parse(
-                doc,
-                tier=self.settings.backend.tier,
-                ocr_mode=options.ocr_mode,
-                page_range=options.page_range,
-                backend=self.settings.backend.name,
-                keep_model_output=self.settings.keep_model_output,
-                vlm_config=vlm_config,
-            )
-        except MineruVramError as exc:
-            # The traceback's frames hold the document's tensors; drop their locals so
-            # the error object the caller keeps does not keep device memory alive.
-            _clear_frames(exc)
-            raise
-
-    def _release(self, tracker: AliveTracker) -> tuple[int, list[tuple[str, float]]]:
-        t0 = time.perf_counter()
-        released = self.runtime.release_models(tracker)
-        steps = [("drop MinerU cache entries", time.perf_counter() - t0)]
-        self.runtime.deactivate()
-        steps += return_allocator_memory(self.settings.device)
-        return released, steps
-
-    def close(self) -> ReleaseReport:
-        device = self.settings.device
-        before = vram_snapshot(device)
-        t0 = time.perf_counter()
-        tracker = AliveTracker()
-        released, steps = self._release(tracker)
-        after = settle(device)
-        seconds = time.perf_counter() - t0
-        context_created = bool(
-            after.cuda_initialized and self.baseline is not None and not self.baseline.cuda_initialized
-        )
-        return ReleaseReport(
-            device=device,
-            isolation="none",
-            baseline=self.baseline,
-            before=before,
-            after=after,
-            seconds=seconds,
-            models_released=released,
-            models_alive=tracker.alive(),
-            steps=steps,
-            context_created=context_created,
-            context_floor_mib=self.settings.context_floor_mib,
-            tolerance_mib=self.settings.leak_tolerance_mib,
-        )
-
-    def abandon(self) -> None:
-        try:
-            self.runtime.release_models(AliveTracker())
-            self.runtime.deactivate()
-        except Exception:
-            pass
-
-
-def _clear_frames(exc: BaseException) -> None:
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if cur.__traceback__ is not None:
-            traceback.clear_frames(cur.__traceback__)
-        cur = cur.__cause__ or cur.__context__
-
-
 def _make_runner(settings: SessionSettings) -> Runner:
     if settings.isolation == "process":
-        from ._worker import WorkerRunner
+        from ._worker.runner import WorkerRunner
 
         return WorkerRunner(settings)
     return InProcessRunner(settings)
@@ -391,12 +193,17 @@ class ModelSession:
             oom_retry=oom_retry,
         )
         self.budget = resolve_budget(budget)
+        _check_device(self.settings.device, self.budget)
         self.reservation: Reservation | None = None
         self.ocr_mode = ocr_mode
         self.max_document_bytes = max_document_bytes
         self.max_pages = max_pages
         self._state = SessionState.UNOPENED
         self._state_lock = threading.RLock()
+        # Parses running now (from any thread); close() waits for them, and notify_all says one ended.
+        self._parsing = 0
+        self._parse_ended = threading.Condition(self._state_lock)
+        self._releasing = False  # close() got past the wait and is releasing
         self._runner: Runner | None = None
         self._finalizer: weakref.finalize[..., Any] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -434,7 +241,7 @@ class ModelSession:
         )
 
     def _phase_info(self) -> dict[str, Any]:
-        # What each timeline phase event carries (issue #5); ``session`` pairs starts with ends.
+        # What each timeline phase event carries; ``session`` pairs starts with ends.
         return {
             "session": f"{id(self):x}",
             "backend": self.backend,
@@ -450,7 +257,9 @@ class ModelSession:
             raise SessionStateError(
                 f"cannot {what}: the session is not open; use `with ModelSession(...) as s:` or call open() first"
             )
-        if state in (SessionState.CLOSING, SessionState.CLOSED):
+        if state is SessionState.CLOSING:
+            raise SessionStateError(f"cannot {what}: the session is closing (close() was called); create a new one")
+        if state is SessionState.CLOSED:
             raise SessionStateError(f"cannot {what}: the session is closed; create a new ModelSession")
         raise SessionStateError(f"cannot {what}: the session is {state.value}")
 
@@ -472,7 +281,7 @@ class ModelSession:
             self._state = SessionState.OPENING
         try:
             if self.budget is not None:
-                # Admission (issue #6): wait until the device has the budget free and reserve
+                # Admission: wait until the device has the budget free and reserve
                 # it in the cross-process ledger before anything loads.
                 self.reservation = admit(
                     self.budget,
@@ -482,43 +291,62 @@ class ModelSession:
                 )
                 if self.reservation.virtual_vram_gb is not None:
                     self.settings = dataclasses.replace(self.settings, virtual_vram_gb=self.reservation.virtual_vram_gb)
-            _emit_phase("load.start", **self._phase_info())  # issue #5: timeline phases
+            _emit_phase("load.start", **self._phase_info())
             runner = _make_runner(self.settings)
             runner.open()
             worker_pid = getattr(runner, "pid", None)
             if self.reservation is not None and worker_pid is not None:
                 self.reservation.set_pids([os.getpid(), worker_pid])  # the worker spends the reservation
         except BaseException as exc:
-            _emit_phase("load.end", ok=False, error=_error_text(exc), **self._phase_info())  # issue #5
+            _emit_phase("load.end", ok=False, error=_error_text(exc), **self._phase_info())
             self._state = SessionState.CLOSED
             if self.reservation is not None:
                 self.reservation.release()
             raise
-        _emit_phase("load.end", ok=True, **self._phase_info())  # issue #5: timeline phases
+        _emit_phase("load.end", ok=True, **self._phase_info())
         self._runner = runner
         self._finalizer = weakref.finalize(self, _abandon, runner, os.getpid())
         self._state = SessionState.OPENED
         return self
 
-    def close(self) -> ReleaseReport | None:
+    def close(self, *, timeout: float | None = CLOSE_TIMEOUT_SECONDS) -> ReleaseReport | None:
         """Release the models and measure. Idempotent; returns the receipt.
 
+        Parses running in other threads are waited for first: nothing is released under
+        them. From the moment close is called, new parses raise :class:`SessionStateError`.
+
+        Args:
+            timeout: how long to wait for running parses (``None``: as long as they take).
+
         Raises:
+            SessionStateError: parses were still running after ``timeout``. Nothing was
+                released; the session stays closing, and close can be called again.
             VramLeakError: with ``strict=True``, when the receipt is not clean.
         """
         with self._state_lock:
-            if self._state in (SessionState.CLOSED, SessionState.CLOSING, SessionState.UNOPENED):
+            if self._state in (SessionState.CLOSED, SessionState.UNOPENED) or self._releasing:
                 if self._state is SessionState.UNOPENED:
                     self._state = SessionState.CLOSED
                 return self.release_report
             self._state = SessionState.CLOSING
+            if not self._parse_ended.wait_for(lambda: self._parsing == 0, timeout=timeout):
+                raise SessionStateError(
+                    f"close() waited {timeout:g}s for {self._parsing} parse(s) running in other threads to end "
+                    f"(close(timeout=...), default {CLOSE_TIMEOUT_SECONDS:g}s); nothing was released and new parses "
+                    "are refused. Call close() again once they end.",
+                    timeout=timeout,
+                    running=self._parsing,
+                )
+            if self._releasing:  # another thread's close got here first
+                return self.release_report
+            self._releasing = True
         runner = self._runner
         assert runner is not None  # OPENED implies a runner
-        _emit_phase("release.start", **self._phase_info())  # issue #5: timeline phases
+        _emit_phase("release.start", **self._phase_info())
         try:
             report = runner.close()
         finally:
-            _emit_phase("release.end", **self._phase_info())  # issue #5: timeline phases
+            _emit_phase("release.end", **self._phase_info())
             if self._finalizer is not None:
                 self._finalizer.detach()
             if self.reservation is not None:
@@ -572,7 +400,7 @@ class ModelSession:
         pages: str | int | Sequence[int] | range | None = None,
         ocr_mode: Literal["auto", "txt", "ocr"] | None = None,
         name: str | None = None,
-        timeout: float | None = None,
+        timeout: float | Literal["auto"] | None = "auto",
     ) -> ParseResult:
         """Parse one PDF.
 
@@ -581,19 +409,44 @@ class ModelSession:
             pages: 1-based pages to parse (``"1-3,7"``, ``5``, ``range(1, 4)``); default all.
             ocr_mode: ``"auto"``, ``"txt"`` or ``"ocr"``; default the session's.
             name: the document's name in results and errors (default its path).
-            timeout: seconds before a hung parse is killed (process isolation only).
+            timeout: (process isolation) seconds before a parse that has not answered is
+                stopped by killing its worker. ``"auto"``: a default bound, 600 s plus
+                120 s for each page parsed, which only a worker that hangs reaches;
+                ``None``: no bound. In-process parses cannot be interrupted: there a
+                number is refused and ``"auto"`` bounds nothing.
 
         Raises:
             InvalidDocumentError: (and subclasses) the input is not a parseable PDF;
                 raised before any model runs.
             ParseError: MinerU failed on the document.
             OutOfMemoryError: the device ran out of memory.
+            ParseTimeoutError: (process isolation) no result within ``timeout``; the
+                message names the bound.
             WorkerCrashedError: (process isolation) the worker died.
             SessionStateError: the session is not open.
         """
-        runner = self._require_open("parse")
+        with self._state_lock:
+            runner = self._require_open("parse")
+            self._parsing += 1  # close() waits until this parse has ended
+        try:
+            return self._parse(runner, source, pages=pages, ocr_mode=ocr_mode, name=name, timeout=timeout)
+        finally:
+            with self._state_lock:
+                self._parsing -= 1
+                self._parse_ended.notify_all()
+
+    def _parse(
+        self,
+        runner: Runner,
+        source: Source,
+        *,
+        pages: str | int | Sequence[int] | range | None,
+        ocr_mode: str | None,
+        name: str | None,
+        timeout: float | str | None,
+    ) -> ParseResult:
         t0 = time.perf_counter()
-        # issue #5: timeline phases (parse.start / parse.end around the whole call)
+        # Timeline phases: parse.start / parse.end around the whole call.
         phase = {**self._phase_info(), "document": name or _display_name(source)}
         _emit_phase("parse.start", **phase)
         try:
@@ -623,7 +476,7 @@ class ModelSession:
         progress: bool = True,
         pages: str | int | Sequence[int] | range | None = None,
         ocr_mode: Literal["auto", "txt", "ocr"] | None = None,
-        timeout: float | None = None,
+        timeout: float | Literal["auto"] | None = "auto",
     ) -> BatchResult:
         """Parse documents one after another; a bad one does not stop the batch.
 
@@ -689,13 +542,13 @@ class ModelSession:
         """``parse_many`` on the session's executor; takes the same arguments."""
         return await self._run(self.parse_many, list(sources), **kwargs)  # type: ignore[no-any-return]
 
-    async def aclose(self) -> ReleaseReport | None:
-        """``close`` on the session's executor."""
+    async def aclose(self, *, timeout: float | None = CLOSE_TIMEOUT_SECONDS) -> ReleaseReport | None:
+        """``close`` on the session's executor; takes the same arguments."""
         if self._state is SessionState.UNOPENED or self._executor is None:
-            return self.close()
+            return self.close(timeout=timeout)
         executor = self._executor
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self.close)  # type: ignore[no-any-return]
+        return await loop.run_in_executor(executor, lambda: self.close(timeout=timeout))
 
     async def __aenter__(self) -> ModelSession:
         return await self.aopen()
@@ -712,8 +565,32 @@ class ModelSession:
             self._leak_on_exit(leak, exc)
 
 
+def _check_device(device: str, budget: VramBudget | None) -> None:
+    """Refuse a CUDA device this process cannot use, before any work.
+
+    Without the check, MinerU's flash tier reports ``cuda:0`` and runs on the CPU, and
+    the pipeline fails inside torch. A budget's probe stands in for NVML where one is
+    given (tests of admission on machines without a GPU).
+
+    Raises:
+        ConfigurationError: naming what NVML (or the budget's probe, or torch) found.
+    """
+    if not device.startswith("cuda"):
+        return
+    if budget is not None and budget.probe is not None:
+        problem = None if budget.probe(device) is not None else f"the budget's probe does not see {device}"
+    else:
+        problem = cuda_device_problem(device)
+    if problem is not None:
+        raise ConfigurationError(
+            f"device={device!r} cannot be used: {problem}. Use device='cpu', or leave device unset to "
+            "take the first GPU where there is one.",
+            device=device,
+        )
+
+
 def _error_text(exc: BaseException) -> str:
-    # For timeline phase events (issue #5): the error's type and the start of its message.
+    # For timeline phase events: the error's type and the start of its message.
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 

@@ -10,6 +10,7 @@ dying with models loaded) uses the random-weight model tree.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,47 +30,25 @@ import psutil
 import pytest
 
 import mineru_vram as mv
-from mineru_vram import _worker
-from mineru_vram._session import ParseOptions
+from mineru_vram._inprocess import ParseOptions
+from mineru_vram._worker import protocol
+from mineru_vram._worker import runner as worker_runner
 from mineru_vram.testing import make_pdf
+from support import alive, wait_for
 
 PDF = make_pdf(2)
 
 
-def _alive(pid: int) -> bool:
-    """A process that exists and has not fully exited.
-
-    A zombie that is not reaped yet counts as dead, but only once all its threads
-    are gone: the leader of a multi-threaded process shows as a zombie while the
-    others are still tearing down.
-    """
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE or proc.num_threads() > 1
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _group_alive(pgid: int) -> list[int]:
-    """Live members of a process group (each worker leads its own)."""
+    """Live members of a process group (each worker runs in its own, led by its keeper)."""
     out = []
     for proc in psutil.process_iter():
         try:
-            if os.getpgid(proc.pid) == pgid and _alive(proc.pid):
+            if os.getpgid(proc.pid) == pgid and alive(proc.pid):
                 out.append(proc.pid)
         except (ProcessLookupError, psutil.NoSuchProcess):
             continue
     return out
-
-
-def _wait_dead(pid: int, timeout: float) -> float | None:
-    """Seconds until ``pid`` is gone, or ``None`` if it still lives after ``timeout``."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if not _alive(pid):
-            return time.monotonic() - t0
-        time.sleep(0.01)
-    return None
 
 
 def _comparable(result: mv.ParseResult) -> dict[str, Any]:
@@ -92,9 +72,9 @@ def flash_session() -> Iterator[mv.ModelSession]:
     session.close()
 
 
-def _runner(session: mv.ModelSession) -> _worker.WorkerRunner:
+def _runner(session: mv.ModelSession) -> worker_runner.WorkerRunner:
     runner = session.runner
-    assert isinstance(runner, _worker.WorkerRunner)
+    assert isinstance(runner, worker_runner.WorkerRunner)
     return runner
 
 
@@ -107,8 +87,9 @@ def test_exit_stops_the_worker_and_writes_a_process_receipt(flash_session: mv.Mo
         pid = runner.pid
         assert pid is not None
         assert pid != os.getpid()
-        assert _alive(pid)
-        assert os.getpgid(pid) == pid, "the worker must lead its own process group"
+        assert alive(pid)
+        pgid = os.getpgid(pid)
+        assert pgid != os.getpgid(0), "the worker runs in a process group of its own"
         result = s.parse(PDF, name="a.pdf")
         folder = runner.folder
         assert folder is not None
@@ -116,8 +97,8 @@ def test_exit_stops_the_worker_and_writes_a_process_receipt(flash_session: mv.Mo
     assert result.document == "a.pdf"
     assert result.page_count == 2
     assert result.markdown.strip()
-    assert not _alive(pid)
-    assert _group_alive(pid) == []
+    assert not alive(pid)
+    assert _group_alive(pgid) == []
     assert not folder.exists(), "the runner's folder (logs, payloads) is removed on close"
     report = s.release_report
     assert report is not None
@@ -145,7 +126,7 @@ async def test_async_with_parses_in_the_worker() -> None:
         assert result.document == "async.pdf"
         assert _runner(s).samples[-1]["pid"] == pid
     assert pid is not None
-    assert not _alive(pid)
+    assert not alive(pid)
     assert s.release_report is not None
     assert s.release_report.worker["documents"] == 1
 
@@ -157,6 +138,29 @@ def test_invalid_documents_are_rejected_before_the_worker(flash_session: mv.Mode
         assert err.value.document == "notes.txt"
         assert _runner(s).documents == 0
         assert s.parse(PDF).page_count == 2
+
+
+def test_a_session_opened_from_a_thread_that_ends_keeps_its_worker() -> None:
+    # The kernel's parent-death signal follows the thread that started a child, not the
+    # process: opening from a short-lived thread (an executor, a request handler) must not
+    # cost the worker when that thread ends.
+    opened: list[mv.ModelSession] = []
+    thread = threading.Thread(
+        target=lambda: opened.append(
+            mv.ModelSession("flash", device="cpu", isolation="process", trust_env=False).open()
+        )
+    )
+    thread.start()
+    thread.join()
+    s = opened[0]
+    try:
+        runner = _runner(s)
+        pid = runner.pid
+        assert s.parse(PDF).page_count == 2
+        assert runner.pid == pid
+        assert runner.restarts == runner.crashes == 0
+    finally:
+        s.close()
 
 
 # --- errors across the boundary -------------------------------------------------------------
@@ -224,7 +228,7 @@ def test_hung_worker_is_killed_by_the_parse_timeout(flash_session: mv.ModelSessi
         assert err.value.document == "hangs.pdf"
         assert err.value.timeout == 1.0
         assert err.value.pid == pid
-        assert not _alive(pid)
+        assert not alive(pid)
         assert "timeout" in caplog.text
         again = s.parse(PDF, name="after.pdf")
         assert again.document == "after.pdf"
@@ -238,9 +242,95 @@ def test_hung_worker_is_killed_by_the_parse_timeout(flash_session: mv.ModelSessi
     assert any("restarted the worker" in e for e in report.events)
 
 
-def test_timeout_must_be_positive(flash_session: mv.ModelSession) -> None:
-    with flash_session as s, pytest.raises(mv.ConfigurationError):
-        s.parse(PDF, timeout=0)
+def test_a_hung_worker_is_killed_by_the_default_bound_which_the_error_names(
+    flash_session: mv.ModelSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with flash_session as s, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        runner = _runner(s)
+        s.parse(PDF)  # warm: MinerU imported in the worker
+        # The default bound, shrunk so the test does not wait minutes: 1 s + 0.5 s a page.
+        monkeypatch.setattr(worker_runner, "PARSE_TIMEOUT_BASE_SECONDS", 1.0)
+        monkeypatch.setattr(worker_runner, "PARSE_TIMEOUT_PER_PAGE_SECONDS", 0.5)
+        pid = runner.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # a worker that never answers
+        try:
+            future = pool.submit(s.parse, PDF, name="hangs.pdf")  # no timeout given
+            with pytest.raises(mv.ParseTimeoutError) as err:
+                future.result(timeout=60)  # before the default existed, this parse waited for ever
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        assert err.value.timeout == 2.0, "1 s + 0.5 s for each of the 2 pages"
+        assert err.value.document == "hangs.pdf"
+        assert "default bound" in str(err.value)
+        assert "timeout=None" in str(err.value), "the error says how to lift the bound"
+        assert not alive(pid)
+        assert runner.timeouts == 1
+        monkeypatch.undo()  # a fresh worker's first parse imports MinerU: more than 2 s on a busy machine
+        assert s.parse(PDF, name="after.pdf").document == "after.pdf"
+
+
+def test_timeout_none_lifts_the_bound(flash_session: mv.ModelSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    with flash_session as s, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        runner = _runner(s)
+        s.parse(PDF)
+        monkeypatch.setattr(worker_runner, "PARSE_TIMEOUT_BASE_SECONDS", 0.1)
+        monkeypatch.setattr(worker_runner, "PARSE_TIMEOUT_PER_PAGE_SECONDS", 0.1)
+        pid = runner.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            future = pool.submit(s.parse, PDF, name="patient.pdf", timeout=None)
+            with pytest.raises(concurrent.futures.TimeoutError):
+                future.result(timeout=2.0)  # well past the default bound: still waiting
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert future.result(timeout=60).document == "patient.pdf"
+        assert runner.pid == pid
+        assert runner.timeouts == 0
+
+
+def test_close_waits_for_a_parse_in_another_thread_with_a_bound_it_names(flash_session: mv.ModelSession) -> None:
+    s = flash_session.open()
+    runner = _runner(s)
+    s.parse(PDF)
+    pid = runner.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # the parse below waits on a worker that does not answer
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        parsing = pool.submit(s.parse, PDF, name="slow.pdf", timeout=None)
+        try:
+
+            def worker_busy() -> bool:  # the parse holds the runner's lock while it waits on the worker
+                if runner._lock.acquire(blocking=False):
+                    runner._lock.release()
+                    return False
+                return True
+
+            assert wait_for(worker_busy, timeout=30)
+            closing = pool.submit(s.close, timeout=1.0)
+            with pytest.raises(mv.SessionStateError, match=r"waited 1s") as info:
+                closing.result(timeout=60)  # without a bound, close waited as long as the parse
+            assert info.value.timeout == 1.0
+            assert s.state is mv.SessionState.CLOSING
+            assert alive(pid), "nothing was stopped under the running parse"
+            with pytest.raises(mv.SessionStateError, match="closing"):
+                s.parse(PDF)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert parsing.result(timeout=60).document == "slow.pdf"
+    report = s.close()
+    assert report is not None
+    assert report.worker["documents"] == 2
+    assert report.worker["exitcode"] == 0
+    assert s.state is mv.SessionState.CLOSED
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), "soon"])
+def test_timeout_must_be_positive_auto_or_none(flash_session: mv.ModelSession, timeout: Any) -> None:
+    with flash_session as s, pytest.raises(mv.ConfigurationError, match="timeout="):
+        s.parse(PDF, timeout=timeout)
 
 
 def test_worker_killed_while_idle_is_replaced_on_the_next_parse(flash_session: mv.ModelSession) -> None:
@@ -249,7 +339,7 @@ def test_worker_killed_while_idle_is_replaced_on_the_next_parse(flash_session: m
         pid = runner.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        assert _wait_dead(pid, 5.0) is not None
+        assert wait_for(lambda: not alive(pid), timeout=5.0)
         result = s.parse(PDF, name="next.pdf")
         assert result.document == "next.pdf"
         assert runner.pid != pid
@@ -269,7 +359,7 @@ def test_recycle_after_n_documents() -> None:
     a, b, c = pids[0], pids[2], pids[4]
     assert pids == [a, a, b, b, c]
     assert len({a, b, c}) == 3
-    assert not any(_alive(p) for p in (a, b, c))
+    assert not any(alive(p) for p in (a, b, c))
     report = s.release_report
     assert report is not None
     recycled = [e for e in report.events if e.startswith("recycled")]
@@ -296,7 +386,7 @@ def test_recycle_when_the_worker_grows() -> None:
         samples = list(runner.samples)
     assert fresh not in (None, grown)
     assert grown is not None
-    assert not _alive(grown)
+    assert not alive(grown)
     by_doc = {x["document"]: x for x in samples}
     assert by_doc["third.pdf"]["pid"] == grown
     assert by_doc["third.pdf"]["rss_mib"] - by_doc["first.pdf"]["rss_mib"] > 250
@@ -316,20 +406,20 @@ def test_recycle_when_the_worker_grows() -> None:
 def test_large_documents_and_results_travel_through_files(
     flash_session: mv.ModelSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_worker, "INLINE_LIMIT", 0)  # every payload is "large"; the worker reads it at start
+    monkeypatch.setattr(worker_runner, "INLINE_LIMIT", 0)  # every payload is "large"; the worker reads it at start
     with flash_session as s:
         runner = _runner(s)
         assert runner.folder is not None
         seen: list[str] = []
-        original = _worker._unpack
+        original = protocol.unpack
 
-        def spy(ref: tuple[str, Any]) -> Any:  # stand-in wrapper: records the route, then the real unpack
-            seen.append(ref[0])
-            return original(ref)
+        def spy(payload: protocol.Payload) -> Any:  # stand-in wrapper: records the route, then the real unpack
+            seen.append(payload.route)
+            return original(payload)
 
-        monkeypatch.setattr(_worker, "_unpack", spy)
+        monkeypatch.setattr(protocol, "unpack", spy)
         through_files = s.parse(PDF, name="same.pdf")
-        monkeypatch.setattr(_worker, "INLINE_LIMIT", 1 << 40)
+        monkeypatch.setattr(worker_runner, "INLINE_LIMIT", 1 << 40)
         leftovers = sorted(p.name for p in runner.folder.iterdir() if p.suffix in (".pickle", ".pdf"))
     assert seen == ["file"]
     assert leftovers == [], "payload files are removed once read"
@@ -347,7 +437,7 @@ def test_worker_that_cannot_load_models_raises_start_error(tmp_path: Path) -> No
         session.open()
     assert "MinerU-4_models_torch" in str(err.value)
     assert err.value.log_tail is not None
-    assert not _alive(err.value.pid)
+    assert not alive(err.value.pid)
     assert session.state is mv.SessionState.CLOSED
 
 
@@ -375,7 +465,7 @@ def test_isolated_results_equal_in_process_results(random_models_dir: Path) -> N
     assert expected["markdown"], "a real parse, not an empty one"
     assert got == expected
     assert pid is not None
-    assert not _alive(pid)
+    assert not alive(pid)
     report = iso.release_report
     assert report is not None
     assert report.models_released >= 2, "the worker held MinerU's OCR and layout models"
@@ -390,6 +480,7 @@ def test_worker_sigkill_mid_parse_raises_crashed_and_the_next_parse_works(random
         runner = _runner(s)
         pid = runner.pid
         assert pid is not None
+        pgid = os.getpgid(pid)
         worker = psutil.Process(pid)
         cpu0 = sum(worker.cpu_times()[:2])
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -408,10 +499,8 @@ def test_worker_sigkill_mid_parse_raises_crashed_and_the_next_parse_works(random
         assert err.value.pid == pid
         assert err.value.log_tail, "the tail of the worker's log comes with the error"
         assert "victim.pdf" in str(err.value)
-        deadline = time.monotonic() + 5  # the whole group got SIGKILL; let the helpers finish dying
-        while _group_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _group_alive(pid) == [], "nothing the worker started survives it"
+        # The whole group got SIGKILL; let the helpers finish dying.
+        assert wait_for(lambda: _group_alive(pgid) == [], timeout=5), "nothing the worker started survives it"
         assert runner.pid is None
         after = s.parse(make_pdf(1), name="next.pdf")
         assert after.page_count == 1
@@ -458,25 +547,29 @@ def test_worker_dies_within_a_second_of_a_sigkilled_parent(random_models_dir: Pa
         info = json.loads(line)
         worker = int(info["worker"])
         assert info["heavy"] == [], "the parent never imports torch or MinerU for the worker"
-        assert _alive(worker)
+        assert alive(worker)
+        pgid = os.getpgid(worker)
         time.sleep(0.5)  # the worker is parsing now
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
-        gone_after = _wait_dead(worker, 1.0)
+        gone = wait_for(lambda: not alive(worker), timeout=1.0)
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
         assert parent.stdout is not None
         parent.stdout.close()
-        # The killed parent could not remove its runner folder; a later runner sweeps it
-        # once it is a minute old. Do not leave it to that.
-        for folder in Path(tempfile.gettempdir()).glob(f"{_worker._FOLDER_PREFIX}{parent.pid}-*"):
+    stale = sorted(Path(tempfile.gettempdir()).glob(f"{worker_runner.FOLDER_PREFIX}{parent.pid}-*"))
+    try:
+        assert gone, f"worker {worker} outlived its SIGKILLed parent by more than 1 s"
+        # The group went with it: what the worker started (MinerU's PDF render processes,
+        # multiprocessing's resource tracker) must not outlive it.
+        assert wait_for(lambda: _group_alive(pgid) == [], timeout=10), "helpers the worker started outlived it"
+        # The killed parent could not remove its runner folder; the next runner removes it.
+        assert len(stale) == 1, stale
+        with mv.ModelSession("flash", device="cpu", isolation="process", trust_env=False):
+            pass
+        assert not stale[0].exists(), "the next runner sweeps the folder of a dead owner"
+    finally:
+        for folder in stale:
             shutil.rmtree(folder, ignore_errors=True)
-    assert gone_after is not None, f"worker {worker} outlived its SIGKILLed parent by more than 1 s"
-    # What the worker started (MinerU's PDF render processes, multiprocessing's resource
-    # tracker) holds no device memory and exits on the EOF of its pipe to the dead worker.
-    deadline = time.monotonic() + 10
-    while _group_alive(worker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _group_alive(worker) == [], "helpers the worker started must not outlive it"

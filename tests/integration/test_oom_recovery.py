@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import mineru_vram as mv
+from mineru_vram._inprocess import InProcessRunner
 from mineru_vram._leakcheck import take_census_baseline, tensors_created_since
 from mineru_vram.testing import make_pdf
 
@@ -123,7 +124,7 @@ def test_oom_in_a_document_is_released_and_retried_on_smaller_batches(oom_in_ana
         assert [ref() for ref in fault.held] == [None], "the failed attempt's tensor outlived the retry"
         new = tensors_created_since(fault.census, "cpu")
         runner = s.runner
-        assert isinstance(runner, mv._session.InProcessRunner)
+        assert isinstance(runner, InProcessRunner)
         assert runner.oom_retries == 1
     assert result.document == "oom.pdf"
     assert result.markdown.startswith("# mineru-vram demo document")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import os
+import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +16,9 @@ import pytest
 
 import mineru_vram as mv
 from mineru_vram import _adapter
+from mineru_vram._probe import nvml_device_count
 from mineru_vram.testing import make_pdf
+from support import needs_gpu
 
 # Our own suite runs under the VRAM-leak plugin (issue #7): every session test must leave no live
 # tensor behind (on CPU the plugin counts live torch tensors; on a GPU also torch/NVML figures).
@@ -98,6 +103,96 @@ def test_environment_and_mineru_config_are_restored(session: mv.ModelSession) ->
     assert {k: os.environ.get(k) for k in keys} == before_env
     assert mconf.config.model.model_dump() == before_cfg
     assert not Path(home).exists(), "the session's MinerU home is removed on exit"
+
+
+def test_mineru_log_level_is_not_left_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOGURU_LEVEL", raising=False)
+    with mv.ModelSession("flash", device="cpu", trust_env=False) as s:
+        s.parse(make_pdf(1))
+        assert "LOGURU_LEVEL" in os.environ, "MinerU sets it while it parses"
+    assert "LOGURU_LEVEL" not in os.environ
+
+
+_HOLDS_A_HOME = """
+import os, sys, time
+import mineru_vram as mv
+s = mv.ModelSession("flash", device="cpu", trust_env=False).open()
+print(os.environ["MINERU_HOME"], flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_processs_mineru_home_is_swept_by_the_next_session() -> None:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDS_A_HOME], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        home = Path(holder.stdout.readline().strip())
+        assert home.name.startswith("mineru-vram-home-"), home
+        assert home.is_dir()
+        with mv.ModelSession("flash", device="cpu", trust_env=False):
+            pass
+        assert home.is_dir(), "a live owner's home is left alone"
+        holder.kill()
+        holder.wait(30)
+        assert home.is_dir(), "SIGKILL leaves it behind"
+        with mv.ModelSession("flash", device="cpu", trust_env=False):
+            pass
+        assert not home.exists(), "the next session removes the home of a dead owner"
+    finally:
+        holder.kill()
+        holder.wait(30)
+        assert holder.stdout is not None
+        holder.stdout.close()
+
+
+class _Gate:
+    """Stand-in wrapper around MinerU's analysis: holds a parse inside MinerU until the test opens it.
+
+    Records, when the parse goes on, whether the session's MinerU home was still there:
+    a release under a running parse would have removed it.
+    """
+
+    def __init__(self, real: Callable[..., object]) -> None:
+        self.real = real
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.home_on_resume: bool | None = None
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        self.entered.set()
+        assert self.go.wait(120), "the test never let the parse go on"
+        home = os.environ.get("MINERU_HOME")
+        self.home_on_resume = home is not None and Path(home).is_dir()
+        return self.real(*args, **kwargs)
+
+
+def test_close_waits_for_a_parse_in_another_thread_and_refuses_new_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mineru.parser.mineru_parser as mineru_parser
+
+    gate = _Gate(mineru_parser.doc_analyze)
+    monkeypatch.setattr(mineru_parser, "doc_analyze", gate)
+    s = mv.ModelSession("flash", device="cpu", trust_env=False).open()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        parsing = pool.submit(s.parse, make_pdf(1), name="slow.pdf")
+        try:
+            assert gate.entered.wait(120)
+            with pytest.raises(mv.SessionStateError, match=r"waited 0\.5s") as info:
+                s.close(timeout=0.5)
+            assert info.value.timeout == 0.5
+            assert s.state is mv.SessionState.CLOSING
+            with pytest.raises(mv.SessionStateError, match="closing"):
+                s.parse(make_pdf(1))
+            closing = pool.submit(s.close)  # waits for the parse, without a bound this time
+        finally:
+            gate.go.set()
+        result = parsing.result(timeout=120)
+        report = closing.result(timeout=120)
+    assert gate.home_on_resume is True, "the models and MinerU's set-up were released under a running parse"
+    assert result.document == "slow.pdf"
+    assert report is s.release_report
+    assert report is not None
+    assert report.ok
+    assert s.state is mv.SessionState.CLOSED
 
 
 def test_bad_inputs_raise_typed_errors_and_the_session_stays_usable(
@@ -220,12 +315,31 @@ def test_user_entries_in_mineru_caches_are_left_alone(session: mv.ModelSession) 
         caches["atom"].pop(user_key, None)
 
 
-def test_second_in_process_session_on_another_device_is_refused(session: mv.ModelSession) -> None:
-    with session:
-        other = mv.ModelSession("flash", device="cuda:0")
+@pytest.mark.parametrize(
+    "other",
+    [pytest.param({"device": "cuda:0"}, marks=needs_gpu, id="device"), pytest.param({"small_backend": "onnx"})],
+    ids=lambda o: next(iter(o)),
+)
+def test_second_in_process_session_with_other_settings_is_refused(other: dict[str, str]) -> None:
+    with mv.ModelSession("flash", device="cpu", trust_env=False):
+        second = mv.ModelSession("flash", trust_env=False, **{"device": "cpu", **other})  # type: ignore[arg-type]
         with pytest.raises(mv.ConfigurationError, match="isolation='process'"):
-            other.open()
-        assert other.state is mv.SessionState.CLOSED
+            second.open()
+        assert second.state is mv.SessionState.CLOSED
+
+
+def test_a_cuda_device_that_is_not_there_is_refused_before_any_work() -> None:
+    missing = [f"cuda:{nvml_device_count()}"]  # one past the last device NVML sees
+    if nvml_device_count() == 0:
+        missing += ["cuda", 0]
+    for device in missing:
+        for isolation in ("none", "process"):
+            with pytest.raises(mv.ConfigurationError) as info:
+                mv.ModelSession("flash", device=device, isolation=isolation, trust_env=False)  # type: ignore[arg-type]
+            text = str(info.value)
+            assert "NVML" in text, text
+            assert "device='cpu'" in text, "the way out is named"
+    assert "torch" not in sys.modules or not sys.modules["torch"].cuda.is_initialized()
 
 
 def test_two_sessions_on_one_device_share_models_until_the_last_closes(random_models_dir: Path) -> None:

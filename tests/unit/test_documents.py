@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import mineru_vram as mv
-from mineru_vram import _worker
 from mineru_vram._documents import Document, load_document, parse_pages
+from mineru_vram._worker.protocol import document_ref
 from mineru_vram.testing import make_pdf
 
 
@@ -271,7 +271,8 @@ def test_max_pages_is_not_checked_on_a_document_pdfium_cannot_count() -> None:
 
 def test_a_doubt_travels_to_the_isolated_worker(tmp_path: Path) -> None:
     doc = Document(name="d.pdf", data=b"%PDF-1.7 ...", page_count=None, doubt="pdfium opens it but finds no pages")
-    assert _worker._document_from_ref(_worker._document_ref(doc, tmp_path, "doc-1", 1 << 20)) == doc
+    for limit in (0, 1 << 20):  # through a payload file, and inline
+        assert document_ref(doc, tmp_path, f"doc-{limit}", limit).load() == doc
 
 
 def test_too_large_by_bytes_is_checked_before_reading(tmp_path: Path, pdf_bytes: bytes) -> None:

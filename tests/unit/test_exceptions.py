@@ -52,3 +52,24 @@ def test_the_attributes_handlers_rely_on_are_declared() -> None:
     assert {"need_mib", "free_mib", "device"} <= set(_exceptions._declared(mv.EngineAdmissionError))
     assert "path" in _exceptions._declared(mv.InsecurePathError)
     assert mv.WorkerCrashedError("x").exitcode is None
+
+
+@pytest.mark.parametrize("notes_supported", [True, False], ids=["python3.11+", "python3.10"])
+def test_add_note_reaches_the_reader_on_every_supported_python(
+    monkeypatch: pytest.MonkeyPatch, notes_supported: bool
+) -> None:
+    # Python 3.10 has no BaseException.add_note; the flag makes this interpreter take that path.
+    monkeypatch.setattr(_exceptions, "_NOTES_SUPPORTED", notes_supported)
+    ours = mv.OutOfMemoryError("a.pdf: out of memory", document="a.pdf")
+    _exceptions.add_note(ours, "retried once on smaller batches")
+    foreign = RuntimeError("CUDA error")
+    _exceptions.add_note(foreign, "raised in the worker")
+    assert ours.__notes__ == ["retried once on smaller batches"]
+    assert foreign.__notes__ == ["raised in the worker"]
+    if notes_supported:
+        assert str(ours) == "a.pdf: out of memory"
+    else:  # no notes printed under a 3.10 traceback: the text travels in the message
+        assert str(ours) == "a.pdf: out of memory\nretried once on smaller batches"
+        assert pickle.loads(pickle.dumps(ours)).message == str(ours)
+        assert str(foreign) == "CUDA error\nraised in the worker"
+    assert ours.document == "a.pdf"

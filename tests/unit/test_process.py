@@ -52,6 +52,20 @@ def test_kill_takes_the_whole_group_and_descendants(tmp_path: Path) -> None:
     assert all(_gone(pid) for pid in pids)
 
 
+def test_a_command_killed_by_a_signal_reads_as_killed_through_the_keeper(tmp_path: Path) -> None:
+    group = _process.spawn(["sleep", "60"], env=dict(os.environ), log_path=tmp_path / "log")
+    child = group.command_pid(timeout=20)
+    assert child is not None
+    os.kill(child, signal.SIGKILL)
+    code = group.wait(30)
+    assert code == 128 + signal.SIGKILL, "the keeper reports a signal as the shell does"
+    assert _process.command_exitcode(code) == -signal.SIGKILL
+    assert _process.command_exitcode(group.kill()) == -signal.SIGKILL
+    assert _process.command_exitcode(0) == 0
+    assert _process.command_exitcode(127) == 127
+    assert _process.command_exitcode(None) is None
+
+
 def test_a_missing_command_is_exit_127_with_the_reason_in_the_log(tmp_path: Path) -> None:
     group = _process.spawn(["/nonexistent/server"], env=dict(os.environ), log_path=tmp_path / "log")
     assert group.wait(30) == 127
@@ -202,6 +216,42 @@ def test_owner_lock_marks_a_live_owner_and_a_dead_one(tmp_path: Path) -> None:
         assert lock.held
         assert _process.owner_alive(path) is True
     assert not path.exists()
+
+
+_DIR_HOLDER = (
+    "import sys, time; from mineru_vram._process import owned_temp_dir; "
+    "folder, lock = owned_temp_dir('mv-test-', sys.argv[1]); print(folder, flush=True); time.sleep(60)"
+)
+
+
+def test_owned_folders_are_swept_only_once_their_owner_died(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", _DIR_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        dead = Path(holder.stdout.readline().strip())
+        assert dead.parent == tmp_path
+        assert stat.S_IMODE(dead.stat().st_mode) == 0o700
+        (dead / "left-over.log").write_text("log")
+        mine, lock = _process.owned_temp_dir("mv-test-", tmp_path)
+        unlocked = tmp_path / "mv-test-nolock"  # its owner may be about to lock it
+        unlocked.mkdir()
+        other = tmp_path / "someone-elses-folder"
+        other.mkdir()
+        assert _process.sweep_dead_owners(tmp_path, "mv-test-") == [], "a live owner's folder is kept"
+        holder.kill()
+        holder.wait(10)
+        assert _process.sweep_dead_owners(tmp_path, "mv-test-") == [dead]
+        assert not dead.exists()
+        assert mine.is_dir()
+        assert unlocked.is_dir()
+        assert other.is_dir()
+        lock.release()
+        assert _process.sweep_dead_owners(tmp_path, "mv-test-") == [], "a released lock file is gone, not dead"
+    finally:
+        holder.kill()
+        holder.wait(10)
+        assert holder.stdout is not None
+        holder.stdout.close()
 
 
 def test_exclusive_serialises_threads_and_names_the_file_on_timeout(tmp_path: Path) -> None:

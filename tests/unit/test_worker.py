@@ -1,93 +1,163 @@
-"""The worker module's parts that need no worker: payloads, errors, logs, policy, parent death."""
+"""The worker package's parts that need no worker: messages, payloads, errors, policy, device checks."""
 
 from __future__ import annotations
 
+import ast
 import json
-import os
 import pickle
-import signal
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import psutil
 import pytest
 
 import mineru_vram as mv
-from mineru_vram import _worker
 from mineru_vram._config import resolve_backend
 from mineru_vram._documents import Document
+from mineru_vram._inprocess import ParseOptions, SessionSettings
 from mineru_vram._probe import DeviceMemory, ProcessMemory
-from mineru_vram._session import SessionSettings
+from mineru_vram._worker import device, handle, protocol, runner
 
 
-def test_small_payloads_go_inline_and_large_ones_through_a_file_that_is_removed(tmp_path: Path) -> None:
+def test_small_payloads_go_inline_and_large_ones_through_a_private_file_that_is_removed(tmp_path: Path) -> None:
     small = {"markdown": "short"}
-    ref = _worker._pack(small, tmp_path, "small", limit=1024)
-    assert ref[0] == "inline"
-    assert _worker._unpack(ref) == small
+    ref = protocol.pack(small, tmp_path, "small", limit=1024)
+    assert ref.route == "inline"
+    assert protocol.unpack(ref) == small
 
     big = {"images": {"a.png": b"\x89PNG" + bytes(4096)}}
-    ref = _worker._pack(big, tmp_path, "big", limit=1024)
-    assert ref[0] == "file"
-    assert Path(ref[1]).parent == tmp_path
-    assert _worker._unpack(ref) == big
+    ref = protocol.pack(big, tmp_path, "big", limit=1024)
+    assert ref.route == "file"
+    assert ref.path is not None
+    assert Path(ref.path).parent == tmp_path
+    assert Path(ref.path).stat().st_mode & 0o777 == 0o600
+    assert protocol.unpack(ref) == big
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_payload_file_swapped_for_a_link_is_refused(tmp_path: Path) -> None:
+    ref = protocol.pack({"x": bytes(4096)}, tmp_path, "big", limit=0)
+    assert ref.path is not None
+    elsewhere = tmp_path / "elsewhere.pickle"
+    Path(ref.path).rename(elsewhere)
+    Path(ref.path).symlink_to(elsewhere)
+    with pytest.raises(mv.InsecurePathError):
+        protocol.unpack(ref)
 
 
 @pytest.mark.parametrize("limit", [0, 1 << 20], ids=["file", "inline"])
 def test_documents_round_trip_by_either_route(tmp_path: Path, limit: int) -> None:
     doc = Document(name="paper.pdf", data=b"%PDF-1.4 body %%EOF", page_count=3, path=tmp_path / "paper.pdf")
-    ref = _worker._document_ref(doc, tmp_path, "doc-1", limit)
-    assert ("file" in ref) is (limit == 0)
-    assert pickle.loads(pickle.dumps(ref))  # it travels over the pipe
-    assert _worker._document_from_ref(ref) == doc
+    ref = protocol.document_ref(doc, tmp_path, "doc-1", limit)
+    assert (ref.file is not None) is (limit == 0)
+    assert pickle.loads(pickle.dumps(ref)) == ref  # it travels over the pipe
+    assert ref.load() == doc
     assert list(tmp_path.iterdir()) == []
+
+
+def test_messages_are_named_and_travel_with_their_fields(tmp_path: Path) -> None:
+    settings = SessionSettings(backend=resolve_backend("flash"), device="cpu")
+    doc = Document(name="a.pdf", data=b"%PDF-1.4 %%EOF", page_count=1)
+    stats = protocol.Stats(rss_mib=512.0, device_mib=None, seconds=0.5)
+    error = mv.OutOfMemoryError("a.pdf: out of memory", document="a.pdf", device="cuda:0")
+    messages = [
+        protocol.Init(settings=settings, folder=str(tmp_path), inline_limit=1024),
+        protocol.Parse(document=protocol.document_ref(doc, tmp_path, "d", 1024), options=ParseOptions(ocr_mode="txt")),
+        protocol.Debug(command="allocate_mib", args=(1.0, False)),
+        protocol.Exit(),
+        protocol.Ready(pid=123, stats=stats),
+        protocol.Result(payload=protocol.pack({"markdown": "x"}, tmp_path, "r", 1024), stats=stats),
+        protocol.Error(error=error, traceback="Traceback ...", stats=stats),
+        protocol.DebugReply(value=stats),
+        protocol.Bye(models=2, stats=stats),
+    ]
+    for message in messages:
+        back = pickle.loads(pickle.dumps(message))
+        assert type(back) is type(message)
+        if isinstance(message, protocol.Error):
+            assert type(back.error) is mv.OutOfMemoryError
+            assert back.error.device == "cuda:0"
+        else:
+            assert back == message
 
 
 def test_portable_error_keeps_library_errors_and_wraps_the_rest() -> None:
     oom = mv.OutOfMemoryError("a.pdf: out of memory", document="a.pdf", device="cuda:0")
-    assert _worker._portable_error(oom, "a.pdf") is oom
+    assert protocol.portable_error(oom, "a.pdf") is oom
 
     unpicklable = mv.ParseError("a.pdf: failed", document="a.pdf", handle=threading.Lock())
-    sent = _worker._portable_error(unpicklable, "a.pdf")
+    sent = protocol.portable_error(unpicklable, "a.pdf")
     assert type(sent) is mv.ParseError
     assert sent.document == "a.pdf"
     assert pickle.loads(pickle.dumps(sent)).document == "a.pdf"
 
-    foreign = _worker._portable_error(RuntimeError("CUDA error: an illegal memory access"), "b.pdf")
+    foreign = protocol.portable_error(RuntimeError("CUDA error: an illegal memory access"), "b.pdf")
     assert type(foreign) is mv.ParseError
     assert foreign.document == "b.pdf"
     assert "RuntimeError: CUDA error" in str(foreign)
 
 
-def test_signal_names() -> None:
-    assert _worker._signal_name(-signal.SIGKILL) == "SIGKILL"
-    assert _worker._signal_name(-signal.SIGSEGV) == "SIGSEGV"
-    assert _worker._signal_name(0) is None
-    assert _worker._signal_name(1) is None
-    assert _worker._signal_name(None) is None
+def test_last_lines_of_a_log() -> None:
+    assert "(the log is empty)" in handle.last_lines("")
+    assert handle.last_lines("a\nb\nc", n=2) == "    b\n    c"
 
 
-def test_log_tail_and_trim(tmp_path: Path) -> None:
-    log = tmp_path / "worker-1.log"
-    assert _worker._log_tail(log) == ""
-    log.write_bytes(b"x" * 200_000 + b"\nlast line\n")
-    assert _worker._log_tail(log, 10) == "last line\n"
-    _worker._trim_log(log, limit=1_000_000)
-    assert log.stat().st_size == 200_011, "under the limit nothing is cut"
-    _worker._trim_log(log, limit=100_000)
-    text = log.read_text()
-    assert text.startswith("[... earlier log cut")
-    assert text.endswith("x\nlast line\n")
-    assert log.stat().st_size < 100_000
-    assert "(the log is empty)" in _worker._last_lines("")
-    assert _worker._last_lines("a\nb\nc", n=2) == "    b\n    c"
+def _imports(path: Path, package: str) -> set[str]:
+    """The ``mineru_vram`` modules a source file imports, lazily or not (``TYPE_CHECKING`` blocks aside)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return {m for m in found if m.startswith("mineru_vram.")}
+
+
+def _closure(start: str) -> set[str]:
+    """Every ``mineru_vram`` module reachable from ``start`` by imports (the package ``__init__`` aside)."""
+    src = Path(mv.__file__).parent.parent
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        file = src / (name.replace(".", "/") + ".py")
+        package_init = src / name.replace(".", "/") / "__init__.py"
+        if not file.is_file() and not package_init.is_file():
+            continue  # a name imported from a module, not a module
+        seen.add(name)
+        path = file if file.is_file() else package_init
+        package = name if path is package_init else name.rpartition(".")[0]
+        todo.extend(_imports(path, package))
+    return seen
+
+
+def test_the_child_side_imports_nothing_of_the_parent_side_and_no_cycle_remains() -> None:
+    child = _closure("mineru_vram._worker.child")
+    assert {"mineru_vram._worker.protocol", "mineru_vram._inprocess", "mineru_vram._adapter"} <= child
+    assert "mineru_vram._worker.runner" not in child
+    assert "mineru_vram._worker.handle" not in child
+    assert "mineru_vram._session" not in child
+    assert "mineru_vram._worker.runner" in _closure("mineru_vram._session")
+    for module in _closure("mineru_vram._session"):
+        assert module == "mineru_vram._session" or "mineru_vram._session" not in _closure(module), module
 
 
 def _settings(**kw: Any) -> SessionSettings:
@@ -99,111 +169,22 @@ def _sample(rss: float | None, device: float | None) -> dict[str, Any]:
 
 
 def test_recycle_policy() -> None:
-    runner = _worker.WorkerRunner(_settings(recycle_after=3, recycle_above_mib=100))
+    worker_runner = runner.WorkerRunner(_settings(recycle_after=3, recycle_above_mib=100))
     first = _sample(900, 1200)
     worker = SimpleNamespace(documents=1, first=first)  # stand-in for a worker handle: only what the policy reads
-    assert runner._recycle_reason(worker, first) is None, "the first document is the reference"
+    assert worker_runner._recycle_reason(worker, first) is None, "the first document is the reference"
     worker.documents = 2
-    assert runner._recycle_reason(worker, _sample(990, 1290)) is None
-    reason = runner._recycle_reason(worker, _sample(950, 1350))
+    assert worker_runner._recycle_reason(worker, _sample(990, 1290)) is None
+    reason = worker_runner._recycle_reason(worker, _sample(950, 1350))
     assert reason is not None
     assert "device memory grew 150 MiB" in reason
     assert "recycle_above_mib=100" in reason
-    reason = runner._recycle_reason(worker, _sample(1100, None))
+    reason = worker_runner._recycle_reason(worker, _sample(1100, None))
     assert reason is not None
     assert "host RSS grew 200 MiB" in reason
     worker.documents = 3
-    assert runner._recycle_reason(worker, _sample(900, 1200)) == "recycle_after=3 documents reached"
-    assert _worker.WorkerRunner(_settings())._recycle_reason(worker, _sample(5000, 9000)) is None
-
-
-def test_launcher_starts_everything_from_one_long_lived_thread() -> None:
-    idents: list[int] = []
-
-    def from_short_lived_thread() -> None:
-        idents.append(_worker._launcher.call(threading.get_ident))
-
-    for _ in range(3):
-        t = threading.Thread(target=from_short_lived_thread)
-        t.start()
-        t.join()
-    assert len(set(idents)) == 1
-    assert idents[0] != threading.get_ident()
-    with pytest.raises(ZeroDivisionError):
-        _worker._launcher.call(lambda: 1 / 0)
-
-
-_MIDDLE = textwrap.dedent(
-    """
-    import subprocess, sys
-    code = (
-        "import os, sys, time\\n"
-        "from mineru_vram._worker import _die_with_parent\\n"
-        "_die_with_parent(os.getppid(), pdeathsig=sys.argv[1] == '1', watchdog=sys.argv[2] == '1')\\n"
-        "print('ready', flush=True)\\n"
-        "time.sleep(60)\\n"
-    )
-    p = subprocess.Popen([sys.executable, "-c", code, sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE,
-                         start_new_session=True)
-    assert p.stdout.readline() == b"ready\\n"
-    print(p.pid, flush=True)
-    """
-)
-
-
-@pytest.mark.parametrize(("pdeathsig", "watchdog"), [(True, False), (False, True)], ids=["pdeathsig", "watchdog"])
-def test_each_mechanism_alone_ends_a_child_whose_parent_died(pdeathsig: bool, watchdog: bool) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", _MIDDLE, str(int(pdeathsig)), str(int(watchdog))],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    child = int(out.stdout.strip())  # the middle process has exited: the child is an orphan now
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        try:
-            proc = psutil.Process(child)
-            if proc.status() == psutil.STATUS_ZOMBIE and proc.num_threads() <= 1:
-                break
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.02)
-    else:
-        psutil.Process(child).kill()
-        pytest.fail(f"the orphaned child {child} was still alive 2 s after its parent exited")
-
-
-def test_stale_runner_folders_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
-    def folder(name: str, *, lock_file: bool = True, age: float = 3600.0) -> Path:
-        path = tmp_path / f"{_worker._FOLDER_PREFIX}{name}"
-        path.mkdir()
-        (path / "worker-1.log").write_text("log")
-        if lock_file:
-            (path / _worker._LOCK_NAME).touch()
-        old = time.time() - age
-        os.utime(path, (old, old))
-        return path
-
-    stale = folder("1-dead")
-    live = folder("2-live")
-    held = _worker._lock_folder(live)
-    young = folder("3-young", age=0)
-    unlocked = folder("4-nolock", lock_file=False)
-    other = tmp_path / "someone-elses-folder"
-    other.mkdir()
-    try:
-        removed = _worker._sweep_stale_folders(tmp_path)
-    finally:
-        assert held is not None
-        held.close()
-    assert removed == [stale]
-    assert not stale.exists()
-    assert live.exists()
-    assert young.exists()
-    assert unlocked.exists()
-    assert other.exists()
+    assert worker_runner._recycle_reason(worker, _sample(900, 1200)) == "recycle_after=3 documents reached"
+    assert runner.WorkerRunner(_settings())._recycle_reason(worker, _sample(5000, 9000)) is None
 
 
 def _dev(used: float, procs: dict[int, float]) -> DeviceMemory:
@@ -222,7 +203,7 @@ def test_device_back_check_allows_for_known_neighbours_only() -> None:
     parent, worker = 300, 200
 
     def check(now: DeviceMemory) -> Any:
-        return _worker._device_back(base, now, [worker], parent, tolerance_mib=32)
+        return device.device_back(base, now, [worker], parent, tolerance_mib=32)
 
     ok = check(_dev(1010, {100: 500}))
     assert ok.back
@@ -248,13 +229,13 @@ _TRIM = textwrap.dedent(
     """
     import json
     from mineru_vram._probe import _rss_mib
-    from mineru_vram._worker import _malloc_trim
+    from mineru_vram._worker.child import malloc_trim
 
     blocks = [bytes(2000) for _ in range(100_000)]  # ~200 MiB through malloc (over pymalloc's limit)
     keep = blocks[::50]  # every 50th survives: the heap is fragmented and cannot shrink from its top
     del blocks
     before = _rss_mib()
-    trimmed = _malloc_trim()
+    trimmed = malloc_trim()
     print(json.dumps({"before": before, "after": _rss_mib(), "trimmed": trimmed}))
     """
 )

@@ -239,8 +239,10 @@ def _parse_one(session: Any, path: str, name: str, pages: list[int] | None, args
     """Parse one file; ``--pages 1-5`` takes the pages a shorter document has, as MinerU's own CLI does."""
     from mineru_vram._exceptions import ConfigurationError
 
+    # No --timeout: the session's default bound (isolated), which only a hung worker reaches.
+    timeout = "auto" if args.timeout is None else args.timeout
     if pages is None:
-        return session.parse(path, name=name, timeout=args.timeout)
+        return session.parse(path, name=name, timeout=timeout)
     doc = session.load(path, name=name)
     # A document pdfium could not count (page_count None) keeps every page asked for: MinerU decides.
     wanted = pages if doc.page_count is None else [p for p in pages if p <= doc.page_count]
@@ -248,7 +250,7 @@ def _parse_one(session: Any, path: str, name: str, pages: list[int] | None, args
         raise ConfigurationError(
             f"{name}: --pages {args.pages} selects none of its {doc.page_count} page(s)", document=name
         )
-    return session.parse(doc.data, pages=wanted, name=name, timeout=args.timeout)
+    return session.parse(doc.data, pages=wanted, name=name, timeout=timeout)
 
 
 def _unique_stem(stem: str, used: set[str]) -> str:
