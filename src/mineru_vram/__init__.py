@@ -47,6 +47,7 @@ from ._result import BatchItem, BatchResult, ParseResult
 from ._session import ModelSession, SessionState
 from ._timeline import Phase, Sample, Timeline, TimelineState
 from ._version import __version__
+from ._warm import WarmCache, WarmEntry, WarmKey, warm_cache
 
 __all__ = [
     "AdmissionTimeoutError",
@@ -102,6 +103,9 @@ __all__ = [
     "VramBudget",
     "VramLeakError",
     "VramSnapshot",
+    "WarmCache",
+    "WarmEntry",
+    "WarmKey",
     "WorkerCrashedError",
     "WorkerError",
     "WorkerStartError",
@@ -109,4 +113,5 @@ __all__ = [
     "__version__",
     "measure_context_floor",
     "vram_snapshot",
+    "warm_cache",
 ]

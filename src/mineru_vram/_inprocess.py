@@ -61,6 +61,10 @@ class SessionSettings:
     virtual_vram_gb: int | None = None
     # One retry on smaller batches after a CUDA out-of-memory error.
     oom_retry: bool = True
+    # Let MinerU download missing models (else ModelsNotAvailableError at once).
+    allow_download: bool = True
+    # Park the models in host memory on close, for the next session with the same settings.
+    keep_warm: bool = False
 
 
 def check_parse_timeout(timeout: object) -> None:
@@ -126,8 +130,10 @@ class InProcessRunner:
             model_source=settings.model_source,
             small_backend=settings.small_backend,
             virtual_vram_gb=settings.virtual_vram_gb,
+            allow_download=settings.allow_download,
         )
         self._vlm_config: Any = None
+        self.restored: dict[str, Any] = {}  # models taken from the warm cache on open
         self._lock = threading.Lock()
         self.oom_retries = 0  # documents that ran out of memory and were retried on smaller batches
 
@@ -148,10 +154,23 @@ class InProcessRunner:
         self.runtime.activate()
         try:
             self._vlm_config = vlm_config(self.settings.vlm_config)
+            self._restore_parked()
             self.runtime.load(tier=self.settings.backend.tier, preload=self.settings.preload)
         except BaseException:
             self._release(AliveTracker())
             raise
+
+    def _restore_parked(self) -> None:
+        """Take this session's models from host memory when an earlier session parked them."""
+        from ._warm import warm_cache
+
+        back = warm_cache().take(self.runtime.warm_key())
+        if back is None:
+            return
+        models, seconds = back
+        given = self.runtime.give_models(models)
+        self.restored = {"models": given, "seconds": seconds}
+        logger.info("restored %d parked models to %s in %.2fs", given, self.settings.device, seconds)
 
     def parse(self, doc: Document, options: ParseOptions) -> ParseResult:
         from ._adapter import vlm_config as build_vlm_config
@@ -207,20 +226,47 @@ class InProcessRunner:
             _clear_frames(exc)
             raise
 
-    def _release(self, tracker: AliveTracker) -> tuple[int, list[tuple[str, float]]]:
+    def _release(
+        self, tracker: AliveTracker, *, park: bool = False
+    ) -> tuple[int, list[tuple[str, float]], dict[str, Any]]:
         t0 = time.perf_counter()
-        released = self.runtime.release_models(tracker)
+        parked: dict[str, Any] = self._park() if park else {}
+        released = self.runtime.release_models(tracker)  # what was not parked
         steps = [("drop MinerU cache entries", time.perf_counter() - t0)]
+        if parked.get("models"):
+            steps.insert(0, ("park models in host memory", parked["seconds"]))
         self.runtime.deactivate()
         steps += return_allocator_memory(self.settings.device)
-        return released, steps
+        return released, steps, parked
+
+    def _park(self) -> dict[str, Any]:
+        """Move this session's models to host memory for the next session (``keep_warm``)."""
+        from ._warm import warm_cache
+
+        models = self.runtime.take_models()
+        if not models:
+            return {}
+        labels = [f"{cache}:{key!r}" for cache, key in models]
+        report = warm_cache().park(self.runtime.warm_key(), models, labels=labels)
+        if not report.parked:
+            # Not parked (too large, or a tensor would have stayed on the device): released as usual.
+            logger.warning("models not parked, released instead: %s", report.reason)
+            self.runtime.give_models(models)
+            return {"reason": report.reason}
+        return {
+            "models": list(report.parked),
+            "mib": report.mib,
+            "where": report.where,
+            "seconds": report.seconds,
+            "evicted": list(report.evicted),
+        }
 
     def close(self) -> ReleaseReport:
         device = self.settings.device
         before = vram_snapshot(device)
         t0 = time.perf_counter()
         tracker = AliveTracker()
-        released, steps = self._release(tracker)
+        released, steps, parked = self._release(tracker, park=self.settings.keep_warm)
         after = settle(device)
         seconds = time.perf_counter() - t0
         context_created = bool(
@@ -239,6 +285,8 @@ class InProcessRunner:
             context_created=context_created,
             context_floor_mib=self.settings.context_floor_mib,
             tolerance_mib=self.settings.leak_tolerance_mib,
+            parked=parked,
+            restored=dict(self.restored),
         )
 
     def abandon(self) -> None:

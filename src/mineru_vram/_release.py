@@ -108,6 +108,11 @@ class ReleaseReport:
         events: notes such as worker recycles or restarts.
         worker: figures for an isolated worker (pid, exit code, seconds until NVML
             showed the device back at baseline).
+        parked: warm re-entry (``keep_warm=True``): ``models`` (the cache entries now in
+            host memory), ``mib``, ``where`` (``"host memory (pinned)"``...) and ``seconds``;
+            or ``reason`` when the models could not be parked and were released instead.
+        restored: how the session's models came: ``{"models": n, "seconds": s}`` when
+            they were taken from host memory instead of loaded.
     """
 
     device: str
@@ -124,6 +129,8 @@ class ReleaseReport:
     tolerance_mib: float = 32.0
     events: list[str] = field(default_factory=list)
     worker: dict[str, Any] = field(default_factory=dict)
+    parked: dict[str, Any] = field(default_factory=dict)
+    restored: dict[str, Any] = field(default_factory=dict)
 
     @property
     def freed_mib(self) -> float | None:
@@ -214,6 +221,11 @@ class ReleaseReport:
             )
         if self.worker.get("seconds_to_baseline") is not None:
             head += f"; worker gone, device at baseline after {self.worker['seconds_to_baseline'] * 1000:.0f} ms"
+        if self.parked.get("models"):
+            head += (
+                f"; {len(self.parked['models'])} models parked in {self.parked['where']} "
+                f"({self.parked['mib']:.0f} MiB) for the next session"
+            )
         tail = (
             f"; {self.models_released} models released, {len(self.models_alive)} alive; "
             f"{self.seconds * 1000:.0f} ms; {'ok' if self.ok else 'NOT OK: ' + '; '.join(self.problems())}"
@@ -235,11 +247,18 @@ class ReleaseReport:
             ("torch allocated after", _fmt(_ta(self.after))),
             ("torch reserved after", _fmt(_tr(self.after))),
             ("models released / alive", f"{self.models_released} / {len(self.models_alive)}"),
+            ("models parked", _parked_text(self.parked)),
             ("release time", f"{self.seconds * 1000:.0f} ms"),
             ("verdict", "ok" if self.ok else "; ".join(self.problems())),
         ]
         rows += [(f"event {i + 1}", e) for i, e in enumerate(self.events)]
         return _html_table("Release report", rows)
+
+
+def _parked_text(parked: dict[str, Any]) -> str:
+    if parked.get("models"):
+        return f"{len(parked['models'])} in {parked['where']}, {parked['mib']:.0f} MiB"
+    return f"none ({parked['reason']})" if parked.get("reason") else "none"
 
 
 def _pm(s: VramSnapshot | None) -> float | None:

@@ -74,6 +74,11 @@ def _abandon(runner: Runner, pid: int) -> None:
         pass
 
 
+# Pages a document may have unless the session says otherwise: past a long book, and far from what a
+# small file with one page referenced thousands of times makes MinerU render and hold.
+DEFAULT_MAX_PAGES = 2000
+
+
 class ModelSession:
     """MinerU's models, loaded on enter and released on exit, with a receipt.
 
@@ -101,7 +106,9 @@ class ModelSession:
             ``"all"`` also the formula and table models MinerU loads lazily.
         ocr_mode: default for ``parse``: ``"auto"``, ``"txt"`` or ``"ocr"``.
         max_document_bytes: inputs larger than this are rejected before parsing.
-        max_pages: PDFs with more pages are rejected before parsing.
+        max_pages: PDFs with more pages are rejected before parsing (default 2,000: a
+            229 KiB file can name one page 20,000 times and grow a parse past 9 GiB;
+            ``None`` for no limit).
         keep_model_output: keep MinerU's raw model output on each result.
         context_floor_mib: the bare CUDA-context cost, for ``strict`` to tell a
             context from a leak; measured once in a child process when ``strict``
@@ -115,6 +122,13 @@ class ModelSession:
             ``MINERU_VIRTUAL_VRAM_SIZE`` is derived from it inside the session.
         oom_retry: on a CUDA out-of-memory error, release what the document held and
             retry it once on halved batches before raising :class:`OutOfMemoryError`.
+        keep_warm: on exit, release the GPU as always but park the models in host memory
+            (:func:`mineru_vram.warm_cache`), so the next session with the same settings
+            restores them instead of loading from disk. With ``isolation="process"``, a
+            spare worker is kept ready (models imported and built on the CPU, no CUDA
+            context) for the next isolated session.
+        allow_download: let MinerU download missing models on first use (default); with
+            ``False`` missing models raise :class:`ModelsNotAvailableError` at once.
         trust_env: read ``MINERU_VRAM_*`` variables for unset arguments.
     """
 
@@ -131,7 +145,7 @@ class ModelSession:
         preload: Literal["core", "all"] = "core",
         ocr_mode: Literal["auto", "txt", "ocr"] = "auto",
         max_document_bytes: int | None = 512 * 1024 * 1024,
-        max_pages: int | None = None,
+        max_pages: int | None = DEFAULT_MAX_PAGES,
         keep_model_output: bool = False,
         small_backend: Literal["torch", "onnx", "auto"] = "torch",
         context_floor_mib: float | None = None,
@@ -140,6 +154,8 @@ class ModelSession:
         worker_start_timeout: float = 300.0,
         budget: VramBudget | int | float | str | None = None,
         oom_retry: bool = True,
+        keep_warm: bool | None = None,
+        allow_download: bool | None = None,
         trust_env: bool = True,
     ) -> None:
         env = env_settings() if trust_env else {}
@@ -154,6 +170,10 @@ class ModelSession:
             raise ConfigurationError(f"isolation={isolation!r}: expected 'none' or 'process'", isolation=isolation)
         if strict is None:
             strict = bool(env.get("strict", False))
+        if keep_warm is None:
+            keep_warm = bool(env.get("keep_warm", False))
+        if allow_download is None:
+            allow_download = bool(env.get("allow_download", True))
         if leak_tolerance_mib is None:
             leak_tolerance_mib = float(env.get("leak_tolerance_mib", 32.0))
         if preload not in ("core", "all"):
@@ -191,6 +211,8 @@ class ModelSession:
             worker_start_timeout=worker_start_timeout,
             runtime_dir=env.get("runtime_dir"),
             oom_retry=oom_retry,
+            keep_warm=keep_warm,
+            allow_download=allow_download,
         )
         self.budget = resolve_budget(budget)
         _check_device(self.settings.device, self.budget)

@@ -37,7 +37,7 @@ import time
 import types
 import weakref
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from ._probe import MIB
@@ -98,7 +98,7 @@ class WarmEntry:
     """
 
     key: WarmKey
-    models: dict[Hashable, Any]
+    models: dict[Any, Any]
     nbytes: int
     pinned: bool
     parked_at: float
@@ -195,7 +195,7 @@ class WarmCache:
 
     # -- park and take ---------------------------------------------------------------------------
 
-    def park(self, key: WarmKey, models: dict[Hashable, Any], *, labels: list[str], pin: bool = True) -> ParkReport:
+    def park(self, key: WarmKey, models: dict[Any, Any], *, labels: list[str], pin: bool = True) -> ParkReport:
         """Move ``models`` to host memory and keep them under ``key``.
 
         On success the caller no longer owns ``models``. When they cannot be parked
@@ -240,7 +240,7 @@ class WarmCache:
         logger.info("parked %d models for %s in %s: %.0f MiB in %.2fs", len(models), key, where, mib, seconds)
         return ParkReport(tuple(labels), mib, where, seconds, evicted=tuple(str(k) for k in evicted))
 
-    def take(self, key: WarmKey) -> tuple[dict[Hashable, Any], float] | None:
+    def take(self, key: WarmKey) -> tuple[dict[Any, Any], float] | None:
         """Remove the entry for ``key`` and move its models back to the key's device.
 
         Returns:
