@@ -617,6 +617,52 @@ class MineruRuntime:
                 given += 1
         return given
 
+    @staticmethod
+    def retarget_models(models: dict[tuple[str, Any], Any], device: str) -> dict[tuple[str, Any], Any] | None:
+        """Move models MinerU built on the CPU to ``device``, as if MinerU had built them there.
+
+        A spare worker builds the models on the CPU (no CUDA context) and hands them to
+        the session that takes it. What MinerU decides from the device at construction
+        is redone here: every module and loose tensor moves (``_warm``'s walk); plain
+        ``device`` attributes of MinerU's wrappers (strings or ``torch.device``) name the
+        new device; the OCR networks get MinerU's own ``_apply_inference_precision`` (fp16
+        on a GPU); the cache keys, which contain the device, are rewritten.
+
+        Returns:
+            The models under their new keys, or ``None`` when a parameter stayed on the CPU
+            (the caller then drops them and loads as usual).
+        """
+        import torch
+
+        from ._warm import _move_all, _walk
+
+        target = torch.device(device)
+        cpu = torch.device("cpu")
+        _move_all(models.values(), device, pin=False)
+        for value, _container, _slot, _kind in _walk(models.values()):
+            attrs = getattr(value, "__dict__", None)
+            if not isinstance(attrs, dict) or (isinstance(value, torch.nn.Module) and "device" not in attrs):
+                continue
+            current = attrs.get("device")
+            if current == "cpu":
+                attrs["device"] = device
+            elif isinstance(current, torch.device) and current == cpu:
+                attrs["device"] = target
+            precision = getattr(value, "_apply_inference_precision", None)
+            if callable(precision) and getattr(value, "net", None) is not None:
+                precision(device)  # MinerU's OCR: the network to the device, fp16 on a GPU
+        for value, _container, _slot, _kind in _walk(models.values()):
+            if isinstance(value, torch.nn.Module):
+                for tensor in (*value.parameters(recurse=False), *value.buffers(recurse=False)):
+                    if tensor is not None and tensor.device.type == "cpu":
+                        return None
+        rekeyed: dict[tuple[str, Any], Any] = {}
+        for (cache_name, key), obj in models.items():
+            moved = (key[0], device, *key[2:]) if isinstance(key, tuple) and len(key) >= 2 and key[1] == "cpu" else key
+            rekeyed[(cache_name, moved)] = obj
+        torch.cuda.synchronize(target)
+        return rekeyed
+
     def warm_key(self) -> Any:
         """The :class:`~mineru_vram._warm.WarmKey` of this runtime's models: what made them."""
         from ._warm import WarmKey

@@ -134,6 +134,8 @@ class InProcessRunner:
         )
         self._vlm_config: Any = None
         self.restored: dict[str, Any] = {}  # models taken from the warm cache on open
+        # Set in a spare worker that built the models on the CPU for whoever takes it.
+        self.retarget_from_cpu = False
         self._lock = threading.Lock()
         self.oom_retries = 0  # documents that ran out of memory and were retried on smaller batches
 
@@ -162,14 +164,30 @@ class InProcessRunner:
 
     def _restore_parked(self) -> None:
         """Take this session's models from host memory when an earlier session parked them."""
+        import dataclasses as dc
+
         from ._warm import warm_cache
 
-        back = warm_cache().take(self.runtime.warm_key())
+        key = self.runtime.warm_key()
+        back = warm_cache().take(key)
+        moved_from_cpu = False
+        if back is None and self.retarget_from_cpu and key.device != "cpu":
+            back = warm_cache().take(dc.replace(key, device="cpu"))
+            moved_from_cpu = back is not None
         if back is None:
             return
         models, seconds = back
+        if moved_from_cpu:
+            t0 = time.perf_counter()
+            retargeted = self.runtime.retarget_models(models, key.device)
+            seconds += time.perf_counter() - t0
+            if retargeted is None:
+                logger.warning("models built on the CPU could not all move to %s; loading them instead", key.device)
+                models.clear()
+                return
+            models = retargeted
         given = self.runtime.give_models(models)
-        self.restored = {"models": given, "seconds": seconds}
+        self.restored = {"models": given, "seconds": seconds, "from": "cpu" if moved_from_cpu else "host memory"}
         logger.info("restored %d parked models to %s in %.2fs", given, self.settings.device, seconds)
 
     def parse(self, doc: Document, options: ParseOptions) -> ParseResult:

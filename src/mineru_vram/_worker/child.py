@@ -13,6 +13,7 @@ Nothing here imports the parent's side (``runner.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import mmap
 import os
@@ -49,12 +50,14 @@ def malloc_trim() -> bool:
 class WorkerLoop:
     """One :class:`InProcessRunner` in this process, driven by the parent's messages."""
 
-    def __init__(self, conn: Connection, init: protocol.Init) -> None:
+    def __init__(self, conn: Connection, init: protocol.Init, *, prepared: bool = False) -> None:
         self.conn = conn
         self.settings: SessionSettings = init.settings
         self.folder = Path(init.folder)
         self.inline_limit = init.inline_limit
         self.runner = InProcessRunner(self.settings)
+        # A spare built the models on the CPU: the runner may move them to its device.
+        self.runner.retarget_from_cpu = prepared
         self._ballast: list[Any] = []  # test hook: memory held on purpose
 
     def stats(self, seconds: float | None = None) -> protocol.Stats:
@@ -158,6 +161,34 @@ def _allocate(mib: float, on_device: bool, device: str) -> Any:
     return block
 
 
+def prepare(conn: Connection, message: protocol.Prepare) -> bool:
+    """As a spare: build the models on the CPU, keep them in this process's warm cache, say Prepared.
+
+    Returns:
+        Whether it worked (else an :class:`~mineru_vram._worker.protocol.Error` was sent).
+    """
+    from mineru_vram._warm import warm_cache
+
+    settings = dataclasses.replace(message.settings, device="cpu", keep_warm=False)
+    runner = InProcessRunner(settings)
+    try:
+        runner.open()
+        models = runner.runtime.take_models()
+        report = warm_cache().park(runner.runtime.warm_key(), models, labels=[repr(k) for k in models])
+        runner.runtime.deactivate()
+    except Exception as exc:
+        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        error = exc if isinstance(exc, MineruVramError) else WorkerStartError(f"{type(exc).__name__}: {exc}")
+        snap = vram_snapshot("cpu")
+        stats = protocol.Stats(rss_mib=snap.rss_mib, device_mib=None, torch_reserved_mib=None, snapshot=snap)
+        conn.send(protocol.Error(error=protocol.portable_error(error, None), traceback=tb_text, stats=stats))
+        return False
+    snap = vram_snapshot("cpu")
+    stats = protocol.Stats(rss_mib=snap.rss_mib, device_mib=None, torch_reserved_mib=None, snapshot=snap)
+    conn.send(protocol.Prepared(pid=os.getpid(), models=len(report.parked), mib=report.mib, stats=stats))
+    return True
+
+
 def worker_main(argv: list[str]) -> NoReturn:
     """Entry point of a worker process: ``<pipe fd>``. Does not return: exits without teardown."""
     fd = int(argv[0])
@@ -169,13 +200,21 @@ def worker_main(argv: list[str]) -> NoReturn:
             reconfigure(line_buffering=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     conn = Connection(fd)
+    prepared = False
     try:
-        init = conn.recv()
+        first = conn.recv()
+        if isinstance(first, protocol.Prepare):
+            if not prepare(conn, first):
+                os._exit(1)
+            prepared = True
+            first = conn.recv()  # the Init of the session that takes this spare (or Exit)
     except (EOFError, OSError):
         os._exit(1)
-    if not isinstance(init, protocol.Init):  # pragma: no cover - a protocol bug
+    if isinstance(first, protocol.Exit):
+        os._exit(0)
+    if not isinstance(first, protocol.Init):  # pragma: no cover - a protocol bug
         os._exit(2)
-    code = WorkerLoop(conn, init).serve()
+    code = WorkerLoop(conn, first, prepared=prepared).serve()
     sys.stdout.flush()
     sys.stderr.flush()
     # Exit without interpreter teardown: the process's end returns every byte it held,

@@ -186,6 +186,18 @@ class Init:
 
 
 @dataclass(frozen=True)
+class Prepare:
+    """Parent to a spare worker, first: build these settings' models on the CPU and keep them.
+
+    The spare imports MinerU and builds the models without touching CUDA, then says
+    :class:`Prepared` and waits for the :class:`Init` of the session that takes it,
+    which moves them to the session's device instead of loading them.
+    """
+
+    settings: SessionSettings
+
+
+@dataclass(frozen=True)
 class Parse:
     """Parent to worker: parse this document; the answer is a :class:`Result` or an :class:`Error`."""
 
@@ -211,6 +223,16 @@ class Ready:
     """Worker to parent: the models are loaded. ``pid`` is the worker's own."""
 
     pid: int
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Spare worker to parent: the models are built on the CPU (``models`` entries, ``mib`` of tensors)."""
+
+    pid: int
+    models: int
+    mib: float
     stats: Stats
 
 
@@ -246,8 +268,8 @@ class Bye:
     stats: Stats
 
 
-ToChild = Init | Parse | Debug | Exit
-ToParent = Ready | Result | Error | DebugReply | Bye
+ToChild = Prepare | Init | Parse | Debug | Exit
+ToParent = Prepared | Ready | Result | Error | DebugReply | Bye
 
 # A payload file's name never repeats within one process's life.
 _counter = itertools.count(1)

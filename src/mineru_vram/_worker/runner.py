@@ -162,6 +162,8 @@ class WorkerRunner:
         self._lock = threading.RLock()
         self._folder: Path | None = None
         self._folder_lock: _process.OwnerLock | None = None
+        self._adopted: list[tuple[Path, _process.OwnerLock]] = []  # folders of spares this runner took
+        self.spare: dict[str, Any] = {}  # the spare worker this runner started from, if any
         self._worker: WorkerHandle | None = None
         self._retired: list[WorkerHandle] = []  # asked to exit between documents, not yet reaped
         self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_EVENTS)
@@ -213,6 +215,11 @@ class WorkerRunner:
             self._state = RunnerState.OPENED
             try:
                 self._start_worker()
+                if self.settings.keep_warm:
+                    # For the next session with these settings: prepared while this one works.
+                    from .spare import spare_pool
+
+                    spare_pool().prepare(self.settings)
             except BaseException:
                 self._shutdown_all()
                 self._remove_folder()
@@ -224,10 +231,14 @@ class WorkerRunner:
         self._reap_retired()
         self._started += 1
         t0 = time.perf_counter()
-        worker = WorkerHandle.spawn(self._folder, self._started)
+        worker = self._take_spare() if self._started == 1 and self.settings.keep_warm else None
+        if worker is None:
+            worker = WorkerHandle.spawn(self._folder, self._started)
         self._worker = worker
         self._load(worker)
         seconds = time.perf_counter() - t0
+        if self.spare:
+            self.spare["enter_seconds"] = round(seconds, 4)
         if self._restart_reason is not None:
             self.restarts += 1
             self._event(f"restarted the worker: pid {worker.pid} in {seconds:.1f}s ({self._restart_reason})")
@@ -235,6 +246,23 @@ class WorkerRunner:
         else:
             self._event(f"started worker pid {worker.pid} in {seconds:.1f}s")
         return worker
+
+    def _take_spare(self) -> WorkerHandle | None:
+        """A spare worker prepared by an earlier session with these settings, adopted by this runner."""
+        from .spare import spare_pool
+
+        spare = spare_pool().take(self.settings, timeout=self.settings.worker_start_timeout)
+        if spare is None:
+            return None
+        self._adopted.append((spare.folder, spare.lock))
+        self.spare = {
+            "pid": spare.worker.pid,
+            "models": spare.prepared.models,
+            "mib": round(spare.prepared.mib, 1),
+            "prepare_seconds": round(spare.seconds, 3),
+        }
+        self._event(f"took spare worker pid {spare.worker.pid} ({spare.prepared.models} models built on the CPU)")
+        return spare.worker
 
     def _load(self, worker: WorkerHandle) -> None:
         """Hand a started worker its settings and wait until it has loaded the models."""
@@ -589,6 +617,7 @@ class WorkerRunner:
             "timeouts": self.timeouts,
             "documents": self.documents,
             "history": list(self._history),
+            "spare": dict(self.spare),
         }
         self._remove_folder()
         self._state = RunnerState.CLOSED
@@ -618,6 +647,10 @@ class WorkerRunner:
         self._worker = None
 
     def _remove_folder(self) -> None:
+        for folder, lock in self._adopted:
+            shutil.rmtree(folder, ignore_errors=True)
+            lock.release()
+        self._adopted.clear()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
         if self._folder_lock is not None:
