@@ -56,10 +56,10 @@ sizes, training context, each tensor's size) and fits, in this order: every laye
 output layer and the projector on the device with MinerU's 4 slots of the training
 context each; then less context per slot (halving, down to :data:`MIN_SLOT_CONTEXT`);
 then fewer slots; then fewer layers on the device. What does not fit with one layer on
-the device fails the start (a GPU engine never quietly runs on the CPU). The estimate: the offloaded layers' and the output's
-tensors, the projector file, the f16 KV cache of the offloaded layers
-(bytes per token x context) and :data:`RUNTIME_RESERVE_MIB` for compute buffers and
-the Vulkan runtime. ``extra_args`` that set ``--n-gpu-layers``, ``--ctx-size``,
+the device fails the start (a GPU engine never quietly runs on the CPU). The estimate:
+the offloaded layers' and the output's tensors, the projector file, the f16 KV cache of
+the offloaded layers (bytes per token x context) and :data:`RUNTIME_RESERVE_MIB` for
+compute buffers and the Vulkan runtime. ``extra_args`` that set ``--n-gpu-layers``, ``--ctx-size``,
 ``--parallel`` or ``--device`` take precedence and are counted as given.
 """
 
