@@ -727,9 +727,10 @@ class LlamaCppBackend(ServerBackend):
     def release(self, timeout: float) -> MemoryMove:
         """End the server (its memory goes with it); the key, name, port and flags are kept for the wake."""
         self._asleep_pids = self.pids()
+        # Asleep before the process ends: its exit is not a crash (the supervisor reads exitcode()).
+        self._asleep = True
         if self.process is not None:
             self.process.terminate(grace=min(timeout, self.settings.stop_timeout))
-        self._asleep = True
         return MemoryMove("llama-server stopped (llama.cpp cannot release memory on request); wake starts it again")
 
     def resume(self, timeout: float) -> MemoryMove:
@@ -740,10 +741,11 @@ class LlamaCppBackend(ServerBackend):
         """
         assert self._ctx is not None  # launched before it could sleep
         old_url = self.url
-        self._asleep = False
         self._ports_given_up = []
         try:
             self._start(self._ctx)
+            # Awake only once the new process is there: until then exitcode() would report the old one's.
+            self._asleep = False
             deadline = time.monotonic() + min(timeout, self.settings.start_timeout)
             self.wait_ready(deadline, threading.Event())
         except BaseException:
