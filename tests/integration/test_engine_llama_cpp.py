@@ -370,6 +370,22 @@ def test_keep_alive_stops_an_idle_server_and_the_next_request_starts_it(make_eng
     assert engine.status().pid != first
 
 
+def test_stop_while_asleep_leaves_nothing_and_a_token_cap_reaches_the_server(make_engine: Factory) -> None:
+    engine = make_engine(max_new_tokens=3)
+    engine.start()
+    server = psutil.Process(engine.status().pid)
+    assert _server_flag(server, "--n-predict") == "3"
+    status, answer = _chat(engine)
+    assert status == 200
+    assert "<|ref_end|>" not in answer, f"the scripted answer is cut after three tokens: {answer!r}"
+    folder = Path(engine.status().log_path or "").parent
+    engine.sleep()
+    assert engine.stop() is not None
+    assert engine.state is EngineState.STOPPED
+    assert _llama_servers() == []
+    assert not folder.exists()
+
+
 def test_a_wake_without_its_model_files_fails_typed_and_the_engine_stays_asleep(
     make_engine: Factory, gguf_dir: Path, tmp_path: Path
 ) -> None:

@@ -138,7 +138,7 @@ class ResidentEngine:
         max_concurrency: MinerU's concurrent requests to the engine.
         headroom_gib: memory beyond the budget that must be free before SGLang starts
             (CUDA context, activations, CUDA graphs).
-        max_new_tokens: (transformers) cap on generated tokens per request.
+        max_new_tokens: (transformers, llama-cpp) cap on generated tokens per request.
         python: the interpreter that runs ``sglang.launch_server`` (default this one).
         runtime_dir: where the server's log and key file go (default a private temp dir).
         launcher: starts the server command line (default :func:`mineru_vram._process.spawn`).

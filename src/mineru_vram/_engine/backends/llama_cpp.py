@@ -109,8 +109,9 @@ logger = logging.getLogger("mineru_vram")
 MINERU_PARALLEL = 4
 # The least context per slot a budget may shrink to: a page's image tokens and its answer.
 MIN_SLOT_CONTEXT = 8192
-# Device memory beyond weights and KV cache: compute buffers (full size on CPU: 69 MiB for the
-# text model, 267 MiB for the vision tower's 1288x1288 warm-up image) and the Vulkan runtime.
+# Device memory beyond weights and KV cache: compute buffers (full size, on Mesa's lavapipe
+# Vulkan device: 67.5 MiB for the text model, 225.8 MiB for the vision tower's 1288x1288
+# warm-up image; on CPU 69 and 267 MiB) and the Vulkan runtime (not measured here).
 RUNTIME_RESERVE_MIB = 640.0
 # Bytes per cached value: llama.cpp's default KV cache type is f16.
 KV_BYTES = 2
@@ -639,6 +640,9 @@ class LlamaCppBackend(ServerBackend):
         argv += self.plan.flags(self.given)
         if "device" not in self.given:
             argv += ["--device", "none" if ctx.settings.device == "cpu" else "Vulkan0"]
+        if ctx.settings.max_new_tokens is not None:
+            # MinerU's clients ask for no limit: a model that never stops would fill its context.
+            argv += ["--n-predict", str(ctx.settings.max_new_tokens)]
         return argv + list(ctx.settings.extra_args)
 
     def server_environ(self, ctx: BackendContext) -> dict[str, str]:
