@@ -29,7 +29,7 @@ from mineru_vram import _process, testing
 from mineru_vram._budget import Ledger, device_key
 from mineru_vram._engine import EngineState, ResidentEngine, http
 from mineru_vram._engine.backends import llama_cpp
-from mineru_vram._probe import DeviceMemory
+from mineru_vram._probe import DeviceMemory, ProcessMemory
 from support import all_gone, as_nobody, needs_root, wait_for
 
 pytest.importorskip(
@@ -421,6 +421,59 @@ class _CountingLauncher:
     def __call__(self, argv: Any, *, env: Any, log_path: Path, cwd: Path) -> _process.ProcessGroup:
         self.calls += 1
         return _process.spawn(argv, env=env, log_path=log_path, cwd=cwd)
+
+
+def test_a_budget_sizes_the_server_and_its_reservation_follows_sleep_and_wake(gguf_dir: Path, tmp_path: Path) -> None:
+    # The GPU path with two stand-ins: NVML (a card on which every live llama-server of ours holds
+    # 1500 MiB) and the device (``--device none`` in extra_args: the server runs on the CPU).
+    def probe(device: str) -> DeviceMemory:
+        procs = tuple(ProcessMemory(p.pid, 1500.0, "llama-server") for p in _llama_servers() if p.is_running())
+        used = 1024.0 + 1500.0 * len(procs)
+        return DeviceMemory(0, "stand-in card", 81920.0, used, 81920.0 - used, processes=procs)
+
+    ledger = Ledger(tmp_path / "ledger")
+    key = device_key("cuda:0")
+    # The tiny pair's estimate: 640 MiB of reserve, under 1 MiB of weights, 8 MiB of KV cache for
+    # MinerU's 4 slots of 8192 tokens. 645 MiB leaves room for 2 slots only.
+    engine = ResidentEngine(
+        "llama-cpp",
+        model_path=gguf_dir,
+        device="cuda:0",
+        budget=mv.VramBudget(mib=645, timeout=0),
+        headroom_gib=0,
+        probe=probe,
+        ledger=ledger,
+        extra_args=("--device", "none", "--threads", "2"),
+        start_timeout=120,
+    )
+    try:
+        engine.start()
+        plan = engine._backend.plan
+        assert plan is not None
+        assert (plan.n_gpu_layers, plan.parallel, plan.ctx_size) == (3, 2, 16384)
+        assert "2 slot(s)" in plan.note
+        server = psutil.Process(engine.status().pid)
+        assert _server_flag(server, "--parallel") == "2"
+        assert _server_flag(server, "--ctx-size") == "16384"
+        assert _server_flag(server, "--n-gpu-layers") == "3"
+        assert "--no-mmproj-offload" not in server.cmdline()
+        props = http.request("GET", f"{engine.url}/props", api_key=engine.vlm_config()["api_key"])[1]
+        assert props["total_slots"] == 2
+        assert props["default_generation_settings"]["n_ctx"] == 8192
+        assert [e.need_mib for e in ledger.snapshot(key)] == [645]
+        assert engine.status().memory_mib == 1500
+
+        sleep = engine.sleep()
+        assert (sleep.before_mib, sleep.after_mib, sleep.confirmed) == (1500, 0, True)
+        assert ledger.snapshot(key) == [], "asleep, the reservation is given back"
+        assert engine.status().memory_mib == 0
+        wake = engine.wake()
+        assert (wake.before_mib, wake.after_mib, wake.confirmed) == (0, 1500, True)
+        assert [e.need_mib for e in ledger.snapshot(key)] == [645]
+    finally:
+        engine.stop()
+    assert ledger.snapshot(key) == []
+    assert _llama_servers() == []
 
 
 def test_a_budget_the_model_cannot_fit_fails_before_anything_starts(gguf_dir: Path, tmp_path: Path) -> None:

@@ -783,5 +783,14 @@ class LlamaCppBackend(ServerBackend):
         return [] if self._asleep else super().pids()
 
     def memory_mib(self, info: DeviceMemory | None) -> float | None:
-        """Asleep, what the stopped server's processes still hold (0 once NVML lists them no more)."""
-        return processes_mib(info, self._asleep_pids if self._asleep else self.pids())
+        """What the server's processes hold; asleep, what the stopped server's still hold.
+
+        Asleep, a process NVML no longer lists holds nothing, also when it listed the
+        last one (``processes_mib`` reads an empty list with memory in use as "NVML
+        cannot see processes here", which before the sleep it could).
+        """
+        if not self._asleep:
+            return processes_mib(info, self.pids())
+        if info is None:
+            return None
+        return sum(p.used_mib for p in info.processes if p.pid in self._asleep_pids)
