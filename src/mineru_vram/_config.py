@@ -49,7 +49,7 @@ class BackendSpec:
     Attributes:
         name: the canonical name (``pipeline``, ``flash``, ``vlm``, ``hybrid``).
         tier: the MinerU 4 tier that runs it.
-        engine: the VLM engine an alias implies (``sglang``, ``vllm``, ``transformers``), if any.
+        engine: the VLM engine an alias implies (``sglang``, ``vllm``, ``transformers``, ``llama-cpp``), if any.
         needs_engine: whether parsing needs a VLM engine.
     """
 
@@ -75,6 +75,9 @@ BACKENDS: Mapping[str, BackendSpec] = {
     "vlm-vllm-engine": BackendSpec("vlm", "advanced", engine="vllm", needs_engine=True),
     "vlm-vllm-async-engine": BackendSpec("vlm", "advanced", engine="vllm", needs_engine=True),
     "vlm-http-client": BackendSpec("vlm", "advanced", engine="attach", needs_engine=True),
+    # MinerU 4's default engine in the 2.x naming scheme (MinerU 2.x itself had no llama.cpp).
+    "vlm-llama-cpp-engine": BackendSpec("vlm", "advanced", engine="llama-cpp", needs_engine=True),
+    "hybrid-llama-cpp-engine": BackendSpec("hybrid", "standard", engine="llama-cpp", needs_engine=True),
 }
 
 

@@ -16,6 +16,7 @@ CUDA context.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ __all__ = [
     "ProcessMemory",
     "VramSnapshot",
     "cuda_device_problem",
+    "device_identity",
     "device_index",
     "measure_context_floor",
     "nvml_device_count",
@@ -143,6 +145,29 @@ def cuda_device_problem(device: str) -> str | None:
     if torch is not None and getattr(getattr(torch, "version", None), "cuda", "") is None:
         return f"the torch in this process ({getattr(torch, '__version__', '?')}) is built without CUDA"
     return None
+
+
+def device_identity(device: str) -> tuple[str | None, str | None] | None:
+    """The UUID (``GPU-...``) and PCI address (``domain:bus:device.function``) of ``cuda:N``, by NVML.
+
+    What other APIs name the same card by (Vulkan's ``deviceUUID`` and PCI bus info).
+    ``None`` where NVML cannot see the device.
+    """
+    handle = _nvml_handle(device_index(device))
+    nvml = _nvml()
+    if handle is None or nvml is None:
+        return None
+    uuid: str | None = None
+    pci: str | None = None
+    with contextlib.suppress(Exception):
+        raw = nvml.nvmlDeviceGetUUID(handle)
+        uuid = raw.decode() if isinstance(raw, bytes) else str(raw)
+    with contextlib.suppress(Exception):
+        bus = nvml.nvmlDeviceGetPciInfo(handle).busId
+        pci = bus.decode() if isinstance(bus, bytes) else str(bus)
+    if uuid is None and pci is None:
+        return None
+    return uuid, pci
 
 
 def resolve_device(device: str | int | None) -> str:

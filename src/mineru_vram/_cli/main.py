@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 3 when memory was not fully released")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     vlm = p.add_argument_group("VLM engine (for --backend vlm or hybrid)")
-    vlm.add_argument("--engine", choices=("sglang", "vllm", "transformers"), help="start this engine for the run")
+    vlm.add_argument(
+        "--engine", choices=("sglang", "vllm", "transformers", "llama-cpp"), help="start this engine for the run"
+    )
     vlm.add_argument("--model-path", metavar="DIR", help="the VLM model directory (--engine)")
     vlm.add_argument("--vram-budget-gib", type=float, metavar="GIB", help="the engine's GPU memory budget")
     vlm.add_argument("--server-url", metavar="URL", help="use a running OpenAI-compatible VLM server instead")

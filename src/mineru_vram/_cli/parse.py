@@ -37,14 +37,19 @@ def _make_engine(args: argparse.Namespace) -> Any:
     if args.engine:
         if not args.model_path:
             raise ConfigurationError(f"--engine {args.engine} needs --model-path (the VLM model directory)")
-        return ResidentEngine(
-            args.engine,
-            model_path=args.model_path,
-            device=args.device,
-            vram_budget_gib=args.vram_budget_gib,
-        ).start()
+        from mineru_vram._budget import VramBudget
+        from mineru_vram._engine.backends import BACKENDS
+
+        sizing: dict[str, Any] = {}
+        if args.vram_budget_gib is not None:
+            # SGLang and vLLM size a pool by a fraction; the others take the budget itself (no wait, as there).
+            if BACKENDS[args.engine].traits.pool_fraction:
+                sizing["vram_budget_gib"] = args.vram_budget_gib
+            else:
+                sizing["budget"] = VramBudget(mib=args.vram_budget_gib * 1024, timeout=0.0)
+        return ResidentEngine(args.engine, model_path=args.model_path, device=args.device, **sizing).start()
     raise ConfigurationError(
-        f"--backend {args.backend} parses through a VLM engine: pass --engine sglang|vllm|transformers with "
+        f"--backend {args.backend} parses through a VLM engine: pass --engine sglang|vllm|transformers|llama-cpp with "
         "--model-path, or --server-url of a running OpenAI-compatible server"
     )
 

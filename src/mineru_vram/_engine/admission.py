@@ -28,26 +28,33 @@ class Sizing:
         mem_fraction: the fraction the server is started with (pool-fraction engines), or ``None``.
         need_mib: what admission waits for and reserves; ``None``: nothing to admit.
         total_mib: the card's total, by NVML.
+        budget_mib: the device memory the budget allows the engine (``None``: no budget).
     """
 
     mem_fraction: float | None
     need_mib: float | None
     total_mib: float | None = None
+    budget_mib: float | None = None
 
 
 def weights_mib(model_path: str | None) -> float | None:
-    """The model's weight files on disk (``*.safetensors``, ``*.bin``), in MiB."""
+    """The model's weight files on disk (``*.safetensors``, ``*.bin``, ``*.gguf``), in MiB."""
     if not model_path:
         return None
     root = Path(model_path)
     if not root.is_dir():
         return None
-    total = sum(p.stat().st_size for p in root.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    suffixes = (".safetensors", ".bin", ".gguf")
+    total = sum(p.stat().st_size for p in root.iterdir() if p.suffix in suffixes and p.is_file())
     return total / MIB if total else None
 
 
 def size_engine(settings: EngineSettings, traits: EngineTraits, probe: MemoryProbe) -> Sizing:
     """Turn the engine's budget into a memory fraction and the MiB admission must find free.
+
+    An engine that sizes itself (``traits.device_need``) is asked what it will take
+    within the budget; admission then waits for the whole budget, or, without one,
+    for what the engine said.
 
     Raises:
         EngineStartError: NVML cannot read the device a budget needs, or the weights do
@@ -78,6 +85,11 @@ def size_engine(settings: EngineSettings, traits: EngineTraits, probe: MemoryPro
         taken = fraction if fraction is not None else traits.default_fraction
         if taken is not None and total is not None:
             need_mib = taken * total
+    elif traits.device_need is not None:
+        budget_mib = None if budget is None else budget.need_mib(total)
+        planned = traits.device_need(s, budget_mib)
+        need_mib = planned if budget_mib is None else budget_mib
+        return Sizing(fraction, need_mib, total, budget_mib)
     elif budget is not None:
         need_mib = budget.need_mib(total)
     elif weights is not None:

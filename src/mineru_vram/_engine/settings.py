@@ -27,7 +27,9 @@ from mineru_vram._probe import resolve_device
 
 __all__ = ["SETTING_NAMES", "EngineKind", "EngineSettings", "parse_keep_alive"]
 
-EngineKind = Literal["sglang", "vllm", "transformers", "attach"]
+EngineKind = Literal[
+    "sglang", "vllm", "transformers", "llama-cpp", "llama-cpp-engine", "vlm-llama-cpp-engine", "attach"
+]
 
 # MinerU's names for vLLM inside the parsing process: refused, with the supported alternative.
 _IN_PROCESS_VLLM = ("vllm-engine", "vllm-async-engine")
@@ -95,10 +97,11 @@ SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Engine
 
 
 def _checked(cls: type[EngineSettings], v: Mapping[str, Any]) -> EngineSettings:
-    from .backends import BACKENDS  # the registry: what each engine needs
+    from .backends import BACKENDS, ENGINE_ALIASES  # the registry: what each engine needs
 
     raw_engine = v["engine"]
     kind = str(raw_engine).strip().lower()
+    kind = ENGINE_ALIASES.get(kind, kind)
     if kind in _IN_PROCESS_VLLM:
         raise BackendNotAvailableError(
             f"engine={raw_engine!r} (vLLM inside this process) is not supported: its memory could only be returned "
@@ -106,7 +109,8 @@ def _checked(cls: type[EngineSettings], v: Mapping[str, Any]) -> EngineSettings:
             engine=raw_engine,
         )
     if kind not in BACKENDS:
-        raise ConfigurationError(f"engine={raw_engine!r}: expected one of {', '.join(BACKENDS)}", engine=raw_engine)
+        known = ", ".join([*BACKENDS, *ENGINE_ALIASES])
+        raise ConfigurationError(f"engine={raw_engine!r}: expected one of {known}", engine=raw_engine)
     traits = BACKENDS[kind].traits
 
     model_path = v["model_path"]

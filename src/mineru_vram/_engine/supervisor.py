@@ -95,7 +95,7 @@ class Supervisor:
             return True
         code = engine._backend.exitcode()
         if code is not None:
-            self.on_crash(engine, f"exited with code {code}")
+            self.on_crash(engine, f"exited with code {code}", exited=True)
             return True
         now = time.monotonic()
         if now >= self._next_check:
@@ -127,10 +127,20 @@ class Supervisor:
 
     # -- crash and restart -------------------------------------------------------------------------
 
-    def on_crash(self, engine: ResidentEngine, reason: str) -> None:
-        """Record a crash (or hang), kill what is left of the server, and restart it."""
+    def on_crash(self, engine: ResidentEngine, reason: str, *, exited: bool = False) -> None:
+        """Record a crash (or hang), kill what is left of the server, and restart it.
+
+        Args:
+            engine: the engine.
+            reason: what happened, for the error the callers get.
+            exited: the crash is an exit code seen without the lock: a sleep, wake or
+                restart that held the lock meanwhile may have ended or replaced that
+                process on purpose, so the exit is looked at again under the lock.
+        """
         with engine._lifecycle:
             if engine._state not in (EngineState.READY, EngineState.SLEEPING) or self._stop.is_set():
+                return
+            if exited and engine._backend.exitcode() is None:
                 return
             was_sleeping = engine._state is EngineState.SLEEPING
             engine._generation += 1

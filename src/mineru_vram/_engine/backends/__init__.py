@@ -9,12 +9,14 @@ from collections.abc import Mapping
 
 from .attach import AttachBackend
 from .base import Backend, BackendClass, BackendContext, EngineTraits, Launcher, MemoryMove
+from .llama_cpp import LlamaCppBackend
 from .sglang import SGLangBackend, build_sglang_argv
 from .transformers import TransformersBackend
 from .vllm import VLLMBackend, build_vllm_argv
 
 __all__ = [
     "BACKENDS",
+    "ENGINE_ALIASES",
     "Backend",
     "BackendClass",
     "BackendContext",
@@ -30,5 +32,13 @@ BACKENDS: Mapping[str, BackendClass] = {
     "sglang": SGLangBackend,
     "vllm": VLLMBackend,
     "transformers": TransformersBackend,
+    "llama-cpp": LlamaCppBackend,
     "attach": AttachBackend,
+}
+
+# Other names users type for an engine: MinerU 4's backend name for llama.cpp, and the
+# ``vlm-<engine>`` form of MinerU 2.x's backend names (MinerU 2.x and 3.x had no llama.cpp).
+ENGINE_ALIASES: Mapping[str, str] = {
+    "llama-cpp-engine": "llama-cpp",
+    "vlm-llama-cpp-engine": "llama-cpp",
 }

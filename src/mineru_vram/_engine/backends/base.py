@@ -9,7 +9,7 @@ questions, release and resume memory, shut down. It is given what it needs in a
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
@@ -47,6 +47,10 @@ class EngineTraits:
         default_fraction: the fraction the server takes when not told (for admission).
         needs_gpu: why the engine cannot run on CPU; ``""`` when it can.
         min_health_timeout: the shortest ``health_timeout`` the server's health check fits in.
+        device_need: for an engine that sizes itself to a budget (llama.cpp's layers,
+            context and slots): ``(settings, budget MiB or None) -> the device MiB it will
+            take``; raises :class:`~mineru_vram.EngineStartError` when it cannot fit.
+            ``None``: the budget (or the weights on disk) is what admission waits for.
     """
 
     model: Literal["path", "local", "none"] = "path"
@@ -56,6 +60,7 @@ class EngineTraits:
     default_fraction: float | None = None
     needs_gpu: str = ""
     min_health_timeout: float = 0.0
+    device_need: Callable[[EngineSettings, float | None], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class BackendContext:
         environ: the server's base environment.
         mem_fraction: the memory fraction admission sized (pool-fraction engines).
         virtual_vram_gb: MinerU's sizing hint from the engine's reservation.
+        budget_mib: the device memory the engine's budget allows it (``None``: no budget).
     """
 
     settings: EngineSettings
@@ -81,6 +87,7 @@ class BackendContext:
     environ: Mapping[str, str]
     mem_fraction: float | None = None
     virtual_vram_gb: int | None = None
+    budget_mib: float | None = None
 
     @property
     def log_path(self) -> Path:

@@ -187,6 +187,15 @@ class ServerBackend(HttpBackend):
         """What the server needs in its environment beyond ``ctx.environ``."""
         return {}
 
+    def server_environ(self, ctx: BackendContext) -> dict[str, str]:
+        """The server's whole environment: ``ctx.environ`` and :meth:`server_env`."""
+        return {**ctx.environ, **self.server_env(ctx)}
+
+    def write_key(self, ctx: BackendContext) -> None:
+        """Hand the server its key in a file only this user can read (SGLang's ``--config``; JSON is YAML)."""
+        with _process.private_file(ctx.config_path, "wb") as fh:
+            fh.write(json.dumps({"api-key": ctx.api_key}).encode())
+
     def launch(self, ctx: BackendContext) -> None:
         self._ctx = ctx
         self._ports_given_up = []
@@ -196,9 +205,7 @@ class ServerBackend(HttpBackend):
         self.api_key = ctx.api_key
         if ctx.api_key not in self._keys:
             self._keys.append(ctx.api_key)
-        # The key in a file only this user can read; JSON is valid YAML for SGLang's --config.
-        with _process.private_file(ctx.config_path, "wb") as fh:
-            fh.write(json.dumps({"api-key": ctx.api_key}).encode())
+        self.write_key(ctx)
         if not _process.port_free(self.port):
             self.port = _process.free_port()
             self.url = f"http://127.0.0.1:{self.port}"
@@ -206,7 +213,7 @@ class ServerBackend(HttpBackend):
         self._server_pid = None
         with _process.private_file(ctx.log_path, "ab") as fh:
             fh.write(f"\n--- mineru-vram: {' '.join(argv)}\n".encode())
-        env = {**ctx.environ, **self.server_env(ctx)}
+        env = self.server_environ(ctx)
         self.process = ctx.launcher(argv, env=env, log_path=ctx.log_path, cwd=ctx.cwd)
 
     def holds_port(self) -> bool | None:
