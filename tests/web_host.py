@@ -166,9 +166,12 @@ class WebServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> WebServer:
-        import httpx
+        """:meth:`spawn`, then :meth:`wait_ready`."""
+        return self.spawn().wait_ready()
 
-        from mineru_vram._process import free_port, listening_pids, python_command, spawn
+    def spawn(self) -> WebServer:
+        """Start uvicorn on a free port under the keeper; returns at once."""
+        from mineru_vram._process import free_port, python_command, spawn
 
         self.port = free_port()
         env = dict(os.environ)
@@ -193,6 +196,18 @@ class WebServer:
         )
         self.group = spawn(argv, env=env, log_path=self.log_path, cwd=self.folder)
         self.pid = self.group.command_pid(timeout=10.0)
+        return self
+
+    def wait_ready(self) -> WebServer:
+        """Poll ``/health`` until it answers 200 (at most ``ready_timeout``), then check the port is ours.
+
+        Raises:
+            ServerError: the server exited, did not answer in time, or another process serves the port.
+        """
+        import httpx
+
+        from mineru_vram._process import listening_pids
+
         deadline = time.monotonic() + self.ready_timeout
         while True:
             if not self.group.alive():
