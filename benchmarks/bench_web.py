@@ -177,13 +177,14 @@ def _slope_per_100(points: list[tuple[float, float]]) -> float | None:
     return 100.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
 
 
-def _growth(samples: list[Any], done_at: list[float], read: Any, tolerance: float) -> dict[str, Any]:
-    """Memory over the timed requests: first/last tenth, min, max, slope per 100 requests."""
+def _growth(samples: list[Any], span: Any, done_at: list[float], read: Any, tolerance: float) -> dict[str, Any]:
+    """Memory over the timed requests (the ``span`` phase): first/last tenth, min, max, slope per 100 requests."""
     import bisect
 
     ordered = sorted(done_at)
     n = len(ordered)
-    rows = [(bisect.bisect_right(ordered, s.time), read(s)) for s in samples]
+    during = [s for s in samples if span.start <= s.time <= (span.end if span.end is not None else s.time)]
+    rows = [(bisect.bisect_right(ordered, s.time), read(s)) for s in during]
     rows = [(d, v) for d, v in rows if v is not None and 0 < d <= n]
     if len(rows) < 3:
         return {"samples": len(rows)}
@@ -229,6 +230,9 @@ def main() -> None:
     from mineru_vram._probe import resolve_device
 
     args.device = resolve_device(args.device)
+    args.corpus = str(Path(args.corpus).resolve())  # the children run in a folder of their own
+    if args.models_dir:
+        args.models_dir = str(Path(args.models_dir).expanduser().resolve())
     if args.loop_requests is None:
         args.loop_requests = args.requests
     if args.loop_child:
@@ -315,7 +319,8 @@ def main() -> None:
         "server_rss_mib": lambda s: s.rss_mib - s.rss_by_pid.get(me, 0.0),
     }
     result["memory"] = {
-        name: _growth(tl.samples, done_at, read, args.growth_tolerance_mib) for name, read in readings.items()
+        name: _growth(tl.samples, service_phase, done_at, read, args.growth_tolerance_mib)
+        for name, read in readings.items()
     }
     loops = [result["loop"]["documents_per_s"]] + (
         [result["loop_after"]["documents_per_s"]] if "loop_after" in result else []
