@@ -71,21 +71,21 @@ class Outcome:
 
 
 @pytest.fixture
-def server_env(random_models_dir: Path) -> dict[str, str]:
-    env = {"MINERU_VRAM_MODELS_DIR": str(random_models_dir), "PARSER_BACKEND": "flash", "PARSER_MAX_MB": "1"}
-    if not HAS_GPU:
-        env["MINERU_VRAM_DEVICE"] = "cpu"
-    return env
+def start_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., WebServer]]:
+    """Starts an example app (``flash``, 1 MiB uploads unless told otherwise); kills what still runs at teardown.
 
-
-@pytest.fixture
-def start_server(tmp_path: Path, server_env: dict[str, str]) -> Iterator[Callable[..., WebServer]]:
-    """Starts an example app; kills whatever still runs at teardown."""
+    ``models=True`` points the server at the random-weight model tree (built on first use).
+    """
     started: list[WebServer] = []
 
-    def start(example: str, *, standin: bool = False, **env: str) -> WebServer:
+    def start(example: str, *, standin: bool = False, models: bool = False, **env: str) -> WebServer:
         folder = tmp_path / f"{example}-{len(started)}"
         folder.mkdir()
+        server_env = {"PARSER_BACKEND": "flash", "PARSER_MAX_MB": "1"}
+        if not HAS_GPU:
+            server_env["MINERU_VRAM_DEVICE"] = "cpu"
+        if models:
+            server_env["MINERU_VRAM_MODELS_DIR"] = str(request.getfixturevalue("random_models_dir"))
         server = WebServer(example, folder, env={**server_env, **env}, standin=standin)
         started.append(server)
         return server.start()
@@ -424,7 +424,12 @@ def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
     start_server: Callable[..., WebServer], standin_model: Path
 ) -> None:
     server = start_server(
-        "web_app_engine", standin=True, PARSER_BACKEND="hybrid", VLM_MODEL_PATH=str(standin_model), VLM_KEEP_ALIVE="3s"
+        "web_app_engine",
+        standin=True,
+        models=True,
+        PARSER_BACKEND="hybrid",
+        VLM_MODEL_PATH=str(standin_model),
+        VLM_KEEP_ALIVE="3s",
     )
     page = Upload("page.pdf", make_pdf(1, table=False), 200, page_count=1)
     first = asyncio.run(_load(server.url, [page], clients=1))[0]
@@ -463,7 +468,7 @@ def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
 def test_pipeline_shapes_parse_with_models_and_release_them(
     start_server: Callable[..., WebServer], uploads: dict[str, Upload], example: str
 ) -> None:
-    server = start_server(example, PARSER_BACKEND="pipeline")
+    server = start_server(example, models=True, PARSER_BACKEND="pipeline")
     plan = [uploads[n] for n in ("generated", "notes", "one", "encrypted", "oversized")]
     outcomes = asyncio.run(_load(server.url, plan * 2, clients=4))
     assert [o.status for o in outcomes if o.status != o.upload.status] == []
@@ -476,7 +481,9 @@ def test_pipeline_shapes_parse_with_models_and_release_them(
 def test_sigterm_under_load_on_the_engine_shape(
     start_server: Callable[..., WebServer], uploads: dict[str, Upload], standin_model: Path
 ) -> None:
-    server = start_server("web_app_engine", standin=True, PARSER_BACKEND="hybrid", VLM_MODEL_PATH=str(standin_model))
+    server = start_server(
+        "web_app_engine", standin=True, models=True, PARSER_BACKEND="hybrid", VLM_MODEL_PATH=str(standin_model)
+    )
     mix = [Upload("page.pdf", make_pdf(1, table=False), 200, page_count=1), uploads["notes"]]
     outcomes, sigterm, code, tree = asyncio.run(_until_stopped(server, mix, clients=4, answered_before=3))
     _check_sigterm_run(server, outcomes, sigterm, code, tree)
