@@ -179,6 +179,7 @@ async def _load(url: str, plan: list[Upload], clients: int) -> list[Outcome]:
 
 
 def _by_id(events: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The recorder's events of ``/parse`` requests: request id to its ``start`` and ``end`` events."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for event in events:
         if event["path"] == "/parse" and event["id"]:
@@ -204,10 +205,16 @@ def _worker(server: WebServer) -> psutil.Process:
 
 
 def _stop_cleanly(server: WebServer, tree: list[int]) -> dict[str, Any]:
-    """SIGTERM, then: a clean exit, a clean receipt in the log and on file, no process left."""
+    """SIGTERM, then :func:`_stop_checks`; returns the receipt."""
     code = server.terminate()
-    log = server.log()
     assert code in CLEAN_EXITS, f"exit code {code}:\n{server.log_tail()}"
+    return _stop_checks(server, tree)
+
+
+def _stop_checks(server: WebServer, tree: list[int]) -> dict[str, Any]:
+    """After the server exited: the lifespan closed the session, printed a clean receipt once, and no
+    process of ``tree`` (the server's, seen under load) is left."""
+    log = server.log()
     receipt = server.receipt()
     assert receipt is not None, f"the lifespan did not finish:\n{server.log_tail()}"
     assert receipt["session_state"] == "closed"
@@ -386,16 +393,6 @@ def _check_sigterm_run(server: WebServer, outcomes: list[Outcome], sigterm: floa
     _stop_checks(server, tree)
 
 
-def _stop_checks(server: WebServer, tree: list[int]) -> None:
-    receipt = server.receipt()
-    assert receipt is not None, server.log_tail()
-    assert receipt["session_state"] == "closed"
-    assert receipt["ok"], receipt["problems"]
-    printed = [line for line in server.log().splitlines() if line.startswith("receipt: ")]
-    assert printed == [f"receipt: {receipt['text']}"]
-    assert all_gone(tree, timeout=15), f"left behind: {[p for p in tree if psutil.pid_exists(p)]}"
-
-
 @pytest.mark.parametrize("example", ["web_app_isolated", pytest.param("web_app", marks=pytest.mark.slow)])
 def test_sigterm_under_load_finishes_what_is_in_flight_and_leaves_nothing(
     start_server: Callable[..., WebServer], uploads: dict[str, Upload], example: str
@@ -453,10 +450,8 @@ def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
     assert awake["engine_last_change"].startswith("wake: ")
     assert awake["documents_parsed"] == 2
 
-    code = server.terminate()
-    assert code in CLEAN_EXITS, server.log_tail()
-    _stop_checks(server, tree)
-    assert server.receipt()["engine_state"] == "stopped"  # type: ignore[index]
+    receipt = _stop_cleanly(server, tree)
+    assert receipt["engine_state"] == "stopped"
     assert "engine stop: " in server.log()
 
 
