@@ -13,6 +13,7 @@ script writes and runs it in a real Jupyter kernel. Needs ``nbformat``.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,10 +24,21 @@ GUIDE = HERE.parent / "docs" / "guides" / "notebook.md"
 NOTEBOOK = HERE / "notebook.ipynb"
 FENCE = re.compile(r"^```(?P<lang>[\w-]*)[ \t]*\n(?P<code>.*?)^```[ \t]*\n?", re.S | re.M)
 MARKER = re.compile(r"^<!--\s*(test|no-test|file)\b[^>]*-->[ \t]*\n", re.M)
+LINK = re.compile(r"\]\((?P<target>(?![a-z]+:|#)[^)\s]+)\)")
 HEADER = (
     "*Generated from [docs/guides/notebook.md](../docs/guides/notebook.md) by `examples/make_notebook.py`: "
     "edit the guide, then run the script. The cells read a `paper.pdf` from the notebook's folder.*"
 )
+
+
+def _relink(prose: str) -> str:
+    """The guide's relative links (``../release.md``), pointed from this folder at the same pages."""
+
+    def move(match: re.Match[str]) -> str:
+        target = (GUIDE.parent / match.group("target")).resolve()
+        return f"]({os.path.relpath(target, HERE).replace(os.sep, '/')})"
+
+    return LINK.sub(move, prose)
 
 
 def cells_of(markdown: str) -> list[tuple[str, str]]:
@@ -43,13 +55,13 @@ def cells_of(markdown: str) -> list[tuple[str, str]]:
             pos = match.end()
             continue
         text.append(before)
-        prose = MARKER.sub("", "".join(text)).strip("\n")
+        prose = _relink(MARKER.sub("", "".join(text))).strip("\n")
         if prose:
             out.append(("markdown", prose))
         out.append(("code", match.group("code").rstrip("\n")))
         text = []
         pos = match.end()
-    prose = MARKER.sub("", "".join(text) + markdown[pos:]).strip("\n")
+    prose = _relink(MARKER.sub("", "".join(text) + markdown[pos:])).strip("\n")
     if prose:
         out.append(("markdown", prose))
     return out
