@@ -49,6 +49,11 @@ for arg in "$@"; do
                ${LOOP_TASKS:+--loop-tasks $LOOP_TASKS} --max-pages ${MAXPAGES:-1} --out $R/queue.json 2>$R/queue.err | tail -50 ;;
     ray) $T python3 benchmarks/bench_ray.py --models-dir $MODELS --docs ${RAY_DOCS:-200} ${RAY_ARGS:-} \
                --out $R/ray.json 2>$R/ray.err | tail -60 ;;
+    web) for shape in ${WEB_SHAPES:-isolated session}; do
+           $T python3 benchmarks/bench_web.py --models-dir $MODELS --corpus $CORPUS --shape $shape \
+               --requests ${WEB_REQUESTS:-1000} --loop-requests ${WEB_LOOP:-200} --max-pages ${MAXPAGES:-1} \
+               --out $R/web-$shape.json 2>$R/web-$shape.err | tail -40
+         done ;;
     timelines) MODES=${TL_MODES:-raw session isolated engine} $T bash docs/timelines/make_timelines.sh $MODELS $CORPUS \
                $R/timelines > $R/timelines.log 2>&1; tail -5 $R/timelines.log; ls $R/timelines ;;
     *) echo "unknown step $step" ;;

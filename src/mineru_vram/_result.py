@@ -19,6 +19,9 @@ from ._exceptions import InsecurePathError
 
 __all__ = ["BatchItem", "BatchResult", "ParseResult"]
 
+# How much of the Markdown a notebook shows under a result.
+HTML_PREVIEW_CHARS = 600
+
 
 @dataclass(frozen=True)
 class ParseResult:
@@ -83,6 +86,26 @@ class ParseResult:
             f"ParseResult(document={self.document!r}, page_count={self.page_count}, "
             f"markdown={len(self.markdown)} chars, images={len(self.images)}, seconds={self.seconds:.2f})"
         )
+
+    def _repr_html_(self) -> str:
+        # Jupyter: what was parsed and how, then the start of the Markdown as text (never rendered:
+        # it comes from the document, so it is escaped like any other untrusted text).
+        from html import escape
+
+        from ._probe import _html_table
+
+        rows = [
+            ("document", self.document),
+            ("pages", str(self.page_count)),
+            ("backend / device", f"{self.backend or 'n/a'} / {self.device or 'n/a'}"),
+            ("seconds", f"{self.seconds:.2f}"),
+            ("Markdown", f"{len(self.markdown)} characters"),
+            ("images", str(len(self.images))),
+        ]
+        head = self.markdown[:HTML_PREVIEW_CHARS]
+        more = "\n…" if len(self.markdown) > HTML_PREVIEW_CHARS else ""
+        preview = f"<pre style='white-space:pre-wrap'>{escape(head + more)}</pre>"
+        return _html_table("Parse result", rows) + preview
 
 
 def _json(obj: Any) -> bytes:

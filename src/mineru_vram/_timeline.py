@@ -521,7 +521,9 @@ class Timeline:
             title: overrides the timeline's title.
 
         Returns:
-            A :class:`matplotlib.figure.Figure` (shown inline when it ends a Jupyter cell).
+            A :class:`matplotlib.figure.Figure`. It is drawn without ``pyplot``, so Jupyter shows it
+            inline only once matplotlib's inline backend is on (``%matplotlib inline``); the
+            timeline itself, as a cell's last line, is always drawn (``_repr_png_``).
 
         Raises:
             ImportError: matplotlib is not installed (``pip install 'mineru-vram[plot]'``).

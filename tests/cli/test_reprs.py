@@ -48,3 +48,28 @@ def test_repr_in_a_terminal_is_the_readable_line(report: ReleaseReport) -> None:
     snapshot = vram_snapshot("cpu")
     assert repr(report) == str(report)
     assert repr(snapshot) == str(snapshot)
+
+
+def test_a_result_shows_a_table_and_the_start_of_its_markdown_escaped() -> None:
+    from mineru_vram import ParseResult
+
+    result = ParseResult(
+        document="a<b>.pdf",
+        markdown="# Title\n\n<script>alert(1)</script>" + "x" * 2000,
+        content_list=[],
+        middle_json={},
+        page_count=3,
+        backend="flash",
+        device="cpu",
+    )
+    html = result._repr_html_()
+    cells = _Cells()
+    cells.feed(html)
+    assert cells.tags[0] == "table"
+    assert 5 <= cells.rows <= 10
+    assert "pre" in cells.tags
+    assert "<script>" not in html, "the document's text is escaped, never rendered"
+    assert "&lt;script&gt;" in html
+    assert "a&lt;b&gt;.pdf" in html
+    assert len(html) < 2000, "a preview, not the whole Markdown"
+    assert "\n" not in repr(result)

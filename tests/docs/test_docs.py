@@ -19,7 +19,10 @@ A comment on the line before a block changes how it runs:
 * ``<!-- test: pytest -->``: the block is a test module; it runs under ``python -m pytest``;
   ``<!-- test: pytest fails=NAME,... -->`` when the page shows those tests failing on purpose;
 * ``<!-- no-test: REASON -->``: not run, and the reason says why (a fragment, a server that cannot
-  be installed here).
+  be installed here);
+* ``<!-- file: examples/NAME.py -->``: the block is that file of the repository, verbatim (checked
+  here); the file runs where its own test says (a web app runs under uvicorn in
+  tests/integration/test_web_app.py), so the page and the file cannot drift.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from mineru_vram.testing import make_pdf
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^```python[ \t]*\n(?P<code>.*?)^```", re.S | re.M)
-MARKER = re.compile(r"^<!--\s*(?P<kind>test|no-test)(?::\s*(?P<option>[^>]*?))?\s*-->[ \t]*$")
+MARKER = re.compile(r"^<!--\s*(?P<kind>test|no-test|file)(?::\s*(?P<option>[^>]*?))?\s*-->[ \t]*$")
 OPTIONS = {"continues", "gpu", "pytest"}
 FAILS = re.compile(r"^pytest\s+fails=(?P<names>[\w,]+)$")
 SCRIPT_TIMEOUT = 600  # seconds: a pipeline example loads MinerU's models on 2 CPU cores
@@ -57,6 +60,7 @@ class Example:
     pytest: bool = False
     fails: tuple[str, ...] = ()  # tests the page shows failing on purpose
     skip: str | None = None  # the no-test reason
+    file: str | None = None  # the repository file the block shows verbatim
     parts: list[int] = field(default_factory=list)  # lines of the blocks it was built from
 
     @property
@@ -77,6 +81,11 @@ def examples_of(page: Path) -> list[Example]:
         if kind == "no-test":
             assert option, f"{page}:{line}: <!-- no-test --> needs a reason"
             out.append(Example(page, line, match.group("code"), skip=option, parts=[line]))
+            continue
+        if kind == "file":
+            assert option, f"{page}:{line}: <!-- file --> needs the file's path"
+            reason = f"{option}, shown verbatim; it runs under its own test"
+            out.append(Example(page, line, match.group("code"), skip=reason, file=option, parts=[line]))
             continue
         fails: tuple[str, ...] = ()
         if option and FAILS.match(option):
@@ -115,6 +124,26 @@ def test_the_docs_have_runnable_examples() -> None:
     readme = [e for e in EXAMPLES if e.page.name == "README.md"]
     assert readme
     assert all(e.skip is None for e in readme), "every README example runs"
+
+
+SHOWN = [e for e in EXAMPLES if e.file is not None]
+
+
+@pytest.mark.parametrize("example", SHOWN, ids=lambda e: f"{e.id}={e.file}")
+def test_a_block_that_shows_a_file_is_that_file(example: Example) -> None:
+    assert example.file is not None
+    path = REPO_ROOT / example.file
+    assert path.is_file(), f"{example.id}: {example.file} does not exist"
+    assert example.code == path.read_text(encoding="utf-8"), (
+        f"{example.id} differs from {example.file}: copy the file into the page (or the page into the file)"
+    )
+
+
+def test_every_web_app_example_is_shown_in_the_guide() -> None:
+    shown = {e.file for e in SHOWN if e.page.name == "web-app.md"}
+    on_disk = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "examples").glob("web_app*.py")}
+    assert on_disk, "examples/web_app*.py are missing"
+    assert shown == on_disk
 
 
 @pytest.fixture(scope="module")
