@@ -11,17 +11,15 @@ export PYTHONPATH=/tmp/site:$PWD/src
 # (PYTEST_PLUGINS reaches pytester's subprocesses too).
 export PYTEST_PLUGINS=mineru_vram.pytest_plugin
 MODELS=/tmp/mv-models
-CORPUS=$PWD/.devcarry/corpus
+CORPUS=/tmp/corpus
 R=${R:-/tmp/res}
 mkdir -p $R
 if [ -z "${SKIP_SETUP:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
+  # benchmarks/gpu_setup.sh installed the wheels and started building the models in earlier calls.
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $R/card.txt
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  t0=$(date +%s)
-  python3 -c "from mineru_vram.testing import write_random_models as w; w('$MODELS')" 2>&1 | tail -1
-  echo "models ready in $(( $(date +%s) - t0 ))s"
+  for i in $(seq 1 120); do [ -f /tmp/models.done ] && break; sleep 2; done
+  [ -f /tmp/models.done ] && echo "random models ready" || echo "random models NOT ready (see /tmp/models.log)"
 fi
 # Each step may be given a time limit as STEP:SECONDS, so one slow step cannot cost the others' results.
 for arg in "$@"; do
@@ -47,6 +45,11 @@ for arg in "$@"; do
                --out $R/engine.json 2>$R/engine.err | tail -50 ;;
     queue) $T python3 benchmarks/bench_queue.py --models-dir $MODELS --corpus $CORPUS --tasks ${TASKS:-200} \
                ${LOOP_TASKS:+--loop-tasks $LOOP_TASKS} --max-pages ${MAXPAGES:-1} --out $R/queue.json 2>$R/queue.err | tail -50 ;;
+    warm) $T python3 benchmarks/bench_warm.py --models-dir $MODELS --cycles ${WARM_CYCLES:-50} \
+               --iso-cycles ${ISO_CYCLES:-3} --out $R/warm.json 2>$R/warm.err | tail -30 ;;
+    llama) for i in $(seq 1 90); do [ -f /tmp/gguf.done ] && break; sleep 2; done
+           $T python3 benchmarks/bench_llama_cpp.py --corpus $CORPUS --gguf-dir /tmp/gguf-full --models-dir $MODELS --docs ${LLAMA_DOCS:-3} \
+               --cold-docs ${LLAMA_COLD:-2} ${LLAMA_ARGS:-} --out $R/llama.json 2>$R/llama.err | tail -40 ;;
     ray) $T python3 benchmarks/bench_ray.py --models-dir $MODELS --docs ${RAY_DOCS:-200} ${RAY_ARGS:-} \
                --out $R/ray.json 2>$R/ray.err | tail -60 ;;
     web) for shape in ${WEB_SHAPES:-isolated session}; do
