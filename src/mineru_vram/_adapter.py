@@ -660,6 +660,11 @@ class MineruRuntime:
         with _registry_lock:
             return [k for k, ids in _owners.items() if self._id in ids]
 
+    def owned_vlm_keys(self) -> list[tuple[Any, ...]]:
+        """MinerU's ``ModelSingleton`` keys of the in-process VLM engines this runtime (co-)owns."""
+        with _registry_lock:
+            return list(self._vlm_keys)
+
     def take_models(self) -> dict[tuple[str, Any], Any]:
         """End this runtime's ownership: pop from MinerU's caches every entry no other open runtime uses.
 

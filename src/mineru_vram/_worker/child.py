@@ -98,7 +98,8 @@ class WorkerLoop:
             if isinstance(message, protocol.Parse):
                 self._parse(message)
             elif isinstance(message, protocol.Exit):
-                models = len(self.runner.runtime.owned_keys())
+                runtime = self.runner.runtime
+                models = len(runtime.owned_keys()) + len(runtime.owned_vlm_keys())
                 self.conn.send(protocol.Bye(models=models, stats=self.stats()))
                 return 0
             elif isinstance(message, protocol.Debug):
