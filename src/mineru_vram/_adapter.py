@@ -645,7 +645,10 @@ class MineruRuntime:
             engine = next((handles[name] for name in _VLM_HANDLES if handles.get(name) is not None), predictor)
             tracker.track(f"vlm:{key[0]}:{type(engine).__module__}.{type(engine).__name__}", engine)
             del engine
-            _shutdown_predictor_runtime(predictor)
+            try:
+                _shutdown_predictor_runtime(predictor)
+            except Exception as exc:  # the rest of the release must still run; the receipt shows what lives
+                logger.warning("closing MinerU's %s engine failed: %s: %s", key[0], type(exc).__name__, exc)
         released = len(victims)
         victims.clear()
         return released

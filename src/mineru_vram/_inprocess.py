@@ -356,9 +356,8 @@ class InProcessRunner:
 # keep_warm with MinerU's in-process engine: what the receipt's parked["reason"] says.
 _NOT_PARKED = (
     "MinerU's {engine} engine cannot be parked: mineru_llama_cpp.Engine has no call that moves its weights "
-    "and KV cache off the device (llama.cpp loaded them from the GGUF files, on a GPU into Vulkan memory) "
-    "and keeps none of its own, so it was closed as in any release; the next session loads it again from "
-    "the files, which the OS page cache usually still holds"
+    "and KV cache (on a GPU: Vulkan memory) to host memory and back, so it was closed as in any release; "
+    "the next session loads it again from the GGUF files, which the OS page cache usually still holds"
 )
 
 # ggml's Vulkan back-end reads GGML_VK_VISIBLE_DEVICES when it first sets up its devices, once per
