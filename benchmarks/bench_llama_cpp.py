@@ -30,6 +30,18 @@ All measured in one run, on one device:
 * ``cold_in_process`` and ``cold_process``: per document, start the server, open a session,
   parse, stop (in this process; in a fresh Python process, interpreter start included).
 * ``ratio``: cold / resident per document.
+
+``--inprocess-session`` measures the other way MinerU runs llama.cpp, instead of all of the above:
+``ModelSession(backend="vlm", engine="llama-cpp")``, MinerU's own ``mineru_llama_cpp.Engine`` inside
+this process for the length of a session (MinerU's sizing: every layer on the device, 4 slots of the
+training context). The models folder is a temporary tree linking the small models and the GGUF pair
+under MinerU's names. Output ``inprocess_session``: per cycle (``--session-cycles``), the wall time of
+open (small models + engine), of each parse and of close; this process's memory at each step
+(``baseline``, ``loaded``, ``after_parses``, ``after_close``): NVML's compute and graphics process
+lists for this pid read separately (the Vulkan engine may appear only in the graphics list, torch's
+CUDA context in the compute list), the device's figures and RSS; the session's receipt
+(``ReleaseReport.to_dict()`` and its text) and ``same_output`` (the first page's markdown equal in
+every cycle). CPU: ``--device cpu --size tiny --docs 1 --inprocess-session``.
 """
 
 from __future__ import annotations
@@ -63,6 +75,12 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-native-sleep", action="store_true")
     p.add_argument("--skip-cold-process", action="store_true")
     p.add_argument("--native-sleep-seconds", type=int, default=3)
+    p.add_argument(
+        "--inprocess-session",
+        action="store_true",
+        help="measure ModelSession(engine='llama-cpp') (MinerU's in-process Engine) instead of the resident engine",
+    )
+    p.add_argument("--session-cycles", type=int, default=2, help="in-process sessions opened and closed in a row")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--cold-one", type=Path, default=None, help=argparse.SUPPRESS)  # child mode
     return p.parse_args(argv)
@@ -374,6 +392,72 @@ def cold_process(args: argparse.Namespace, docs: list[Path]) -> dict[str, Any]:
     return _summary(times)
 
 
+# --- MinerU's in-process engine -------------------------------------------------------------------
+
+
+def _own_reading(device: str) -> dict[str, Any]:
+    """This process now: NVML's two process lists for its pid, the device, and RSS."""
+    return {
+        "nvml_lists": _nvml_lists(device, [os.getpid()]),
+        "device": _device(device),
+        "rss_mib": _rss_mib([os.getpid()]),
+    }
+
+
+def _inprocess_tree(args: argparse.Namespace, folder: Path) -> Path:
+    """A MinerU model tree in ``folder``: the small models and the GGUF pair, linked under MinerU's names."""
+    tree = folder / "models"
+    tree.mkdir()
+    for child in sorted(Path(args.models_dir).iterdir()):
+        if child.is_dir() and child.name != "MinerU2.5-Pro-2605-1.2B-GGUF":
+            (tree / child.name).symlink_to(child.resolve())
+    (tree / "MinerU2.5-Pro-2605-1.2B-GGUF").symlink_to(args.gguf_dir)
+    return tree
+
+
+def inprocess_session(args: argparse.Namespace, docs: list[Path], result: dict[str, Any]) -> dict[str, Any]:
+    """Open, parse, close ``ModelSession(backend="vlm", engine="llama-cpp")`` ``--session-cycles`` times."""
+    import tempfile
+
+    import mineru_vram as mv
+
+    out: dict[str, Any] = {"baseline": _own_reading(args.device), "cycles": []}
+    result["inprocess_session"] = out
+    first_pages: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-llama-session-") as tmp:
+        tree = _inprocess_tree(args, Path(tmp))
+        for _ in range(max(1, args.session_cycles)):
+            cycle: dict[str, Any] = {}
+            t0 = time.perf_counter()
+            session = mv.ModelSession(
+                "vlm", engine="llama-cpp", device=args.device, models_dir=tree, ocr_mode="ocr", trust_env=False
+            ).open()
+            try:
+                cycle["open_s"] = time.perf_counter() - t0
+                cycle["engine"] = dict(getattr(session.runner, "local_vlm", {}))
+                cycle["loaded"] = _own_reading(args.device)
+                if docs:
+                    times = []
+                    for doc in docs:
+                        seconds, markdown = _parse(session, doc)
+                        times.append(seconds)
+                        if doc == docs[0]:
+                            first_pages.append(markdown)
+                    cycle["parses"] = _summary(times)
+                    cycle["after_parses"] = _own_reading(args.device)
+            finally:
+                t0 = time.perf_counter()
+                report = session.close()
+                cycle["close_s"] = time.perf_counter() - t0
+            cycle["after_close"] = _own_reading(args.device)
+            cycle["receipt"] = None if report is None else report.to_dict()
+            cycle["receipt_text"] = str(report)
+            out["cycles"].append(cycle)
+            _keep_partial(args, result)
+    out["same_output"] = None if not first_pages else all(page == first_pages[0] for page in first_pages)
+    return out
+
+
 def _environment(args: argparse.Namespace) -> dict[str, Any]:
     from importlib import metadata
 
@@ -450,6 +534,19 @@ def main(argv: list[str] | None = None) -> int:
         "documents": [d.name for d in docs],
         "baseline": _device(args.device),
     }
+    if args.inprocess_session:
+        if args.models_dir is None:  # --no-parse skipped it above; the session loads the small models anyway
+            from mineru_vram.testing._cache import random_models
+
+            args.models_dir = random_models(None).resolve()
+        result["mode"] = "inprocess_session"
+        inprocess_session(args, docs, result)
+        result["after_all"] = _device(args.device)
+        text = json.dumps(result, indent=2, default=str)
+        print(text)
+        if args.out is not None:
+            args.out.write_text(text + "\n", encoding="utf-8")
+        return 0
     result.update(lifecycle_and_resident(args, docs))
     _keep_partial(args, result)
     if not args.skip_native_sleep:

@@ -27,6 +27,14 @@ A MinerU upgrade should be a change to this module alone. What it relies on
 * What sizes batches (for the retry after an OOM, :meth:`MineruRuntime.smaller_batches`):
   ``BATCH_RATIO`` as imported by ``mineru.backend.analysis.pdf.{window,ocr,tables}``,
   ``MINERU_PROCESSING_WINDOW_SIZE`` and ``MINERU_VIRTUAL_VRAM_SIZE``.
+* MinerU's in-process VLM engines (:meth:`MineruRuntime.load_local_vlm`): a parse gets its
+  predictor from ``mineru.model.vlm.client.get_vlm_predictor(vlm_config)``, which caches it in
+  ``ModelSingleton._models`` under ``(backend, model_path, server_url, sha256(options))`` for
+  the life of the process (``release_owner()`` skips the llama.cpp engine's plain
+  ``MinerUClient``; ``shutdown()`` closes every cached client). A session calls the same
+  function on open, so the parse finds its entry, and on close pops that one key under
+  ``ModelSingleton._lock`` and hands the predictor to ``_shutdown_predictor_runtime``, which
+  calls ``mineru_llama_cpp.Engine.close()`` and clears MinerU's references to it.
 """
 
 from __future__ import annotations
@@ -58,6 +66,9 @@ __all__ = [
     "mineru_version",
     "vlm_config",
 ]
+
+# The handles of MinerU's VLM predictors that hold an engine's memory (runtime.py's names).
+_VLM_HANDLES = ("llama_cpp_engine", "vllm_async_llm", "vllm_llm", "lmdeploy_engine", "model")
 
 # Lazily loaded models that MinerU keeps on HybridLocalModelContext as cached properties.
 _LAZY_MODELS = (
@@ -137,6 +148,9 @@ class _SharedEnvironment:
 
 # Applied by the first runtime to activate, restored by the last to deactivate.
 _shared: _SharedEnvironment | None = None
+
+# MinerU's VLM predictors (ModelSingleton keys) that open runtimes loaded -> ids of those runtimes.
+_vlm_owners: dict[tuple[Any, ...], set[int]] = {}
 
 
 def _caches() -> dict[str, dict[Any, Any]]:
@@ -344,6 +358,7 @@ class MineruRuntime:
         self.virtual_vram_gb = virtual_vram_gb
         self.allow_download = allow_download
         self._user_keys: set[tuple[str, Any]] = set()
+        self._vlm_keys: list[tuple[Any, ...]] = []  # ModelSingleton entries this runtime (co-)owns
         self._id = id(self)
         self._active = False
 
@@ -476,13 +491,19 @@ class MineruRuntime:
 
     # -- models --------------------------------------------------------------------------------
 
-    def load(self, *, tier: str, preload: str) -> None:
+    def load(self, *, tier: str, preload: str, local_vlm: str | None = None) -> None:
         """Load the models ``tier`` needs now, instead of on the first document.
+
+        Args:
+            tier: MinerU's tier.
+            preload: ``"core"`` or ``"all"`` (the lazily loaded small models too).
+            local_vlm: MinerU's in-process VLM engine the session runs (``"llama-cpp"``): its
+                weights are checked here with the small models; :meth:`load_local_vlm` loads it.
 
         Raises:
             ModelsNotAvailableError: the tier's models are missing and cannot be downloaded.
         """
-        self.check_models(tier)
+        self.check_models(tier, local_vlm=local_vlm)
         if tier == "flash":
             return
         from mineru.model.runtime.hybrid import HybridLocalModelContextSingleton
@@ -493,7 +514,7 @@ class MineruRuntime:
                 getattr(ctx, name)
         self.claim_new()
 
-    def check_models(self, tier: str) -> list[str]:
+    def check_models(self, tier: str, *, local_vlm: str | None = None) -> list[str]:
         """Find the model repositories ``tier`` needs that are not on disk, before MinerU looks.
 
         MinerU downloads what is missing on first use, and without a network it retries
@@ -505,17 +526,23 @@ class MineruRuntime:
         source is set to local for the session so a later need fails at once too
         (:meth:`parse` reports it as :class:`ModelsNotAvailableError`).
 
+        With ``local_vlm`` (MinerU's in-process VLM engine, e.g. ``"llama-cpp"``) its model
+        repository is checked too: MinerU finds it under ``base_dir`` by its registry name
+        (``MinerU2.5-Pro-2605-1.2B-GGUF`` for llama.cpp).
+
         Returns:
             The names of the missing repositories (MinerU will download them).
         """
         import mineru.config as mconf
         from mineru.model.download import verify_model_repo
-        from mineru.model.registry import small_model_repo
+        from mineru.model.registry import small_model_repo, vlm_model_repo
 
         cfg = mconf.config.model
-        # Only the small models: every tier of a session needs them (flash for scanned pages), while
-        # the VLM of the vlm/hybrid tiers is served by an engine that brings its own weights.
-        repos = (small_model_repo(self.small_backend),)
+        # The small models: every tier of a session needs them (flash for scanned pages). The VLM of the
+        # vlm/hybrid tiers only when MinerU runs it in this process; a resident engine brings its own weights.
+        repos: tuple[Any, ...] = (small_model_repo(self.small_backend),)
+        if local_vlm is not None:
+            repos += (vlm_model_repo(local_vlm),)
         missing = [repo.name for repo in repos if not verify_model_repo(repo).ready]
         if not missing:
             return []
@@ -542,6 +569,90 @@ class MineruRuntime:
             return missing
         raise _models_error(missing, str(cfg.base_dir), reason, tier=tier)
 
+    def load_local_vlm(
+        self, vlm_config: Any, *, environ: dict[str, str] | None = None, drop: tuple[str, ...] = ()
+    ) -> str:
+        """Load MinerU's in-process VLM engine for ``vlm_config``, where a parse will look for it.
+
+        Calls MinerU's own ``get_vlm_predictor`` (what its parse and its preload call), so the
+        entry lands in ``ModelSingleton`` under the key the session's parses compute. An entry
+        the process already had before this runtime's first load (user code ran MinerU itself)
+        is used but not owned: it is never released here.
+
+        Args:
+            vlm_config: MinerU's ``VlmConfig`` naming the engine (``engine="llama-cpp"``).
+            environ: variables set while the engine loads (e.g. ``GGML_VK_VISIBLE_DEVICES``).
+            drop: variables unset while it loads.
+
+        Returns:
+            MinerU's backend name of the engine (``"llama-cpp-engine"``).
+        """
+        from mineru.model.vlm.client import get_vlm_predictor
+        from mineru.model.vlm.runtime import ModelSingleton
+
+        from ._config import patched_environ
+
+        with ModelSingleton._lock:
+            existing = {key: id(value) for key, value in ModelSingleton._models.items()}
+        with patched_environ(environ or {}, drop=drop):
+            predictor, backend = get_vlm_predictor(vlm_config)
+        with _registry_lock, ModelSingleton._lock:
+            key = next((k for k, v in ModelSingleton._models.items() if v is predictor), None)
+            if key is None:  # pragma: no cover - MinerU returned a predictor it did not cache
+                return str(backend)
+            if existing.get(key) == id(predictor) and key not in _vlm_owners:
+                logger.warning(
+                    "MinerU's %s engine was already loaded in this process (by code outside mineru-vram); "
+                    "the session uses it and leaves it loaded",
+                    backend,
+                )
+                return str(backend)
+            _vlm_owners.setdefault(key, set()).add(self._id)
+            if key not in self._vlm_keys:
+                self._vlm_keys.append(key)
+        return str(backend)
+
+    def release_local_vlm(self, tracker: AliveTracker) -> int:
+        """Close the in-process VLM engines this runtime loaded, unless another open runtime uses one.
+
+        Each entry is popped from ``ModelSingleton._models`` under MinerU's lock (no parse can
+        pick it up after that), then MinerU's ``_shutdown_predictor_runtime`` closes it
+        (``mineru_llama_cpp.Engine.close()``) and clears MinerU's references to it. Other
+        cached predictors (http-clients of resident engines) are untouched.
+
+        Returns:
+            The number of engines closed; each is tracked by weak reference.
+        """
+        if not self._vlm_keys or "mineru.model.vlm.runtime" not in sys.modules:
+            return 0
+        from mineru.model.vlm.runtime import ModelSingleton, _shutdown_predictor_runtime
+
+        victims = []
+        with _registry_lock:
+            for key in self._vlm_keys:
+                owners = _vlm_owners.get(key, set())
+                owners.discard(self._id)
+                if owners:
+                    continue
+                _vlm_owners.pop(key, None)
+                with ModelSingleton._lock:
+                    predictor = ModelSingleton._models.pop(key, None)
+                if predictor is not None:
+                    victims.append((key, predictor))
+            self._vlm_keys.clear()
+        for key, predictor in victims:
+            handles = getattr(predictor, "_mineru_runtime_handles", None) or {}
+            engine = next((handles[name] for name in _VLM_HANDLES if handles.get(name) is not None), predictor)
+            tracker.track(f"vlm:{key[0]}:{type(engine).__module__}.{type(engine).__name__}", engine)
+            del engine
+            try:
+                _shutdown_predictor_runtime(predictor)
+            except Exception as exc:  # the rest of the release must still run; the receipt shows what lives
+                logger.warning("closing MinerU's %s engine failed: %s: %s", key[0], type(exc).__name__, exc)
+        released = len(victims)
+        victims.clear()
+        return released
+
     def claim_new(self) -> None:
         """Record cache entries that appeared since activation as (co-)owned by this runtime."""
         with _registry_lock:
@@ -551,6 +662,11 @@ class MineruRuntime:
     def owned_keys(self) -> list[tuple[str, Any]]:
         with _registry_lock:
             return [k for k, ids in _owners.items() if self._id in ids]
+
+    def owned_vlm_keys(self) -> list[tuple[Any, ...]]:
+        """MinerU's ``ModelSingleton`` keys of the in-process VLM engines this runtime (co-)owns."""
+        with _registry_lock:
+            return list(self._vlm_keys)
 
     def take_models(self) -> dict[tuple[str, Any], Any]:
         """End this runtime's ownership: pop from MinerU's caches every entry no other open runtime uses.
@@ -913,13 +1029,16 @@ def _models_error(missing: list[str], models_dir: str, reason: str, *, tier: str
 
     size = _download_gb(missing)
     where = f"{document}: " if document else ""
+    random = "mineru_vram.testing.write_random_models(path) writes a tree with random weights"
+    gguf = next((name for name in missing if name.endswith("-GGUF")), None)
+    if gguf is not None:
+        random += f", and mineru_vram.testing.write_random_vlm_gguf(path / {gguf!r}) MinerU's llama.cpp model"
     return ModelsNotAvailableError(
         f"{where}MinerU's models for the {tier} tier are not in {models_dir} (missing: {', '.join(missing)}; "
         f"about {size:.1f} GB to download) and cannot be downloaded now: {reason}. Ways out: pass "
         "models_dir= (or set MINERU_VRAM_MODELS_DIR) to a complete MinerU model tree; download them ahead "
         "where the network is reachable with `mineru-vram models download` (or MinerU's "
-        "`mineru-models-download`); for tests and demos without weights, "
-        "mineru_vram.testing.write_random_models(path) writes a tree with random weights.",
+        f"`mineru-models-download`); for tests and demos without weights, {random}.",
         models_dir=models_dir,
         missing=list(missing),
         download_gb=size,

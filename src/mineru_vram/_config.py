@@ -21,6 +21,7 @@ Variables (see docs/configuration.md):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ._exceptions import BackendNotAvailableError, ConfigurationError
 
 __all__ = [
     "BACKENDS",
+    "LOCAL_ENGINES",
     "BackendSpec",
     "child_environ",
     "env_settings",
@@ -51,12 +53,16 @@ class BackendSpec:
         tier: the MinerU 4 tier that runs it.
         engine: the VLM engine an alias implies (``sglang``, ``vllm``, ``transformers``, ``llama-cpp``), if any.
         needs_engine: whether parsing needs a VLM engine.
+        local_engine: MinerU's own in-process VLM engine the session loads on open and closes on
+            exit (``llama-cpp``: ``mineru_llama_cpp.Engine``), when ``engine=`` named one;
+            ``None`` when a resident engine serves the VLM, or for backends without one.
     """
 
     name: str
     tier: str
     engine: str | None = None
     needs_engine: bool = False
+    local_engine: str | None = None
 
 
 BACKENDS: Mapping[str, BackendSpec] = {
@@ -81,11 +87,28 @@ BACKENDS: Mapping[str, BackendSpec] = {
 }
 
 
+# ``engine=`` strings that name MinerU's own in-process VLM engine, run inside the session (MinerU 4's
+# config name, its backend name, and the 2.x-style name), mapped to the engine.
+LOCAL_ENGINES: Mapping[str, str] = {
+    "llama-cpp": "llama-cpp",
+    "llama-cpp-engine": "llama-cpp",
+    "vlm-llama-cpp-engine": "llama-cpp",
+}
+
+
 def resolve_backend(name: str, *, engine: Any = None) -> BackendSpec:
     """Map a user's backend name (current or MinerU 2.x) to a :class:`BackendSpec`.
 
+    Args:
+        name: the backend name.
+        engine: a resident engine (any object: the session asks it for a ``VlmConfig``), or
+            a string naming MinerU's in-process engine (:data:`LOCAL_ENGINES`), which sets
+            :attr:`BackendSpec.local_engine`.
+
     Raises:
-        ConfigurationError: an unknown name.
+        ConfigurationError: an unknown name, or an engine string that names no in-process
+            engine, or one given to a backend without a VLM, or one that contradicts the
+            engine the backend name implies.
         BackendNotAvailableError: a VLM backend without an ``engine=``.
     """
     key = str(name).strip().lower()
@@ -93,13 +116,42 @@ def resolve_backend(name: str, *, engine: Any = None) -> BackendSpec:
     if spec is None:
         known = ", ".join(sorted(BACKENDS))
         raise ConfigurationError(f"unknown backend {name!r}; known backends: {known}", backend=name)
+    if isinstance(engine, str):
+        return _with_local_engine(spec, name, engine)
     if spec.needs_engine and engine is None:
         hint = f" (the {spec.engine} engine)" if spec.engine else ""
+        local = ""
+        if spec.engine in (None, "llama-cpp"):
+            local = " or engine='llama-cpp' (MinerU's llama.cpp engine, in this process)"
         raise BackendNotAvailableError(
-            f"backend {name!r} parses through a VLM engine{hint}: pass engine=ResidentEngine.get(...) to ModelSession",
+            f"backend {name!r} parses through a VLM engine{hint}: pass engine=ResidentEngine.get(...){local} "
+            "to ModelSession",
             backend=name,
         )
     return spec
+
+
+def _with_local_engine(spec: BackendSpec, name: str, engine: str) -> BackendSpec:
+    """``spec`` run by MinerU's own in-process engine named ``engine`` (a string)."""
+    local = LOCAL_ENGINES.get(engine.strip().lower())
+    if local is None:
+        raise ConfigurationError(
+            f"engine={engine!r}: as a string, engine= names MinerU's own in-process engine, and only "
+            f"{', '.join(repr(k) for k in LOCAL_ENGINES)} (MinerU's llama.cpp engine) runs in the session's process; "
+            "for SGLang, vLLM or MinerU's transformers engine pass engine=ResidentEngine.get(engine=...)",
+            engine=engine,
+        )
+    if not spec.needs_engine:
+        raise ConfigurationError(
+            f"engine={engine!r} is for the VLM backends ('vlm', 'hybrid'); backend {name!r} runs no VLM",
+            backend=name,
+            engine=engine,
+        )
+    if spec.engine is not None and spec.engine != local:
+        raise ConfigurationError(
+            f"backend {name!r} names the {spec.engine} engine, not engine={engine!r}", backend=name, engine=engine
+        )
+    return dataclasses.replace(spec, engine=local, local_engine=local)
 
 
 def _parse_bool(name: str, raw: str) -> bool:
@@ -170,17 +222,23 @@ def visible_devices() -> list[str] | None:
 
 
 @contextlib.contextmanager
-def patched_environ(values: Mapping[str, str], *, also_restore: Iterable[str] = ()) -> Iterator[None]:
+def patched_environ(
+    values: Mapping[str, str], *, also_restore: Iterable[str] = (), drop: Iterable[str] = ()
+) -> Iterator[None]:
     """Set environment variables for the ``with`` body and restore them after.
 
     Args:
         values: variables to set.
         also_restore: variables that code inside the body may set; they are put
             back to their value before the body as well.
+        drop: variables unset for the body (and put back after).
     """
-    keys = set(values) | set(also_restore)
+    dropped = set(drop) - set(values)
+    keys = set(values) | set(also_restore) | dropped
     saved = {k: os.environ.get(k) for k in keys}
     try:
+        for k in dropped:
+            os.environ.pop(k, None)
         os.environ.update(values)
         yield
     finally:

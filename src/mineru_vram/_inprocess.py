@@ -24,7 +24,7 @@ from ._config import BackendSpec
 from ._documents import Document
 from ._exceptions import ConfigurationError, MineruVramError, OutOfMemoryError, add_note
 from ._probe import VramSnapshot, vram_snapshot
-from ._release import AliveTracker, ReleaseReport, return_allocator_memory, settle
+from ._release import AliveTracker, ReleaseReport, malloc_trim, return_allocator_memory, settle
 from ._result import ParseResult
 
 __all__ = ["InProcessRunner", "ParseOptions", "Runner", "SessionSettings", "check_parse_timeout"]
@@ -138,6 +138,7 @@ class InProcessRunner:
         self.retarget_from_cpu = False
         self._lock = threading.Lock()
         self.oom_retries = 0  # documents that ran out of memory and were retried on smaller batches
+        self.local_vlm: dict[str, Any] = {}  # MinerU's in-process VLM engine, once loaded
 
     def open(self) -> None:
         from ._adapter import vlm_config
@@ -157,10 +158,24 @@ class InProcessRunner:
         try:
             self._vlm_config = vlm_config(self.settings.vlm_config)
             self._restore_parked()
-            self.runtime.load(tier=self.settings.backend.tier, preload=self.settings.preload)
+            local = self.settings.backend.local_engine
+            self.runtime.load(tier=self.settings.backend.tier, preload=self.settings.preload, local_vlm=local)
+            if local is not None:
+                self._load_local_vlm(local)
         except BaseException:
             self._release(AliveTracker())
             raise
+
+    def _load_local_vlm(self, engine: str) -> None:
+        """Load MinerU's own VLM engine (``llama-cpp``) into this process, where its parses find it."""
+        global _vulkan_visible
+        environ, drop = _llama_cpp_environ(self.settings.device)
+        t0 = time.perf_counter()
+        backend = self.runtime.load_local_vlm(self._vlm_config, environ=environ, drop=drop)
+        with _vulkan_lock:
+            _vulkan_visible = environ["GGML_VK_VISIBLE_DEVICES"]
+        self.local_vlm = {"engine": engine, "backend": backend, "load_seconds": time.perf_counter() - t0}
+        logger.info("loaded MinerU's %s engine (%s) in %.2fs", engine, backend, self.local_vlm["load_seconds"])
 
     def _restore_parked(self) -> None:
         """Take this session's models from host memory when an earlier session parked them."""
@@ -246,16 +261,37 @@ class InProcessRunner:
 
     def _release(
         self, tracker: AliveTracker, *, park: bool = False
-    ) -> tuple[int, list[tuple[str, float]], dict[str, Any]]:
+    ) -> tuple[int, list[tuple[str, float]], dict[str, Any], list[str]]:
+        events: list[str] = []
+        steps: list[tuple[str, float]] = []
+        t0 = time.perf_counter()
+        rss0 = vram_snapshot("cpu").rss_mib
+        closed = self.runtime.release_local_vlm(tracker)
+        if closed:
+            steps.append((f"close MinerU's {self.settings.backend.local_engine} engine", time.perf_counter() - t0))
+            # llama.cpp's buffers were malloc'd (on the heap once glibc's mmap threshold has grown,
+            # as it has after torch): give the freed pages back, so RSS shows the engine gone.
+            t0 = time.perf_counter()
+            malloc_trim()
+            steps.append(("malloc_trim", time.perf_counter() - t0))
+            rss1 = vram_snapshot("cpu").rss_mib
+            if rss0 is not None and rss1 is not None:
+                events.append(
+                    f"closed MinerU's {self.settings.backend.local_engine} engine ({self.local_vlm.get('backend')}) "
+                    f"and returned freed heap pages (malloc_trim): process RSS {rss0:.0f} -> {rss1:.0f} MiB"
+                )
         t0 = time.perf_counter()
         parked: dict[str, Any] = self._park() if park else {}
+        if park and self.settings.backend.local_engine is not None:
+            reason = _NOT_PARKED.format(engine=self.settings.backend.local_engine)
+            parked["reason"] = f"{parked['reason']}; {reason}" if parked.get("reason") else reason
         released = self.runtime.release_models(tracker)  # what was not parked
-        steps = [("drop MinerU cache entries", time.perf_counter() - t0)]
+        steps.append(("drop MinerU cache entries", time.perf_counter() - t0))
         if parked.get("models"):
-            steps.insert(0, ("park models in host memory", parked["seconds"]))
+            steps.insert(len(steps) - 1, ("park models in host memory", parked["seconds"]))
         self.runtime.deactivate()
         steps += return_allocator_memory(self.settings.device)
-        return released, steps, parked
+        return released + closed, steps, parked, events
 
     def _park(self) -> dict[str, Any]:
         """Move this session's models to host memory for the next session (``keep_warm``)."""
@@ -284,7 +320,7 @@ class InProcessRunner:
         before = vram_snapshot(device)
         t0 = time.perf_counter()
         tracker = AliveTracker()
-        released, steps, parked = self._release(tracker, park=self.settings.keep_warm)
+        released, steps, parked, events = self._release(tracker, park=self.settings.keep_warm)
         after = settle(device)
         seconds = time.perf_counter() - t0
         context_created = bool(
@@ -305,14 +341,78 @@ class InProcessRunner:
             tolerance_mib=self.settings.leak_tolerance_mib,
             parked=parked,
             restored=dict(self.restored),
+            events=events,
         )
 
     def abandon(self) -> None:
         try:
+            self.runtime.release_local_vlm(AliveTracker())
             self.runtime.release_models(AliveTracker())
             self.runtime.deactivate()
         except Exception:
             pass
+
+
+# keep_warm with MinerU's in-process engine: what the receipt's parked["reason"] says.
+_NOT_PARKED = (
+    "MinerU's {engine} engine cannot be parked: mineru_llama_cpp.Engine has no call that moves its weights "
+    "and KV cache (on a GPU: Vulkan memory) to host memory and back, so it was closed as in any release; "
+    "the next session loads it again from the GGUF files, which the OS page cache usually still holds"
+)
+
+# ggml's Vulkan back-end reads GGML_VK_VISIBLE_DEVICES when it first sets up its devices, once per
+# process: the value the first in-process llama.cpp engine loaded with, which later ones must match.
+_vulkan_visible: str | None = None
+_vulkan_lock = threading.Lock()
+
+
+def _llama_cpp_environ(device: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The variables MinerU's in-process llama.cpp engine loads with, and those it must not see.
+
+    Vulkan ignores ``CUDA_VISIBLE_DEVICES``. ``cuda:N`` is matched to its Vulkan device by
+    NVML's UUID (else PCI address), as the resident engine does, and that index is made the
+    only visible one; ``cpu`` makes no Vulkan device visible, so llama.cpp runs on its CPU
+    back-end. ggml-vulkan places buffers in host memory (not counted by NVML, many times
+    slower) when ``GGML_VK_ALLOW_SYSMEM_FALLBACK`` or ``GGML_VK_PREFER_HOST_MEMORY`` is set to
+    anything: both are unset while the engine loads and sets its device up.
+
+    Raises:
+        BackendNotAvailableError: the Vulkan device of ``cuda:N`` cannot be found.
+        ConfigurationError: an engine loaded in this process earlier was set up for another
+            device, which ggml-vulkan will not change within a process.
+    """
+    from ._config import child_environ, getenv
+    from ._engine.backends.llama_cpp import HOST_MEMORY_VARIABLES, vulkan_index
+    from ._exceptions import BackendNotAvailableError, EngineStartError
+
+    if device == "cpu":
+        visible = ""
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mineru-vram-vulkan-") as folder:
+            try:
+                visible = str(vulkan_index(device, child_environ(), Path(folder)))
+            except EngineStartError as exc:
+                raise BackendNotAvailableError(
+                    f"MinerU's llama.cpp engine cannot run on {device}: {exc}", device=device
+                ) from exc
+    with _vulkan_lock:
+        if _vulkan_visible is not None and _vulkan_visible != visible:
+            raise ConfigurationError(
+                f"MinerU's llama.cpp engine was loaded in this process for another device (Vulkan devices "
+                f"{_vulkan_visible!r}, asked: {visible!r} for {device}), and ggml-vulkan sets its devices up once "
+                "per process; use isolation='process' for sessions on other devices",
+                device=device,
+            )
+    dropped = [name for name in HOST_MEMORY_VARIABLES if getenv(name) is not None]
+    if dropped:
+        logger.warning(
+            "unsetting %s while MinerU's llama.cpp engine loads: ggml-vulkan would place its buffers in host "
+            "memory (set to any value, 0 included) instead of failing when the device is full",
+            ", ".join(dropped),
+        )
+    return {"GGML_VK_VISIBLE_DEVICES": visible}, tuple(HOST_MEMORY_VARIABLES)
 
 
 def _clear_frames(exc: BaseException) -> None:

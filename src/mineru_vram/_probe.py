@@ -255,11 +255,18 @@ def _running_processes(handle: Any) -> Sequence[Any]:
     nvml = _nvml()
     if nvml is None:
         return ()
+    # A Vulkan process (llama.cpp) may be listed only as a graphics process; one that also has a CUDA
+    # context (MinerU's torch models beside an in-process llama.cpp engine) is in both lists: the
+    # entry with the larger figure is kept, so neither list's share is lost and none is counted twice.
     seen: dict[int, Any] = {}
     for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
         try:
             for proc in getattr(nvml, getter)(handle):
-                seen.setdefault(int(proc.pid), proc)
+                pid = int(proc.pid)
+                if pid not in seen or (getattr(proc, "usedGpuMemory", None) or 0) > (
+                    getattr(seen[pid], "usedGpuMemory", None) or 0
+                ):
+                    seen[pid] = proc
         except Exception:
             continue
     return list(seen.values())

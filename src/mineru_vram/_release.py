@@ -20,7 +20,7 @@ from typing import Any
 
 from ._probe import VramSnapshot, _fmt, _html_table, device_index, vram_snapshot
 
-__all__ = ["AliveTracker", "ReleaseReport", "return_allocator_memory"]
+__all__ = ["AliveTracker", "ReleaseReport", "malloc_trim", "return_allocator_memory"]
 
 logger = logging.getLogger("mineru_vram")
 
@@ -42,6 +42,20 @@ class AliveTracker:
 
     def alive(self) -> list[str]:
         return [label for label, ref in self._refs if ref() is not None]
+
+
+def malloc_trim() -> bool:
+    """Return freed heap pages to the OS (glibc); MinerU users see RSS creep without it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        trim = getattr(libc, "malloc_trim", None)
+        if trim is None:
+            return False
+        return bool(trim(0))
+    except Exception:
+        return False
 
 
 def return_allocator_memory(device: str) -> list[tuple[str, float]]:

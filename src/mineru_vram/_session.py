@@ -99,7 +99,11 @@ class ModelSession:
             ``None`` uses MinerU's own configured location and source.
         isolation: ``"none"`` loads models into this process; ``"process"`` into a
             worker whose exit returns everything, the CUDA context included.
-        engine: a :class:`ResidentEngine` for the VLM backends.
+        engine: for the VLM backends: a :class:`ResidentEngine`, or ``"llama-cpp"`` (also
+            MinerU's names ``"llama-cpp-engine"`` and ``"vlm-llama-cpp-engine"``) for MinerU's
+            own in-process llama.cpp engine (``mineru_llama_cpp.Engine``), loaded on enter from
+            ``<models_dir>/MinerU2.5-Pro-2605-1.2B-GGUF`` (MinerU's registry layout), closed on
+            exit and counted in the receipt. With ``isolation="process"`` it lives in the worker.
         strict: raise :class:`VramLeakError` from ``close`` when the receipt is not clean.
         leak_tolerance_mib: NVML residual allowed by ``strict`` (default 32).
         preload: ``"core"`` loads what MinerU loads up front (OCR, layout);
@@ -190,10 +194,15 @@ class ModelSession:
         models_path = None if models_dir is None else Path(models_dir).expanduser().resolve()
         if models_path is not None and not models_path.is_dir():
             raise ConfigurationError(f"models_dir={str(models_dir)!r} is not a directory", models_dir=str(models_dir))
-        self._engine = engine
         vlm_config = None
-        if engine is not None:
+        if spec.local_engine is not None:
+            # MinerU's own engine, in the runner's process: MinerU builds it from this config
+            # (and its model tree) when the runner opens.
+            engine = None
+            vlm_config = {"engine": spec.local_engine}
+        elif engine is not None:
             vlm_config = engine.vlm_config()
+        self._engine = engine
         self.settings = SessionSettings(
             backend=spec,
             device=resolve_device(device),

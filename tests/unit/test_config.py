@@ -75,3 +75,57 @@ def test_session_argument_validation(tmp_path: object) -> None:
         mv.ModelSession("flash", recycle_after=3)
     with pytest.raises(mv.ConfigurationError, match="preload"):
         mv.ModelSession("flash", preload="some")  # type: ignore[arg-type]
+
+
+def test_patched_environ_drops_variables_for_the_body(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MV_TEST_DROP", "0")
+    monkeypatch.delenv("MV_TEST_ABSENT", raising=False)
+    with patched_environ({"MV_TEST_SET": "1"}, drop=["MV_TEST_DROP", "MV_TEST_ABSENT"]):
+        assert "MV_TEST_DROP" not in os.environ
+        assert os.environ["MV_TEST_SET"] == "1"
+    assert os.environ["MV_TEST_DROP"] == "0"
+    assert "MV_TEST_ABSENT" not in os.environ
+    assert "MV_TEST_SET" not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("backend", "engine", "name", "tier"),
+    [
+        ("vlm", "llama-cpp", "vlm", "advanced"),
+        ("vlm", " LLaMA-CPP-ENGINE ", "vlm", "advanced"),
+        ("hybrid", "llama-cpp", "hybrid", "standard"),
+        ("vlm-llama-cpp-engine", "llama-cpp", "vlm", "advanced"),
+        ("hybrid-llama-cpp-engine", "vlm-llama-cpp-engine", "hybrid", "standard"),
+    ],
+)
+def test_engine_strings_name_minerus_in_process_llama_cpp(backend: str, engine: str, name: str, tier: str) -> None:
+    spec = resolve_backend(backend, engine=engine)
+    assert (spec.name, spec.tier, spec.engine, spec.local_engine) == (name, tier, "llama-cpp", "llama-cpp")
+    assert resolve_backend(backend, engine=object()).local_engine is None, "a resident engine is not in process"
+
+
+@pytest.mark.parametrize(
+    ("backend", "engine", "match"),
+    [
+        ("vlm", "vllm", "ResidentEngine.get"),  # a string names an in-process engine; vLLM runs as a server
+        ("vlm", "sglang", "only 'llama-cpp'"),
+        ("pipeline", "llama-cpp", "runs no VLM"),
+        ("flash", "llama-cpp-engine", "runs no VLM"),
+        ("vlm-sglang-engine", "llama-cpp", "names the sglang engine"),
+    ],
+)
+def test_engine_strings_that_cannot_work_are_refused(backend: str, engine: str, match: str) -> None:
+    with pytest.raises(mv.ConfigurationError, match=match):
+        resolve_backend(backend, engine=engine)
+
+
+def test_a_vlm_backend_without_an_engine_names_both_ways() -> None:
+    with pytest.raises(mv.BackendNotAvailableError, match=r"ResidentEngine.get\(\.\.\.\) or engine='llama-cpp'"):
+        resolve_backend("vlm")
+
+
+def test_session_with_the_in_process_engine_carries_it_to_its_runner() -> None:
+    s = mv.ModelSession("vlm", engine="llama-cpp-engine", device="cpu", trust_env=False)
+    assert s.settings.backend.local_engine == "llama-cpp"
+    assert s.settings.vlm_config == {"engine": "llama-cpp"}, "MinerU's VlmConfig: its engine, no server"
+    assert s.settings.backend.tier == "advanced"

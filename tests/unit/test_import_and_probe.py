@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import mineru_vram as mv
 
 
@@ -75,3 +77,25 @@ def test_snapshot_renders_for_terminals_and_notebooks() -> None:
     assert "<table>" in html
     assert "torch allocated" in html
     assert snap.to_dict()["device"] == "cpu"
+
+
+def test_nvml_process_lists_are_merged_by_pid_keeping_the_larger_figure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Vulkan process (llama.cpp) may be listed only as a graphics process; one in both lists counts once.
+
+    NVML itself is replaced by a stand-in here (no GPU on the test machines): the two getters are
+    what ``_probe`` calls, with the fields it reads.
+    """
+    from types import SimpleNamespace
+
+    from mineru_vram import _probe
+
+    def proc(pid: int, mib: float | None) -> SimpleNamespace:
+        return SimpleNamespace(pid=pid, usedGpuMemory=None if mib is None else int(mib * _probe.MIB))
+
+    nvml = SimpleNamespace(
+        nvmlDeviceGetComputeRunningProcesses=lambda handle: [proc(10, 500), proc(11, 300), proc(13, None)],
+        nvmlDeviceGetGraphicsRunningProcesses=lambda handle: [proc(11, 1800), proc(12, 900), proc(13, 40)],
+    )
+    monkeypatch.setattr(_probe, "_nvml", lambda: nvml)
+    used = {int(p.pid): p.usedGpuMemory / _probe.MIB for p in _probe._running_processes(object())}
+    assert used == {10: 500, 11: 1800, 12: 900, 13: 40}

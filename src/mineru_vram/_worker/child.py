@@ -27,24 +27,11 @@ from typing import Any, NoReturn
 from mineru_vram._exceptions import MineruVramError, ParseError, WorkerStartError
 from mineru_vram._inprocess import InProcessRunner, SessionSettings
 from mineru_vram._probe import MIB, vram_snapshot
+from mineru_vram._release import malloc_trim
 
 from . import protocol
 
-__all__ = ["WorkerLoop", "worker_main"]
-
-
-def malloc_trim() -> bool:
-    """Return freed heap pages to the OS (glibc); MinerU users see RSS creep without it."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        trim = getattr(libc, "malloc_trim", None)
-        if trim is None:
-            return False
-        return bool(trim(0))
-    except Exception:
-        return False
+__all__ = ["WorkerLoop", "malloc_trim", "worker_main"]
 
 
 class WorkerLoop:
@@ -111,7 +98,8 @@ class WorkerLoop:
             if isinstance(message, protocol.Parse):
                 self._parse(message)
             elif isinstance(message, protocol.Exit):
-                models = len(self.runner.runtime.owned_keys())
+                runtime = self.runner.runtime
+                models = len(runtime.owned_keys()) + len(runtime.owned_vlm_keys())
                 self.conn.send(protocol.Bye(models=models, stats=self.stats()))
                 return 0
             elif isinstance(message, protocol.Debug):
@@ -169,7 +157,10 @@ def prepare(conn: Connection, message: protocol.Prepare) -> bool:
     """
     from mineru_vram._warm import warm_cache
 
-    settings = dataclasses.replace(message.settings, device="cpu", keep_warm=False)
+    # MinerU's in-process VLM engine (llama.cpp) is not built here: it cannot move to another device
+    # and MinerU's cache key does not name one, so the session that takes the spare loads it.
+    backend = dataclasses.replace(message.settings.backend, local_engine=None)
+    settings = dataclasses.replace(message.settings, device="cpu", keep_warm=False, backend=backend)
     runner = InProcessRunner(settings)
     try:
         runner.open()

@@ -93,6 +93,7 @@ from .server import ServerBackend
 __all__ = [
     "MIN_SLOT_CONTEXT",
     "MINERU_PARALLEL",
+    "HOST_MEMORY_VARIABLES",
     "RUNTIME_RESERVE_MIB",
     "GgufModel",
     "LaunchPlan",
@@ -101,6 +102,7 @@ __all__ = [
     "model_files",
     "plan_launch",
     "read_gguf",
+    "vulkan_index",
 ]
 
 logger = logging.getLogger("mineru_vram")
@@ -120,7 +122,7 @@ VALID_UTF8_GRAMMAR = "root ::= .*"
 # How long listing the Vulkan devices may take.
 VULKAN_LIST_TIMEOUT = 60.0
 # Variables the server must not inherit: ggml-vulkan spills into host memory when either is set at all.
-_HOST_MEMORY_VARIABLES = ("GGML_VK_ALLOW_SYSMEM_FALLBACK", "GGML_VK_PREFER_HOST_MEMORY")
+HOST_MEMORY_VARIABLES = ("GGML_VK_ALLOW_SYSMEM_FALLBACK", "GGML_VK_PREFER_HOST_MEMORY")
 # Flags that would undo what the engine guarantees (loopback, the key file, the identity check,
 # its own sleep, the model from model_path).
 _REFUSED_FLAGS = (
@@ -570,6 +572,38 @@ def list_vulkan_devices(environ: Mapping[str, str], folder: Path) -> list[dict[s
     return answer
 
 
+def vulkan_index(device: str, environ: Mapping[str, str], folder: Path, *, hint: str = "") -> int:
+    """The Vulkan loader's index of this process's ``cuda:N``: NVML's UUID, else PCI address, matched.
+
+    Args:
+        device: ``cuda:N``.
+        environ: the environment the devices are listed in (a child process).
+        folder: a private folder for the child's output.
+        hint: a sentence added to the error when NVML cannot identify the device.
+
+    Raises:
+        EngineStartError: NVML cannot identify the device, no Vulkan device can be listed, or
+            none matches.
+    """
+    identity = device_identity(device)
+    if identity is None:
+        raise EngineStartError(
+            f"cannot tell which Vulkan device is {device}: NVML gives no UUID or PCI address for it. {hint}".strip(),
+            device=device,
+        )
+    uuid, pci = identity
+    devices = list_vulkan_devices(environ, folder)
+    index = match_vulkan_device(devices, uuid, pci)
+    if index is None:
+        listed = "; ".join(f"{d.get('index')}: {d.get('name')} ({d.get('uuid')}, {d.get('pci')})" for d in devices)
+        raise EngineStartError(
+            f"{device} ({uuid}, PCI {pci}) is not among the Vulkan devices: {listed or 'none'}",
+            device=device,
+        )
+    logger.info("llama.cpp: %s is Vulkan device %d (%s)", device, index, devices[index].get("name"))
+    return index
+
+
 # --- the backend --------------------------------------------------------------------------------
 
 
@@ -646,8 +680,8 @@ class LlamaCppBackend(ServerBackend):
         return argv + list(ctx.settings.extra_args)
 
     def server_environ(self, ctx: BackendContext) -> dict[str, str]:
-        env = {k: v for k, v in ctx.environ.items() if not k.startswith("LLAMA_") and k not in _HOST_MEMORY_VARIABLES}
-        dropped = sorted(k for k in ctx.environ if k in _HOST_MEMORY_VARIABLES)
+        env = {k: v for k, v in ctx.environ.items() if not k.startswith("LLAMA_") and k not in HOST_MEMORY_VARIABLES}
+        dropped = sorted(k for k in ctx.environ if k in HOST_MEMORY_VARIABLES)
         if dropped:
             logger.warning(
                 "not passing %s to llama-server: ggml-vulkan would then place buffers in host memory "
@@ -666,28 +700,10 @@ class LlamaCppBackend(ServerBackend):
 
     def _vulkan_device(self, ctx: BackendContext, env: Mapping[str, str]) -> int:
         """The Vulkan loader's index of the engine's ``cuda:N`` (see the module docstring)."""
-        if self.vulkan_index is not None:
-            return self.vulkan_index
-        device = ctx.settings.device
-        identity = device_identity(device)
-        if identity is None:
-            raise EngineStartError(
-                f"cannot tell which Vulkan device is {device}: NVML gives no UUID or PCI address for it. "
-                "Pass extra_args=('--device', 'VulkanN') to choose one yourself.",
-                device=device,
-            )
-        uuid, pci = identity
-        devices = list_vulkan_devices(env, ctx.runtime_dir)
-        index = match_vulkan_device(devices, uuid, pci)
-        if index is None:
-            listed = "; ".join(f"{d.get('index')}: {d.get('name')} ({d.get('uuid')}, {d.get('pci')})" for d in devices)
-            raise EngineStartError(
-                f"{device} ({uuid}, PCI {pci}) is not among the Vulkan devices: {listed or 'none'}",
-                device=device,
-            )
-        logger.info("llama-cpp engine: %s is Vulkan device %d (%s)", device, index, devices[index].get("name"))
-        self.vulkan_index = index
-        return index
+        if self.vulkan_index is None:
+            hint = "Pass extra_args=('--device', 'VulkanN') to choose one yourself."
+            self.vulkan_index = vulkan_index(ctx.settings.device, env, ctx.runtime_dir, hint=hint)
+        return self.vulkan_index
 
     # -- readiness and health ---------------------------------------------------------------------
 
