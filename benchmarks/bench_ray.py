@@ -54,8 +54,13 @@ TOLERANCE_MIB = 64.0
 
 
 def _cards() -> list[int]:
+    """The physical GPUs (NVML indices) this run may use: CUDA_VISIBLE_DEVICES's, else all NVML sees."""
+    from mineru_vram._config import visible_devices
     from mineru_vram._probe import nvml_device_count
 
+    visible = visible_devices()
+    if visible is not None and all(v.isdigit() for v in visible):
+        return [int(v) for v in visible]
     return list(range(nvml_device_count()))
 
 

@@ -33,7 +33,7 @@ for arg in "$@"; do
                --out $R/session.json 2>$R/session.err | tail -40 ;;
     overhead) $T python3 benchmarks/bench_session.py --models-dir $MODELS --corpus $CORPUS --repeat ${REPEAT:-3} \
                --modes overhead --out $R/overhead.json 2>$R/overhead.err | tail -30 ;;
-    gputests) $T python3 -m pytest -p no:cacheprovider tests/gpu -q -rs --vram-models-dir $MODELS \
+    gputests) $T python3 -m pytest -p no:cacheprovider tests/gpu -q -rs --vram-models-dir $MODELS ${GPUTEST_ARGS:-} \
                2>&1 | tee $R/gputests.log | tail -30 ;;
     plugintests) $T python3 -m pytest -p no:cacheprovider tests/gpu/test_plugin_gpu.py tests/gpu/test_engine_gpu.py \
                -q -rs --vram-models-dir $MODELS 2>&1 | tee $R/plugintests.log | tail -30 ;;
@@ -48,6 +48,8 @@ for arg in "$@"; do
     warm) $T python3 benchmarks/bench_warm.py --models-dir $MODELS --cycles ${WARM_CYCLES:-50} \
                --iso-cycles ${ISO_CYCLES:-3} --out $R/warm.json 2>$R/warm.err | tail -30 ;;
     llama) for i in $(seq 1 90); do [ -f /tmp/gguf.done ] && break; sleep 2; done
+           icd=$(find /usr/local/nvidia /usr/share/vulkan /etc/vulkan /usr/lib -name 'nvidia_icd*.json' 2>/dev/null | head -1)
+           echo "vulkan ICD: ${icd:-none found}"; [ -n "$icd" ] && export VK_DRIVER_FILES=$icd
            $T python3 benchmarks/bench_llama_cpp.py --corpus $CORPUS --gguf-dir /tmp/gguf-full --models-dir $MODELS --docs ${LLAMA_DOCS:-3} \
                --cold-docs ${LLAMA_COLD:-2} ${LLAMA_ARGS:-} --out $R/llama.json 2>$R/llama.err | tail -40 ;;
     ray) $T python3 benchmarks/bench_ray.py --models-dir $MODELS --docs ${RAY_DOCS:-200} ${RAY_ARGS:-} \
