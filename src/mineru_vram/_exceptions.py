@@ -246,13 +246,20 @@ class WorkerError(MineruVramError):
 
 
 class WorkerCrashedError(WorkerError):
-    """The worker died. ``exitcode``, ``document`` and ``log_tail`` say how and where."""
+    """The worker died, or was killed. ``exitcode``, ``document`` and ``log_tail`` say how and where.
+
+    ``reason`` is ``"memory"`` when the worker was killed for going over ``worker_memory_mib``
+    (then ``memory_mib`` and ``limit_mib`` give the figures).
+    """
 
     document: str | None
     exitcode: int | None
     signal: str | None
     pid: int | None
     log_tail: str | None
+    reason: str | None
+    memory_mib: float | None
+    limit_mib: float | None
 
 
 class WorkerStartError(WorkerError):

@@ -65,6 +65,8 @@ class SessionSettings:
     allow_download: bool = True
     # Park the models in host memory on close, for the next session with the same settings.
     keep_warm: bool = False
+    # Host memory the isolated worker's process tree may hold during a parse: MiB, "auto" or None.
+    worker_memory_mib: float | str | None = "auto"
 
 
 def check_parse_timeout(timeout: object) -> None:

@@ -133,6 +133,10 @@ class ModelSession:
             context) for the next isolated session.
         allow_download: let MinerU download missing models on first use (default); with
             ``False`` missing models raise :class:`ModelsNotAvailableError` at once.
+        worker_memory_mib: (process isolation) host memory the worker and the processes it
+            starts may hold during a parse; over it the worker is killed and the parse raises
+            :class:`WorkerCrashedError` (``reason="memory"``). ``"auto"``: half the host's memory;
+            ``None``: no bound.
         trust_env: read ``MINERU_VRAM_*`` variables for unset arguments.
     """
 
@@ -160,6 +164,7 @@ class ModelSession:
         oom_retry: bool = True,
         keep_warm: bool | None = None,
         allow_download: bool | None = None,
+        worker_memory_mib: float | Literal["auto"] | None = "auto",
         trust_env: bool = True,
     ) -> None:
         env = env_settings() if trust_env else {}
@@ -222,6 +227,7 @@ class ModelSession:
             oom_retry=oom_retry,
             keep_warm=keep_warm,
             allow_download=allow_download,
+            worker_memory_mib=worker_memory_mib,
         )
         self.budget = resolve_budget(budget)
         _check_device(self.settings.device, self.budget)

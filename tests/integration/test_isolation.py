@@ -573,3 +573,21 @@ def test_worker_dies_within_a_second_of_a_sigkilled_parent(random_models_dir: Pa
     finally:
         for folder in stale:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_worker_over_its_memory_bound_is_killed_typed_and_the_session_goes_on() -> None:
+    # The bound is far under what a worker with MinerU imported holds, so the first poll during the
+    # parse finds it over: the mechanism a runaway document (pages named thousands of times) meets.
+    with mv.ModelSession("flash", device="cpu", isolation="process", worker_memory_mib=50, trust_env=False) as s:
+        first_pid = s.runner.pid  # type: ignore[union-attr]
+        with pytest.raises(mv.WorkerCrashedError, match="worker_memory_mib=50") as info:
+            s.parse(PDF, name="a.pdf")
+        err = info.value
+        assert err.reason == "memory"
+        assert err.limit_mib == 50
+        assert err.memory_mib > 50
+        assert err.document == "a.pdf"
+        assert not alive(first_pid)
+        assert s.state is mv.SessionState.OPENED
+    assert s.release_report is not None
+    assert "memory" in " ".join(s.release_report.events)

@@ -327,3 +327,36 @@ def test_a_url_is_named_as_such_not_as_a_missing_file(url: str) -> None:
     with pytest.raises(mv.DocumentNotFoundError, match="a URL is not fetched") as info:
         load_document(url)
     assert info.value.document == url
+
+
+def _one_page_named(times: int) -> bytes:
+    """A small PDF whose page tree names one page object ``times`` times (a few KiB per thousand)."""
+    kids = " ".join(["3 0 R"] * times)
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        f"<< /Type /Pages /Kids [{kids}] /Count {times} >>".encode(),
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] /Contents 4 0 R >>",
+        b"<< /Length 0 >>\nstream\n\nendstream",
+    ]
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
+def test_a_small_file_naming_one_page_20000_times_is_refused_by_default() -> None:
+    data = _one_page_named(20_000)
+    assert len(data) < 200 * 1024
+    session = mv.ModelSession("flash", device="cpu", trust_env=False)  # never opened: load() only validates
+    with pytest.raises(mv.DocumentTooLargeError, match="20000 pages") as info:
+        session.load(data, name="bomb.pdf")
+    assert info.value.limit == 2000
+    assert session.load(_one_page_named(3), name="three.pdf").page_count == 3
+    unlimited = mv.ModelSession("flash", device="cpu", max_pages=None, trust_env=False)
+    assert unlimited.load(data, name="bomb.pdf").page_count == 20_000

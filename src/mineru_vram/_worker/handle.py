@@ -48,6 +48,14 @@ class WorkerTimedOut(Exception):
     """Internal: the worker did not answer within the deadline."""
 
 
+class WorkerOverMemory(Exception):
+    """Internal: the worker's process tree held more host memory than its bound; ``mib`` says how much."""
+
+    def __init__(self, mib: float) -> None:
+        super().__init__(f"{mib:.0f} MiB")
+        self.mib = mib
+
+
 class WorkerHandle:
     """One worker process, its pipe and its log.
 
@@ -143,12 +151,27 @@ class WorkerHandle:
         except (OSError, EOFError, ValueError) as exc:
             raise WorkerDied(str(exc)) from None
 
-    def receive(self, timeout: float | None) -> protocol.ToParent:
-        """Wait for the next message, noticing death and the deadline.
+    def tree_rss_mib(self) -> float:
+        """Host memory (RSS) of the worker and every process it started (MinerU's render workers)."""
+        import psutil
+
+        total = 0
+        try:
+            root = psutil.Process(self.pid)
+            for proc in (root, *root.children(recursive=True)):
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_info().rss
+        except psutil.Error:
+            return 0.0
+        return total / (1024 * 1024)
+
+    def receive(self, timeout: float | None, *, memory_limit_mib: float | None = None) -> protocol.ToParent:
+        """Wait for the next message, noticing death, the deadline and the memory bound.
 
         Raises:
             WorkerDied: the process ended (or closed its end of the pipe).
             WorkerTimedOut: no message before ``timeout`` seconds.
+            WorkerOverMemory: the worker's process tree went over ``memory_limit_mib``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -162,10 +185,16 @@ class WorkerHandle:
                 raise WorkerDied("the worker exited")
             if deadline is not None and time.monotonic() >= deadline:
                 raise WorkerTimedOut
+            if memory_limit_mib is not None:
+                held = self.tree_rss_mib()
+                if held > memory_limit_mib:
+                    raise WorkerOverMemory(held)
 
-    def request(self, message: protocol.ToChild, timeout: float | None) -> protocol.ToParent:
+    def request(
+        self, message: protocol.ToChild, timeout: float | None, *, memory_limit_mib: float | None = None
+    ) -> protocol.ToParent:
         self.send(message)
-        return self.receive(timeout)
+        return self.receive(timeout, memory_limit_mib=memory_limit_mib)
 
     def kill(self, wait: float = 5.0) -> int | None:
         """``SIGKILL`` the worker's whole process group and reap it. Returns the worker's exit code."""

@@ -62,7 +62,7 @@ from mineru_vram._release import ReleaseReport, settle
 
 from . import protocol
 from .device import wait_device_back, wait_gone_from_device
-from .handle import WorkerDied, WorkerHandle, WorkerTimedOut, last_lines
+from .handle import WorkerDied, WorkerHandle, WorkerOverMemory, WorkerTimedOut, last_lines
 
 if TYPE_CHECKING:
     from mineru_vram._inprocess import ParseOptions, SessionSettings
@@ -86,6 +86,9 @@ STOP_GRACE_SECONDS = 5.0
 # pages needs, lazy model loads on a worker's first document included, so that only a
 # worker that hangs reaches it.
 PARSE_TIMEOUT_BASE_SECONDS = 600.0
+# worker_memory_mib="auto": the worker's process tree may take at most this share of the host's memory
+# during a parse (a small file can make MinerU render and hold far more than the host has).
+WORKER_MEMORY_SHARE = 0.5
 PARSE_TIMEOUT_PER_PAGE_SECONDS = 120.0
 # Longest wait in close() for the runner's lock (held by a parse in another thread).
 CLOSE_WAIT_SECONDS = 600.0
@@ -389,10 +392,14 @@ class WorkerRunner:
             assert self._folder is not None
             ref = protocol.document_ref(doc, self._folder, protocol.next_stem("doc"), INLINE_LIMIT)
             message = protocol.Parse(document=ref, options=dataclasses.replace(options, timeout=None))
+            limit = self._memory_limit_mib()
             try:
-                reply = worker.request(message, timeout=bound)
+                reply = worker.request(message, timeout=bound, memory_limit_mib=limit)
             except WorkerDied:
                 raise self._crashed(worker, doc.name) from None
+            except WorkerOverMemory as over:
+                assert limit is not None
+                raise self._over_memory(worker, doc.name, over.mib, limit) from None
             except WorkerTimedOut:
                 assert bound is not None
                 raise self._timed_out(worker, doc.name, bound, how) from None
@@ -441,6 +448,37 @@ class WorkerRunner:
         # The next worker must not load beside the remains of this one.
         wait_gone_from_device(self.settings.device, [worker.pid], timeout=self.settings.release_timeout)
         return code
+
+    def _memory_limit_mib(self) -> float | None:
+        """The host-memory bound of the worker's process tree during a parse (``None``: none)."""
+        limit = self.settings.worker_memory_mib
+        if limit == "auto":
+            import psutil
+
+            return float(psutil.virtual_memory().total) / (1024 * 1024) * WORKER_MEMORY_SHARE
+        return None if limit is None else float(limit)
+
+    def _over_memory(self, worker: WorkerHandle, document: str, held: float, limit: float) -> WorkerCrashedError:
+        self.crashes += 1
+        code = self._discard(
+            worker, f"killed: {document} took {held:.0f} MiB", f"pid {worker.pid} went over its memory bound"
+        )
+        self._event(
+            f"worker pid {worker.pid} killed: {document} took {held:.0f} MiB of host memory, over "
+            f"worker_memory_mib={limit:.0f}; a new worker starts on the next parse",
+            level=logging.WARNING,
+        )
+        return WorkerCrashedError(
+            f"{document}: the worker (pid {worker.pid}) and its processes took {held:.0f} MiB of host memory while "
+            f"parsing it, over worker_memory_mib={limit:.0f} MiB; it was killed and a new worker starts on the next "
+            "parse. Pass a larger worker_memory_mib (or None) to ModelSession for documents that need it.",
+            document=document,
+            exitcode=code,
+            pid=worker.pid,
+            reason="memory",
+            memory_mib=held,
+            limit_mib=limit,
+        )
 
     def _crashed(self, worker: WorkerHandle, document: str) -> WorkerCrashedError:
         self.crashes += 1
