@@ -17,8 +17,10 @@ import pytest
 
 from mineru_vram._probe import nvml_device_count
 
-# Capability marks: skipped by what the machine can do, never by an environment flag.
-needs_gpu = pytest.mark.skipif(nvml_device_count() == 0, reason="NVML sees no GPU")
+# Capability checks: tests are skipped by what the machine can do, never by an environment flag. GPU
+# tests use the plugin's own ``@pytest.mark.gpu`` (skipped where NVML sees no device); code that picks
+# a device or an expectation reads HAS_GPU.
+HAS_GPU = nvml_device_count() > 0
 needs_root = pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() != 0, reason="acting as a second local user needs root (setpriv)"
 )

@@ -17,22 +17,33 @@ import pytest
 
 from mineru_vram import ConfigurationError, ModelSession, SessionStateError
 from mineru_vram._events import ENV_EVENTS_FILE, emit, read_events, subscribe
-from mineru_vram._probe import nvml_device_count
 from mineru_vram._timeline import PHASE_COLUMNS, SAMPLE_COLUMNS, Timeline, TimelineState
 from mineru_vram.testing import make_pdf
+from support import HAS_GPU
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-HAS_GPU = nvml_device_count() > 0
 
 
 # --- events -----------------------------------------------------------------------------------
 
 
-def test_emit_without_listeners_writes_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(ENV_EVENTS_FILE, raising=False)
-    monkeypatch.chdir(tmp_path)
+def test_emit_without_listeners_touches_no_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setenv(ENV_EVENTS_FILE, str(events))
     emit("load.start", session="x")
-    assert list(tmp_path.iterdir()) == []
+    assert json.loads(events.read_text(encoding="utf-8"))["event"] == "load.start", "the variable is read late"
+    monkeypatch.delenv(ENV_EVENTS_FILE)
+    opened: list[object] = []
+
+    def spy(*args: object, **kwargs: object) -> None:
+        opened.append(args)
+        raise AssertionError("emit opened a file with no listener and no events file")
+
+    monkeypatch.setattr("builtins.open", spy)
+    emit("load.end", session="x")
+    monkeypatch.undo()
+    assert opened == []
+    assert len(events.read_text(encoding="utf-8").splitlines()) == 1
 
 
 def test_subscribe_and_unsubscribe() -> None:

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import pytest
 
-from mineru_vram._probe import nvml_device_count
 from mineru_vram._process import child_sys_path
 from mineru_vram.testing import make_pdf
+from support import HAS_GPU
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]
@@ -48,7 +48,6 @@ MARKER = re.compile(r"^<!--\s*(?P<kind>test|no-test|file)(?::\s*(?P<option>[^>]*
 OPTIONS = {"continues", "gpu", "pytest"}
 FAILS = re.compile(r"^pytest\s+fails=(?P<names>[\w,]+)$")
 SCRIPT_TIMEOUT = 600  # seconds: a pipeline example loads MinerU's models on 2 CPU cores
-HAS_GPU = nvml_device_count() > 0
 
 
 @dataclass

@@ -16,10 +16,9 @@ import pytest
 import mineru_vram as mv
 from mineru_vram import testing
 from mineru_vram._engine import EngineState, ResidentEngine
-from mineru_vram._probe import nvml_device_count
 from mineru_vram.testing._standin import StandinLauncher
 
-pytestmark = pytest.mark.skipif(nvml_device_count() == 0, reason="NVML sees no GPU")
+pytestmark = pytest.mark.gpu
 
 CAP_MIB = 2048
 

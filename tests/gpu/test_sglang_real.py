@@ -20,11 +20,10 @@ import pytest
 import mineru_vram as mv
 from mineru_vram import testing
 from mineru_vram._engine import EngineState, ResidentEngine
-from mineru_vram._probe import nvml_device_count
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed"),
-    pytest.mark.skipif(nvml_device_count() == 0, reason="NVML sees no GPU"),
+    pytest.mark.gpu,
 ]
 
 BUDGET_GIB = 4.0

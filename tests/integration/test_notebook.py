@@ -24,10 +24,9 @@ from typing import Any
 import psutil
 import pytest
 
-from mineru_vram._probe import nvml_device_count
 from mineru_vram._process import child_sys_path
 from mineru_vram.testing import make_pdf
-from support import all_gone
+from support import HAS_GPU, all_gone
 
 pytest.importorskip("nbclient", reason="pip install --group test (nbclient, ipykernel, nbformat)")
 pytest.importorskip("ipykernel", reason="pip install --group test (nbclient, ipykernel, nbformat)")
@@ -37,7 +36,6 @@ from nbclient import NotebookClient
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples"
 CELL_TIMEOUT = 600  # seconds: the guide's last cell loads the pipeline models in a worker on 2 CPU cores
-HAS_GPU = nvml_device_count() > 0
 
 
 def _make_notebook() -> Any:

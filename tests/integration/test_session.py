@@ -18,7 +18,6 @@ import mineru_vram as mv
 from mineru_vram import _adapter
 from mineru_vram._probe import nvml_device_count
 from mineru_vram.testing import make_pdf
-from support import needs_gpu
 
 # Our own suite runs under the VRAM-leak plugin (issue #7): every session test must leave no live
 # tensor behind (on CPU the plugin counts live torch tensors; on a GPU also torch/NVML figures).
@@ -317,7 +316,7 @@ def test_user_entries_in_mineru_caches_are_left_alone(session: mv.ModelSession) 
 
 @pytest.mark.parametrize(
     "other",
-    [pytest.param({"device": "cuda:0"}, marks=needs_gpu, id="device"), pytest.param({"small_backend": "onnx"})],
+    [pytest.param({"device": "cuda:0"}, marks=pytest.mark.gpu, id="device"), pytest.param({"small_backend": "onnx"})],
     ids=lambda o: next(iter(o)),
 )
 def test_second_in_process_session_with_other_settings_is_refused(other: dict[str, str]) -> None:

@@ -29,9 +29,8 @@ import psutil
 import pytest
 
 from conftest import CORPUS_DIR
-from mineru_vram._probe import nvml_device_count
 from mineru_vram.testing import make_pdf
-from support import all_gone, wait_for
+from support import HAS_GPU, all_gone, wait_for
 from web_host import WebServer
 
 for _module in ("fastapi", "uvicorn", "multipart", "httpx"):
@@ -39,7 +38,6 @@ for _module in ("fastapi", "uvicorn", "multipart", "httpx"):
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "pdfjs"
 DOUBTFUL = "bug1606566.pdf"  # accepted with a doubt (no PDF header); MinerU then fails on it
-HAS_GPU = nvml_device_count() > 0
 # uvicorn stops gracefully on SIGTERM and then re-raises the signal, so a clean stop exits by SIGTERM.
 CLEAN_EXITS = (0, 128 + signal.SIGTERM)
 REQUEST_TIMEOUT = 300.0  # seconds one request may take: it may wait behind every other parse
