@@ -43,7 +43,7 @@ def mineru_paths() -> dict[str, Any]:
         ``home``, ``config_file``, ``config_exists``, ``config_error``, ``models_dir``,
         ``models_dir_exists``, ``model_source`` and ``repos`` (name, path, complete, MiB).
     """
-    from ._config import getenv
+    from mineru_vram._config import getenv
 
     home = Path(getenv("MINERU_HOME") or Path.home() / ".mineru").expanduser()
     config_file = Path(getenv("MINERU_CONFIG") or home / "config.yaml").expanduser()
@@ -154,7 +154,7 @@ def hub_unreachable(source: str) -> str | None:
 
 
 def models_error(missing: list[str], models_dir: str, reason: str, *, tier: str, document: str | None = None) -> Any:
-    from ._exceptions import ModelsNotAvailableError
+    from mineru_vram._exceptions import ModelsNotAvailableError
 
     size = download_gb(missing)
     where = f"{document}: " if document else ""

@@ -45,7 +45,7 @@ class TransformersVlm:
     """
 
     def __init__(self, model_path: str, *, device: str) -> None:
-        from ._config import patched_environ
+        from mineru_vram._config import patched_environ
 
         with patched_environ({"MINERU_DEVICE_MODE": device}, also_restore=("OMP_NUM_THREADS",)):
             from mineru.model.vlm.runtime import ModelSingleton
