@@ -12,7 +12,7 @@ from typing import Any
 
 from mineru_vram._documents import Document
 from mineru_vram._exceptions import ConfigurationError, OutOfMemoryError, ParseError
-from mineru_vram._process import OwnerLock, owned_temp_dir, sweep_dead_owners
+from mineru_vram._files import OwnerLock, owned_temp_dir, sweep_dead_owners
 from mineru_vram._release import AliveTracker
 from mineru_vram._result import ParseResult
 

@@ -80,7 +80,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from mineru_vram import _process
+from mineru_vram import _files, _process
 from mineru_vram._engine import http
 from mineru_vram._engine.memory import processes_mib
 from mineru_vram._engine.settings import EngineSettings
@@ -651,7 +651,7 @@ class LlamaCppBackend(ServerBackend):
 
     def write_key(self, ctx: BackendContext) -> None:
         """The key in a file only this user can read, one key per line (``--api-key-file``)."""
-        with _process.private_file(self.key_path(ctx), "wb") as fh:
+        with _files.private_file(self.key_path(ctx), "wb") as fh:
             fh.write(f"{ctx.api_key}\n".encode())
 
     @staticmethod
