@@ -376,11 +376,14 @@ def owned_temp_dir(prefix: str, base: str | os.PathLike[str] | None = None) -> t
     return folder, lock
 
 
-def sweep_dead_owners(base: str | os.PathLike[str] | None, prefix: str) -> list[Path]:
+def sweep_dead_owners(
+    base: str | os.PathLike[str] | None, prefix: str, *, lock_name: str = OWNER_LOCK_NAME
+) -> list[Path]:
     """Remove this user's folders ``<base>/<prefix>*`` whose owner died (see :func:`owned_temp_dir`); returns them.
 
-    A lock file that can be taken marks a dead owner (:class:`OwnerLock` puts it in place locked).
-    Kept: folders without a lock file (the owner may be about to lock it), others' folders, links.
+    A lock file (``lock_name`` in the folder) that can be taken marks a dead owner (:class:`OwnerLock`
+    puts it in place locked). Kept: folders without a lock file (the owner may be about to lock it),
+    others' folders, links.
     """
     root = Path(base if base is not None else tempfile.gettempdir())
     try:
@@ -396,7 +399,7 @@ def sweep_dead_owners(base: str | os.PathLike[str] | None, prefix: str) -> list[
             continue
         if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):
             continue
-        if owner_alive(entry / OWNER_LOCK_NAME) is False:
+        if owner_alive(entry / lock_name) is False:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import shutil
-import stat
 import tempfile
 import weakref
 from pathlib import Path
@@ -37,22 +36,7 @@ def sweep(parent: Path) -> list[Path]:
     Returns:
         The folders removed.
     """
-    removed: list[Path] = []
-    uid = os.getuid() if hasattr(os, "getuid") else None
-    try:
-        candidates = sorted(parent.glob(PREFIX + "*"))
-    except OSError:
-        return removed
-    for folder in candidates:
-        try:
-            info = os.lstat(folder)
-        except OSError:
-            continue
-        if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):
-            continue  # a link, a file, or another user's: never ours to remove
-        if _files.owner_alive(folder / OWNER_LOCK) is False:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+    removed = _files.sweep_dead_owners(parent, PREFIX, lock_name=OWNER_LOCK)
     if removed:
         logger.info("removed %d engine folder(s) of dead owners in %s", len(removed), parent)
     return removed
