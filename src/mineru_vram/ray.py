@@ -41,7 +41,7 @@ except ImportError as exc:  # the extra is not installed
 
 # Ray is there: the internals, which import it, can load.
 from mineru_vram._ray.actor import RESULT_SCHEMA, DocumentParser, ParserActor
-from mineru_vram._ray.placement import budget_of, cluster_gpus, gpu_share
+from mineru_vram._ray.placement import cluster_gpus, gpu_share, placement
 from mineru_vram._ray.report import ActorRecord, GpuRecord, JobReport, JobSummary
 
 from . import ConfigurationError, VramBudget
@@ -143,12 +143,7 @@ def parse_dataset(
     """
     if not ray.is_initialized():
         ray.init()
-    budget = budget_of(budget)
-    if num_gpus is None:
-        if budget is not None:
-            num_gpus = gpu_share(budget, gpu_memory_mib=gpu_memory_mib)
-        else:
-            num_gpus = 1.0 if cluster_gpus() > 0 else 0.0
+    budget, num_gpus = placement(budget, num_gpus, gpu_memory_mib)
     if concurrency is None:
         gpus = cluster_gpus()
         concurrency = max(1, int(gpus // num_gpus)) if num_gpus and gpus else 1
@@ -209,12 +204,7 @@ def parser_actor(
     """
     if not ray.is_initialized():
         ray.init()
-    budget = budget_of(budget)
-    if num_gpus is None:
-        if budget is not None:
-            num_gpus = gpu_share(budget, gpu_memory_mib=gpu_memory_mib)
-        else:
-            num_gpus = 1.0 if cluster_gpus() > 0 else 0.0
+    budget, num_gpus = placement(budget, num_gpus, gpu_memory_mib)
     actor_cls = ray.remote(ParserActor)
     return actor_cls.options(
         num_gpus=num_gpus,

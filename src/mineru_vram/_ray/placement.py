@@ -8,7 +8,7 @@ import ray
 
 from mineru_vram import ConfigurationError, ModelSession, VramBudget, vram_snapshot
 
-__all__ = ["budget_of", "cluster_gpus", "gpu_share"]
+__all__ = ["budget_of", "cluster_gpus", "gpu_share", "placement"]
 
 
 def gpu_share(budget: VramBudget, *, gpu_memory_mib: float | None = None) -> float:
@@ -54,3 +54,19 @@ def budget_of(value: VramBudget | int | float | str | None) -> VramBudget | None
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
+
+
+def placement(
+    budget: VramBudget | int | float | str | None, num_gpus: float | None, gpu_memory_mib: float | None
+) -> tuple[VramBudget | None, float]:
+    """The budget read from a ``budget=`` argument, and the actor's ``num_gpus``.
+
+    ``num_gpus`` when given; else :func:`gpu_share` of the budget, else 1 where the cluster
+    has GPUs and 0 where it has none.
+    """
+    read = budget_of(budget)
+    if num_gpus is not None:
+        return read, num_gpus
+    if read is not None:
+        return read, gpu_share(read, gpu_memory_mib=gpu_memory_mib)
+    return read, 1.0 if cluster_gpus() > 0 else 0.0
