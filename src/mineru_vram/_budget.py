@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ._exceptions import AdmissionTimeoutError, ConfigurationError
+from ._files import OwnerLock, exclusive, owner_alive, private_dir, private_file
 from ._probe import DeviceMemory
-from ._process import OwnerLock, exclusive, owner_alive, private_dir, private_file
 
 __all__ = [
     "Ledger",
@@ -267,7 +267,7 @@ def default_runtime_dir(configured: str | os.PathLike[str] | None = None) -> Pat
     Every process of a user that should see the others' reservations must resolve
     the same folder; the default does, for processes of one user on one machine.
     The name in the temporary folder is predictable, so it is used only through
-    :func:`~mineru_vram._process.private_dir`, which refuses a folder another user
+    :func:`~mineru_vram._files.private_dir`, which refuses a folder another user
     created or can write to.
     """
     from ._config import getenv
@@ -324,7 +324,7 @@ class LedgerEntry:
 class Ledger:
     """The reservations of every mineru-vram process on this machine, for one runtime folder.
 
-    Each reservation is a file held by an :class:`~mineru_vram._process.OwnerLock` for
+    Each reservation is a file held by an :class:`~mineru_vram._files.OwnerLock` for
     its holder's life; the ledger's folders are private (``0700``, ours, refused otherwise).
 
     Args:

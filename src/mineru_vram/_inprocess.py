@@ -384,7 +384,7 @@ def _llama_cpp_environ(device: str) -> tuple[dict[str, str], tuple[str, ...]]:
             device, which ggml-vulkan will not change within a process.
     """
     from ._config import child_environ, getenv
-    from ._engine.backends.llama_cpp import HOST_MEMORY_VARIABLES, vulkan_index
+    from ._engine.backends.llama_cpp_vulkan import HOST_MEMORY_VARIABLES, vulkan_index
     from ._exceptions import BackendNotAvailableError, EngineStartError
 
     if device == "cpu":

@@ -28,7 +28,7 @@ import mineru_vram as mv
 from mineru_vram import _process, testing
 from mineru_vram._budget import Ledger, device_key
 from mineru_vram._engine import EngineState, ResidentEngine, http
-from mineru_vram._engine.backends import llama_cpp
+from mineru_vram._engine.backends import llama_cpp_vulkan
 from mineru_vram._probe import DeviceMemory, ProcessMemory
 from support import all_gone, as_nobody, needs_root, wait_for
 
@@ -499,7 +499,9 @@ def test_a_gpu_engine_that_finds_no_matching_vulkan_device_fails_and_says_why(
     gguf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A card NVML would name this way is on no Vulkan list; here there is no Vulkan loader at all.
-    monkeypatch.setattr(llama_cpp, "device_identity", lambda device: ("GPU-00000000-0000-0000-0000-0000000000ff", None))
+    monkeypatch.setattr(
+        llama_cpp_vulkan, "device_identity", lambda device: ("GPU-00000000-0000-0000-0000-0000000000ff", None)
+    )
     launcher = _CountingLauncher()
     engine = ResidentEngine(
         "llama-cpp",

@@ -173,7 +173,7 @@ def test_oom_retry_can_be_turned_off(oom_in_analysis: Any) -> None:
 @pytest.mark.usefixtures("no_automatic_gc")
 def test_pipeline_oom_in_the_layout_models_forward_is_recovered_without_growth(random_models_dir: Path) -> None:
     """The one test here with models: a real model call fails, and the retry runs every model."""
-    from mineru_vram._adapter import _clear_transformers_caches
+    from mineru_vram._adapter.state import clear_transformers_caches
 
     with mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir, preload="all", trust_env=False) as s:
         from mineru.model.runtime.hybrid import HybridLocalModelContextSingleton
@@ -190,7 +190,7 @@ def test_pipeline_oom_in_the_layout_models_forward_is_recovered_without_growth(r
         assert [ref() for ref in fault.held] == [None]
         # Layout caches (position embeddings keyed by shape) are filled by the first real forward;
         # they belong to the model, not the document, and the release clears them anyway.
-        _clear_transformers_caches()
+        clear_transformers_caches()
         gc.collect()  # only garbage goes: what is still reachable is what the document left behind
         new = tensors_created_since(fault.census, "cpu")
     assert fault.calls >= 2

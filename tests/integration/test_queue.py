@@ -36,7 +36,7 @@ from mineru_vram import (
     TaskStatus,
 )
 from mineru_vram._cli import run_worker_cli
-from mineru_vram._process import OwnerLock
+from mineru_vram._files import OwnerLock
 from mineru_vram._queue.worker import Worker, new_owner
 from mineru_vram.testing import make_pdf
 from support import all_gone, wait_for
@@ -449,7 +449,7 @@ _CLAIMANT = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from mineru_vram import TaskQueue
-    from mineru_vram._process import OwnerLock
+    from mineru_vram._files import OwnerLock
     from mineru_vram._queue.worker import new_owner
 
     q = TaskQueue(sys.argv[1])

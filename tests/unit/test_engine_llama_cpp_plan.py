@@ -15,7 +15,8 @@ import pytest
 import mineru_vram as mv
 from mineru_vram._config import resolve_backend
 from mineru_vram._engine import EngineSettings
-from mineru_vram._engine.backends import llama_cpp as lc
+from mineru_vram._engine.backends import llama_cpp_plan as lc
+from mineru_vram._engine.backends import llama_cpp_vulkan as vk
 from mineru_vram._probe import MIB
 
 # --- a GGUF written by hand ------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def test_a_budget_that_would_leave_no_layer_on_the_device_fails() -> None:
 
 
 def test_flags_in_extra_args_are_kept_and_counted() -> None:
-    given = lc._given_flags(["--threads", "2", "-ngl", "all", "--ctx-size=20000", "-np", "2", "--device", "Vulkan1"])
+    given = lc.given_flags(["--threads", "2", "-ngl", "all", "--ctx-size=20000", "-np", "2", "--device", "Vulkan1"])
     assert given == {"ngl": "all", "ctx": "20000", "parallel": "2", "device": "Vulkan1"}
     plan = lc.plan_launch(FULL, MMPROJ, gpu=True, budget_mib=None, given=given)
     assert (plan.n_gpu_layers, plan.ctx_size, plan.parallel) == (25, 20000, 2)
@@ -208,11 +209,11 @@ _DEVICES = [
 
 
 def test_a_cuda_device_is_found_by_uuid_then_by_pci_address() -> None:
-    assert lc.match_vulkan_device(_DEVICES, "GPU-8c3f1a2b-0000-1111-2222-333344445555", None) == 1
+    assert vk.match_vulkan_device(_DEVICES, "GPU-8c3f1a2b-0000-1111-2222-333344445555", None) == 1
     # NVML writes an 8-digit domain and upper case; Vulkan a 4-digit one.
-    assert lc.match_vulkan_device(_DEVICES, "GPU-ffffffff-0000-0000-0000-000000000000", "00000000:3B:00.0") == 2
-    assert lc.match_vulkan_device(_DEVICES, "GPU-ffffffff-0000-0000-0000-000000000000", "00000000:5e:00.0") is None
-    assert lc.match_vulkan_device(_DEVICES, None, None) is None
+    assert vk.match_vulkan_device(_DEVICES, "GPU-ffffffff-0000-0000-0000-000000000000", "00000000:3B:00.0") == 2
+    assert vk.match_vulkan_device(_DEVICES, "GPU-ffffffff-0000-0000-0000-000000000000", "00000000:5e:00.0") is None
+    assert vk.match_vulkan_device(_DEVICES, None, None) is None
 
 
 # --- names -------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 import mineru_vram as mv
-from mineru_vram import _process
+from mineru_vram import _files, _process
 from support import as_nobody, needs_root, shared_tmp, wait_for
 
 __all__ = ["shared_tmp"]  # a fixture, used by name
@@ -75,7 +75,7 @@ def test_a_missing_command_is_exit_127_with_the_reason_in_the_log(tmp_path: Path
 _PARENT = textwrap.dedent(
     """
     import os, sys, threading, time
-    from mineru_vram import _process
+    from mineru_vram import _files, _process
 
     out = sys.argv[1]
     box = []
@@ -133,20 +133,20 @@ def test_python_children_do_not_import_from_the_current_folder(tmp_path: Path, m
 
 
 def test_private_dir_is_created_0700_and_refuses_what_others_can_write(tmp_path: Path) -> None:
-    mine = _process.private_dir(tmp_path / "a" / "b")
+    mine = _files.private_dir(tmp_path / "a" / "b")
     assert stat.S_IMODE(mine.stat().st_mode) == 0o700
-    assert _process.private_dir(mine) == mine  # existing and ours: fine
+    assert _files.private_dir(mine) == mine  # existing and ours: fine
 
     open_dir = tmp_path / "open"
     open_dir.mkdir()
     open_dir.chmod(0o777)
     with pytest.raises(mv.InsecurePathError, match="others can write"):
-        _process.private_dir(open_dir)
+        _files.private_dir(open_dir)
 
     link = tmp_path / "link"
     link.symlink_to(mine)
     with pytest.raises(mv.InsecurePathError, match="symbolic link") as info:
-        _process.private_dir(link)
+        _files.private_dir(link)
     assert isinstance(info.value, PermissionError)
     assert info.value.path == str(link)
 
@@ -156,70 +156,70 @@ def test_private_dir_refuses_a_folder_another_user_created_first(shared_tmp: Pat
     squatted = shared_tmp / "mineru-vram-0"
     as_nobody(["mkdir", "-m", "700", str(squatted)])
     with pytest.raises(mv.InsecurePathError, match="belongs to uid 65534"):
-        _process.private_dir(squatted)
+        _files.private_dir(squatted)
 
 
 def test_check_private_says_whether_a_path_exists_and_refuses_one_others_could_swap(tmp_path: Path) -> None:
-    assert _process.check_private(tmp_path / "missing") is False
+    assert _files.check_private(tmp_path / "missing") is False
     mine = tmp_path / "mine"
     mine.write_bytes(b"x")
     mine.chmod(0o644)  # readable by others is not a risk to us; writable is
-    assert _process.check_private(mine) is True
-    assert _process.check_private(tmp_path, folder=True) is True
+    assert _files.check_private(mine) is True
+    assert _files.check_private(tmp_path, folder=True) is True
     mine.chmod(0o666)
     with pytest.raises(mv.InsecurePathError, match="others can write"):
-        _process.check_private(mine)
+        _files.check_private(mine)
     (tmp_path / "link").symlink_to(mine)
     with pytest.raises(mv.InsecurePathError, match="symbolic link"):
-        _process.check_private(tmp_path / "link")
+        _files.check_private(tmp_path / "link")
     with pytest.raises(mv.InsecurePathError, match="not a regular file"):
-        _process.check_private(tmp_path)
+        _files.check_private(tmp_path)
 
 
 def test_private_file_never_follows_a_link(tmp_path: Path) -> None:
     target = tmp_path / "victim"
     target.write_bytes(b"precious")
     (tmp_path / "out.md").symlink_to(target)
-    with pytest.raises(mv.InsecurePathError, match="symbolic link"), _process.private_file(tmp_path / "out.md", "wb"):
+    with pytest.raises(mv.InsecurePathError, match="symbolic link"), _files.private_file(tmp_path / "out.md", "wb"):
         pass
     assert target.read_bytes() == b"precious"
-    with _process.private_file(tmp_path / "new", "wb") as fh:
+    with _files.private_file(tmp_path / "new", "wb") as fh:
         fh.write(b"x")
     assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o600
 
 
 _HOLDER = (
-    "import sys, time; from mineru_vram._process import OwnerLock; "
+    "import sys, time; from mineru_vram._files import OwnerLock; "
     "lock = OwnerLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
 )
 
 
 def test_owner_lock_marks_a_live_owner_and_a_dead_one(tmp_path: Path) -> None:
     path = tmp_path / "owner.lock"
-    assert _process.owner_alive(path) is None
+    assert _files.owner_alive(path) is None
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "held"
-        assert _process.owner_alive(path) is True
+        assert _files.owner_alive(path) is True
         holder.kill()
         holder.wait(10)
-        assert _process.owner_alive(path) is False
+        assert _files.owner_alive(path) is False
         assert path.exists()
-        assert _process.owner_alive(path, remove_if_dead=True) is False
+        assert _files.owner_alive(path, remove_if_dead=True) is False
         assert not path.exists()
     finally:
         holder.kill()
         holder.wait(10)
         holder.stdout.close()
-    with _process.OwnerLock(path) as lock:
+    with _files.OwnerLock(path) as lock:
         assert lock.held
-        assert _process.owner_alive(path) is True
+        assert _files.owner_alive(path) is True
     assert not path.exists()
 
 
 _DIR_HOLDER = (
-    "import sys, time; from mineru_vram._process import owned_temp_dir; "
+    "import sys, time; from mineru_vram._files import owned_temp_dir; "
     "folder, lock = owned_temp_dir('mv-test-', sys.argv[1]); print(folder, flush=True); time.sleep(60)"
 )
 
@@ -232,21 +232,21 @@ def test_owned_folders_are_swept_only_once_their_owner_died(tmp_path: Path) -> N
         assert dead.parent == tmp_path
         assert stat.S_IMODE(dead.stat().st_mode) == 0o700
         (dead / "left-over.log").write_text("log")
-        mine, lock = _process.owned_temp_dir("mv-test-", tmp_path)
+        mine, lock = _files.owned_temp_dir("mv-test-", tmp_path)
         unlocked = tmp_path / "mv-test-nolock"  # its owner may be about to lock it
         unlocked.mkdir()
         other = tmp_path / "someone-elses-folder"
         other.mkdir()
-        assert _process.sweep_dead_owners(tmp_path, "mv-test-") == [], "a live owner's folder is kept"
+        assert _files.sweep_dead_owners(tmp_path, "mv-test-") == [], "a live owner's folder is kept"
         holder.kill()
         holder.wait(10)
-        assert _process.sweep_dead_owners(tmp_path, "mv-test-") == [dead]
+        assert _files.sweep_dead_owners(tmp_path, "mv-test-") == [dead]
         assert not dead.exists()
         assert mine.is_dir()
         assert unlocked.is_dir()
         assert other.is_dir()
         lock.release()
-        assert _process.sweep_dead_owners(tmp_path, "mv-test-") == [], "a released lock file is gone, not dead"
+        assert _files.sweep_dead_owners(tmp_path, "mv-test-") == [], "a released lock file is gone, not dead"
     finally:
         holder.kill()
         holder.wait(10)
@@ -260,7 +260,7 @@ def test_exclusive_serialises_threads_and_names_the_file_on_timeout(tmp_path: Pa
     overlap: list[bool] = []
 
     def work() -> None:
-        with _process.exclusive(path):
+        with _files.exclusive(path):
             inside.append(1)
             overlap.append(len(inside) > 1)
             time.sleep(0.05)
@@ -272,12 +272,12 @@ def test_exclusive_serialises_threads_and_names_the_file_on_timeout(tmp_path: Pa
     for t in threads:
         t.join()
     assert overlap == [False] * 4
-    with _process.exclusive(path):
+    with _files.exclusive(path):
         failed: list[BaseException] = []
 
         def contender() -> None:
             try:
-                with _process.exclusive(path, timeout=0.2):
+                with _files.exclusive(path, timeout=0.2):
                     pass
             except TimeoutError as exc:
                 failed.append(exc)

@@ -18,7 +18,7 @@ import pytest
 
 import mineru_vram as mv
 from mineru_vram import ParseResult, TaskQueue, TaskStatus
-from mineru_vram._process import OwnerLock
+from mineru_vram._files import OwnerLock
 from mineru_vram._queue.results import MAGIC, decode_result, encode_result
 from mineru_vram._queue.worker import Worker, new_owner
 from support import as_nobody, needs_root, shared_tmp

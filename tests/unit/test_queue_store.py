@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from mineru_vram import TaskNotFoundError, TaskStatus
-from mineru_vram._process import OwnerLock
+from mineru_vram._files import OwnerLock
 from mineru_vram._queue.files import Storage
 from mineru_vram._queue.records import QueueSettings
 from mineru_vram._queue.store import LeasePolicy, QueueStore
@@ -240,7 +240,7 @@ _IDLE_WORKER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from mineru_vram._process import OwnerLock
+    from mineru_vram._files import OwnerLock
     from mineru_vram._queue.worker import new_owner
 
     folder = Path(sys.argv[1])
@@ -285,7 +285,7 @@ _CLAIMER = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from mineru_vram._process import OwnerLock
+    from mineru_vram._files import OwnerLock
     from mineru_vram._queue.files import Storage
     from mineru_vram._queue.store import QueueStore
     from mineru_vram._queue.worker import new_owner

@@ -3,7 +3,7 @@
 Each engine keeps its server's key file and log in a folder of its own, made
 ``0700`` with an unpredictable name (``mineru-vram-engine-*`` in the system's
 temporary folder, or in ``runtime_dir=``). The owning process holds an
-:class:`~mineru_vram._process.OwnerLock` in it for its whole life. ``stop()``
+:class:`~mineru_vram._files.OwnerLock` in it for its whole life. ``stop()``
 removes the folder; a process killed by ``SIGKILL`` cannot, so every new engine
 first sweeps the folders beside its own whose owner's lock can be taken: their
 owner is dead. Folders of other users, and folders without a lock (being created
@@ -16,12 +16,11 @@ import contextlib
 import logging
 import os
 import shutil
-import stat
 import tempfile
 import weakref
 from pathlib import Path
 
-from mineru_vram import _process
+from mineru_vram import _files
 
 __all__ = ["OWNER_LOCK", "PREFIX", "RuntimeFolder", "sweep"]
 
@@ -37,22 +36,7 @@ def sweep(parent: Path) -> list[Path]:
     Returns:
         The folders removed.
     """
-    removed: list[Path] = []
-    uid = os.getuid() if hasattr(os, "getuid") else None
-    try:
-        candidates = sorted(parent.glob(PREFIX + "*"))
-    except OSError:
-        return removed
-    for folder in candidates:
-        try:
-            info = os.lstat(folder)
-        except OSError:
-            continue
-        if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):
-            continue  # a link, a file, or another user's: never ours to remove
-        if _process.owner_alive(folder / OWNER_LOCK) is False:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+    removed = _files.sweep_dead_owners(parent, PREFIX, lock_name=OWNER_LOCK)
     if removed:
         logger.info("removed %d engine folder(s) of dead owners in %s", len(removed), parent)
     return removed
@@ -68,7 +52,7 @@ class RuntimeFolder:
     def __init__(self, parent: str | os.PathLike[str] | None = None) -> None:
         self._parent = parent
         self._path: Path | None = None
-        self._finalizer: weakref.finalize[[str, _process.OwnerLock, int], RuntimeFolder] | None = None
+        self._finalizer: weakref.finalize[[str, _files.OwnerLock, int], RuntimeFolder] | None = None
 
     def path(self) -> Path:
         """The folder, created (after a sweep of dead owners' folders) on the first call.
@@ -77,10 +61,10 @@ class RuntimeFolder:
             InsecurePathError: ``parent`` (or the new folder) is not private to this user.
         """
         if self._path is None:
-            parent = Path(tempfile.gettempdir()) if self._parent is None else _process.private_dir(self._parent)
+            parent = Path(tempfile.gettempdir()) if self._parent is None else _files.private_dir(self._parent)
             sweep(parent)
-            path = _process.private_dir(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
-            lock = _process.OwnerLock(path / OWNER_LOCK).acquire(f"{os.getpid()}\n".encode())
+            path = _files.private_dir(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
+            lock = _files.OwnerLock(path / OWNER_LOCK).acquire(f"{os.getpid()}\n".encode())
             # Removed by remove(), or when the engine is collected without ever having been stopped.
             self._finalizer = weakref.finalize(self, _remove, str(path), lock, os.getpid())
             self._path = path
@@ -93,7 +77,7 @@ class RuntimeFolder:
             finalizer()
 
 
-def _remove(path: str, lock: _process.OwnerLock, pid: int) -> None:
+def _remove(path: str, lock: _files.OwnerLock, pid: int) -> None:
     if os.getpid() != pid:  # never from a forked child
         return
     with contextlib.suppress(OSError):

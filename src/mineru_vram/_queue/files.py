@@ -7,7 +7,7 @@
   (``keep_results=False``) or forgotten; in the format of :mod:`.results`, which
   cannot run code when read.
 * ``workers/<owner>.lock``: held by each running worker for its life
-  (:class:`~mineru_vram._process.OwnerLock`).
+  (:class:`~mineru_vram._files.OwnerLock`).
 
 Only this user can reach any of it: the folders are ``0700`` and the files
 ``0600``; a folder or file another user created first or can write to is refused
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mineru_vram._exceptions import InsecurePathError, QueueStorageError
-from mineru_vram._process import check_private, open_private, owner_alive, private_dir, private_file
+from mineru_vram._files import check_private, open_private, owner_alive, private_dir, private_file
 
 from .records import Claim, TaskStatus
 from .results import decode_result, encode_result

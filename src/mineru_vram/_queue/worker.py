@@ -2,7 +2,7 @@
 
 One loop per session ("slot"); a heartbeat thread renews the leases of the tasks
 the slots hold; the worker's lock file (``workers/<owner>.lock``, an
-:class:`~mineru_vram._process.OwnerLock`) tells other workers it is alive.
+:class:`~mineru_vram._files.OwnerLock`) tells other workers it is alive.
 
 Failures: an invalid document, or MinerU failing on it, is the document's fault:
 the task is FAILED at once, with the reason. Anything else (out of memory after
@@ -44,7 +44,7 @@ from mineru_vram._exceptions import (
     QueueStorageError,
     SessionStateError,
 )
-from mineru_vram._process import OwnerLock
+from mineru_vram._files import OwnerLock
 
 from .files import Storage
 from .records import Claim, QueueSettings, WorkerStats

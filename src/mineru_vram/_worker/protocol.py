@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from mineru_vram._documents import Document
 from mineru_vram._exceptions import MineruVramError, ParseError
-from mineru_vram._process import open_private
+from mineru_vram._files import open_private
 
 if TYPE_CHECKING:
     from mineru_vram._inprocess import ParseOptions, SessionSettings

@@ -47,7 +47,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mineru_vram import _process
+from mineru_vram import _files, _process
 from mineru_vram._documents import Document
 from mineru_vram._exceptions import (
     ParseTimeoutError,
@@ -164,8 +164,8 @@ class WorkerRunner:
         self._state = RunnerState.UNOPENED
         self._lock = threading.RLock()
         self._folder: Path | None = None
-        self._folder_lock: _process.OwnerLock | None = None
-        self._adopted: list[tuple[Path, _process.OwnerLock]] = []  # folders of spares this runner took
+        self._folder_lock: _files.OwnerLock | None = None
+        self._adopted: list[tuple[Path, _files.OwnerLock]] = []  # folders of spares this runner took
         self.spare: dict[str, Any] = {}  # the spare worker this runner started from, if any
         self._worker: WorkerHandle | None = None
         self._retired: list[WorkerHandle] = []  # asked to exit between documents, not yet reaped
@@ -212,9 +212,9 @@ class WorkerRunner:
             self.baseline = settle(self.settings.device)
             base = self.settings.runtime_dir
             if base is not None:
-                _process.private_dir(base)
-            _process.sweep_dead_owners(base, FOLDER_PREFIX)
-            self._folder, self._folder_lock = _process.owned_temp_dir(f"{FOLDER_PREFIX}{os.getpid()}-", base)
+                _files.private_dir(base)
+            _files.sweep_dead_owners(base, FOLDER_PREFIX)
+            self._folder, self._folder_lock = _files.owned_temp_dir(f"{FOLDER_PREFIX}{os.getpid()}-", base)
             self._state = RunnerState.OPENED
             try:
                 self._start_worker()

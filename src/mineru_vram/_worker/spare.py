@@ -29,7 +29,7 @@ import time
 import weakref
 from pathlib import Path
 
-from mineru_vram import _process
+from mineru_vram import _files
 from mineru_vram._config import env_settings
 from mineru_vram._inprocess import SessionSettings
 
@@ -68,7 +68,7 @@ class Spare:
     key: tuple[object, ...]
     worker: WorkerHandle
     folder: Path
-    lock: _process.OwnerLock
+    lock: _files.OwnerLock
     prepared: protocol.Prepared
     seconds: float  # how long preparing took
 
@@ -180,8 +180,8 @@ class SparePool:
         spare: Spare | None = None
         try:
             base = settings.runtime_dir
-            _process.sweep_dead_owners(base, SPARE_PREFIX)
-            folder, lock = _process.owned_temp_dir(f"{SPARE_PREFIX}{os.getpid()}-", base)
+            _files.sweep_dead_owners(base, SPARE_PREFIX)
+            folder, lock = _files.owned_temp_dir(f"{SPARE_PREFIX}{os.getpid()}-", base)
             try:
                 worker = WorkerHandle.spawn(folder, 0)
                 child = dataclasses.replace(settings, isolation="none", recycle_after=None, recycle_above_mib=None)

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from mineru_vram import _adapter
-from mineru_vram._process import exclusive
+from mineru_vram._files import exclusive
 
 from . import _layout, _tables
 

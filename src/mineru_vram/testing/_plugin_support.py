@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mineru_vram import _process
+from mineru_vram import _files, _process
 from mineru_vram._config import child_environ
 from mineru_vram._probe import device_index
 
@@ -132,9 +132,9 @@ class StandinServer:
             *self._device_args(),
             *self.extra_args,
         )
-        _process.private_dir(self._log_dir)
+        _files.private_dir(self._log_dir)
         # A folder of its own: nothing the server imports or writes by relative path mixes with the tests'.
-        cwd = _process.private_dir(self._log_dir / "cwd")
+        cwd = _files.private_dir(self._log_dir / "cwd")
         group = _process.spawn(argv, env=child_environ({"PYTHONUNBUFFERED": "1"}), log_path=self.log_path, cwd=cwd)
         self._group = group
         self.state = StandinState.RUNNING

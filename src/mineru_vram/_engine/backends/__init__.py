@@ -1,6 +1,8 @@
 """The engine back-ends: one module per way of running a VLM server, behind :class:`~.base.Backend`.
 
-Adding an engine is one module here and one line in :data:`BACKENDS`.
+Adding an engine is one module here and one line in :data:`BACKENDS`. The llama-cpp
+engine's sizing (:mod:`.llama_cpp_plan`) and Vulkan device matching (:mod:`.llama_cpp_vulkan`)
+are modules of their own beside it.
 """
 
 from __future__ import annotations

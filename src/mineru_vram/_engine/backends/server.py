@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mineru_vram import _process
+from mineru_vram import _files, _process
 from mineru_vram._config import visible_devices
 from mineru_vram._engine import http
 from mineru_vram._engine.memory import processes_mib
@@ -193,7 +193,7 @@ class ServerBackend(HttpBackend):
 
     def write_key(self, ctx: BackendContext) -> None:
         """Hand the server its key in a file only this user can read (SGLang's ``--config``; JSON is YAML)."""
-        with _process.private_file(ctx.config_path, "wb") as fh:
+        with _files.private_file(ctx.config_path, "wb") as fh:
             fh.write(json.dumps({"api-key": ctx.api_key}).encode())
 
     def launch(self, ctx: BackendContext) -> None:
@@ -211,7 +211,7 @@ class ServerBackend(HttpBackend):
             self.url = f"http://127.0.0.1:{self.port}"
         argv = self.argv(ctx)
         self._server_pid = None
-        with _process.private_file(ctx.log_path, "ab") as fh:
+        with _files.private_file(ctx.log_path, "ab") as fh:
             fh.write(f"\n--- mineru-vram: {' '.join(argv)}\n".encode())
         env = self.server_environ(ctx)
         self.process = ctx.launcher(argv, env=env, log_path=ctx.log_path, cwd=ctx.cwd)
