@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,7 @@ from mineru_vram._inprocess import ParseOptions
 from mineru_vram._worker import protocol
 from mineru_vram._worker import runner as worker_runner
 from mineru_vram.testing import make_pdf
-from support import alive, wait_for
+from support import alive, all_gone, wait_for
 
 PDF = make_pdf(2)
 
@@ -431,11 +432,31 @@ def test_large_documents_and_results_travel_through_files(
 # --- start failures -------------------------------------------------------------------------
 
 
-def test_worker_that_cannot_load_models_raises_start_error(tmp_path: Path) -> None:
+def test_missing_models_raise_the_same_typed_error_as_in_process(tmp_path: Path) -> None:
     session = mv.ModelSession("pipeline", device="cpu", isolation="process", models_dir=tmp_path, trust_env=False)
+    with pytest.raises(mv.ModelsNotAvailableError) as err:
+        session.open()
+    assert err.value.missing == ["MinerU-4_models_torch"]
+    assert err.value.models_dir == str(tmp_path)
+    assert session.state is mv.SessionState.CLOSED
+    note = "\n".join(err.value.__notes__)
+    found = re.search(r"in the mineru-vram worker \(pid (\d+)\) while loading", note)
+    assert found, note
+    assert all_gone([int(found.group(1))], timeout=10), "the worker that failed to load is gone"
+
+
+def test_worker_that_does_not_load_in_time_raises_start_error(random_models_dir: Path) -> None:
+    session = mv.ModelSession(
+        "pipeline",
+        device="cpu",
+        isolation="process",
+        models_dir=random_models_dir,
+        worker_start_timeout=0.5,
+        trust_env=False,
+    )
     with pytest.raises(mv.WorkerStartError) as err:
         session.open()
-    assert "MinerU-4_models_torch" in str(err.value)
+    assert "worker_start_timeout=0.5" in str(err.value)
     assert err.value.log_tail is not None
     assert not alive(err.value.pid)
     assert session.state is mv.SessionState.CLOSED

@@ -11,9 +11,11 @@ their mineru-vram workers is left.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
+from mineru_vram._worker.handle import CHILD_MODULE
 from mineru_vram.testing import make_pdf
 from support import alive, all_gone
 
@@ -46,6 +49,10 @@ def _ray_owner() -> Iterator[None]:
 @pytest.fixture
 def local_ray(_ray_owner: None, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A local Ray of two CPUs and no dashboard, started once for the module (again after a test shut it down)."""
+    return _start_ray(tmp_path_factory)
+
+
+def _start_ray(tmp_path_factory: pytest.TempPathFactory) -> Any:
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
@@ -194,21 +201,42 @@ def test_an_online_actor_parses_requests_and_returns_its_receipt(local_ray: Any)
     assert all_gone([where["pid"]], timeout=30)
 
 
-def test_nothing_is_left_running_after_shutdown(local_ray: Any, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("_ray_owner")
+def test_nothing_is_left_running_after_shutdown(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    # Processes this test process had before Ray started (multiprocessing's resource tracker,
+    # started by an earlier test's parse) are not Ray's and live on.
+    if ray.is_initialized():
+        ray.shutdown()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    _start_ray(tmp_path_factory)
     # isolation="process": each actor's session runs in a mineru-vram worker process of its own.
     docs = _pdfs(tmp_path, 2)
     dataset = parse_dataset(docs, backend="flash", concurrency=1, session_options={"isolation": "process"})
+    # Every process below this one, sampled while the job runs: the actors may close their
+    # sessions before the first row reaches this loop.
     seen: set[int] = set()
     workers: set[int] = set()
-    rows = []
-    for row in dataset.iter_rows():
-        rows.append(row)
-        seen.update(p.pid for p in psutil.Process().children(recursive=True))
-        workers.update(p.pid for p in psutil.Process(int(row["pid"])).children(recursive=True))
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            for proc in psutil.Process().children(recursive=True):
+                seen.add(proc.pid)
+                with contextlib.suppress(psutil.Error):
+                    if CHILD_MODULE in proc.cmdline():
+                        workers.add(proc.pid)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        rows = list(dataset.iter_rows())
+    finally:
+        done.set()
+        sampler.join()
     assert [row["error_type"] for row in rows] == [None, None]
     assert workers, "the actor's session runs in a worker process"
-    assert len(seen) > len(workers) + 2, "the cluster's own processes (GCS, raylet, workers) were seen"
-    seen |= workers
+    assert len(seen - before) > len(workers) + 2, "the cluster's own processes (GCS, raylet, workers) were seen"
+    seen -= before
 
     ray.shutdown()
 
