@@ -266,7 +266,9 @@ def write_random_vlm_gguf(path: str | os.PathLike[str], *, seed: int = 0, size: 
     try:
         import gguf  # noqa: F401 - fail early with a clear message, before any folder is made
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("write_random_vlm_gguf needs the 'gguf' package: pip install gguf (or the mineru-vram[gguf] extra)") from exc
+        raise ImportError(
+            "write_random_vlm_gguf needs the 'gguf' package: pip install gguf (or the mineru-vram[gguf] extra)"
+        ) from exc
     target.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
