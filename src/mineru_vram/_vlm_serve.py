@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ._loopback import ChatRequest, HttpError, LoopbackServer, Request, Response
+from ._probe import MIB
 
 __all__ = ["main"]
 
@@ -154,7 +155,7 @@ class _Server:
             return 0.0
         import torch
 
-        return float(torch.cuda.memory_reserved(self.device)) / (1024 * 1024)
+        return float(torch.cuda.memory_reserved(self.device)) / MIB
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:

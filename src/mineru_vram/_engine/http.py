@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["find_key", "request"]
+__all__ = ["find_key", "metrics_busy", "request"]
 
 
 def request(
@@ -50,3 +50,26 @@ def find_key(data: Any, key: str) -> Any:
             if found is not None:
                 return found
     return None
+
+
+def metrics_busy(url: str, names: tuple[str, ...], *, api_key: str | None, timeout: float) -> bool:
+    """Whether any of the Prometheus gauges ``names`` at ``url/metrics`` is above zero.
+
+    Labels (``name{model="..."} 2.0``) are ignored. A server that does not answer, answers an
+    error or has none of the gauges counts as not busy: keep-alive then goes by its own clock.
+    """
+    try:
+        status, body = request("GET", f"{url}/metrics", api_key=api_key, timeout=timeout)
+    except OSError:
+        return False
+    if status != 200 or not isinstance(body, str):
+        return False
+    for line in body.splitlines():
+        name = line.partition("{")[0].partition(" ")[0]
+        if name in names:
+            try:
+                if float(line.rsplit(" ", 1)[1]) > 0:
+                    return True
+            except (ValueError, IndexError):
+                continue
+    return False

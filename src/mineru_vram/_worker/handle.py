@@ -22,6 +22,7 @@ from typing import Any
 from mineru_vram import _process
 from mineru_vram._config import child_environ
 from mineru_vram._exceptions import WorkerStartError
+from mineru_vram._probe import MIB
 
 from . import protocol
 
@@ -163,7 +164,7 @@ class WorkerHandle:
                     total += proc.memory_info().rss
         except psutil.Error:
             return 0.0
-        return total / (1024 * 1024)
+        return total / MIB
 
     def receive(self, timeout: float | None, *, memory_limit_mib: float | None = None) -> protocol.ToParent:
         """Wait for the next message, noticing death, the deadline and the memory bound.

@@ -455,7 +455,7 @@ class WorkerRunner:
         if limit == "auto":
             import psutil
 
-            return float(psutil.virtual_memory().total) / (1024 * 1024) * WORKER_MEMORY_SHARE
+            return float(psutil.virtual_memory().total) / MIB * WORKER_MEMORY_SHARE
         return None if limit is None else float(limit)
 
     def _over_memory(self, worker: WorkerHandle, document: str, held: float, limit: float) -> WorkerCrashedError:

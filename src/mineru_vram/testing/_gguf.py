@@ -46,7 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from ._models import _list_files, _manifest_matches, _version, _write_json_atomic
+from ._models import (
+    QWEN2_VL_CHAT_TEMPLATE,
+    QWEN2_VL_SPECIAL_TOKENS,
+    _list_files,
+    _manifest_matches,
+    _version,
+    _write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -148,20 +155,7 @@ _IMAGE_STD: Final = (0.26862954, 0.26130258, 0.27577711)
 #: Qwen2-VL's special tokens, then the layout and rotation tokens MinerU's output parser reads
 #: (mineru_vl_utils ``_layout_re``).
 _SPECIAL_TOKENS: Final = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
+    *QWEN2_VL_SPECIAL_TOKENS,
     "<|ref_start|>",
     "<|ref_end|>",
     "<|rotate_up|>",
@@ -198,25 +192,6 @@ _STARTS: Final = 5
 #: The tail every answer ends with: one MinerU layout line, a ``text`` block across the page
 #: (coordinates on MinerU's 0-1000 scale), then the end-of-turn token.
 _TAIL: Final = ("<|box_start|>", "120", " 110", " 880", " 340", "<|box_end|>", "<|ref_start|>", "text", "<|ref_end|>")
-
-#: Qwen2-VL's chat template (as its tokenizer_config.json ships it).
-_CHAT_TEMPLATE: Final = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def write_random_vlm_gguf(path: str | os.PathLike[str], *, seed: int = 0, size: GgufSize = "tiny") -> Path:
@@ -605,7 +580,7 @@ def _write_main(path: Path, arch: _Arch, vocab: _Vocab, seed: int) -> None:
         writer.add_pad_token_id(vocab.ids[_PAD])
         writer.add_bos_token_id(vocab.ids[_PAD])
         writer.add_add_bos_token(False)
-        writer.add_chat_template(_CHAT_TEMPLATE)
+        writer.add_chat_template(QWEN2_VL_CHAT_TEMPLATE)
 
     _write_gguf(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2VL], metadata, _main_tensors(arch, vocab), seed)
 

@@ -491,7 +491,7 @@ def _write_formula_yml(path: Path) -> None:
 
 
 #: Qwen2-VL's special tokens; the chat template and the processor refer to them by name.
-_VLM_SPECIAL_TOKENS: Final = (
+QWEN2_VL_SPECIAL_TOKENS: Final = (
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -509,7 +509,7 @@ _VLM_SPECIAL_TOKENS: Final = (
 )
 
 #: The chat template Qwen2-VL ships with.
-_QWEN2_VL_CHAT_TEMPLATE: Final = (
+QWEN2_VL_CHAT_TEMPLATE: Final = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -540,8 +540,8 @@ def _build_tiny_vlm(folder: Path, seed: int) -> None:
         Qwen2VLVideoProcessor,
     )
 
-    core = _byte_level_tokenizer(_VLM_SPECIAL_TOKENS)
-    ids = {token: core.token_to_id(token) for token in _VLM_SPECIAL_TOKENS}
+    core = _byte_level_tokenizer(QWEN2_VL_SPECIAL_TOKENS)
+    ids = {token: core.token_to_id(token) for token in QWEN2_VL_SPECIAL_TOKENS}
     tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=core,
         bos_token=None,
@@ -555,7 +555,7 @@ def _build_tiny_vlm(folder: Path, seed: int) -> None:
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
-        chat_template=_QWEN2_VL_CHAT_TEMPLATE,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
     head_dim = 16
     config = Qwen2VLConfig(

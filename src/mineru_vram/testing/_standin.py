@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mineru_vram._loopback import ChatRequest, HttpError, LoopbackServer, Request, Response
+from mineru_vram._probe import MIB
 
 if TYPE_CHECKING:
     from mineru_vram._process import ProcessGroup
@@ -99,7 +100,6 @@ STANDIN_ENV = {
 }
 
 CRASH_EXIT_CODE = 70
-MIB = 1024 * 1024
 # sglang/srt/entrypoints/http_server.py: HEALTH_CHECK_TIMEOUT = int(os.getenv("SGLANG_HEALTH_CHECK_TIMEOUT", 20)).
 SGLANG_HEALTH_CHECK_TIMEOUT_DEFAULT = 20
 

@@ -45,7 +45,6 @@ launch (layers, context, slots) that fits the budget, or a start that fails.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
@@ -240,19 +239,8 @@ class LlamaCppBackend(ServerBackend):
         """Requests in slots or waiting, from ``/metrics``."""
         if self._asleep:
             return False
-        try:
-            status, body = http.request("GET", f"{self.url}/metrics", api_key=self.api_key, timeout=timeout)
-        except OSError:
-            return False
-        if status != 200 or not isinstance(body, str):
-            return False
-        for line in body.splitlines():
-            name, _, value = line.partition(" ")
-            if name in ("llamacpp:requests_processing", "llamacpp:requests_deferred"):
-                with contextlib.suppress(ValueError):
-                    if float(value) > 0:
-                        return True
-        return False
+        names = ("llamacpp:requests_processing", "llamacpp:requests_deferred")
+        return http.metrics_busy(self.url, names, api_key=self.api_key, timeout=timeout)
 
     # -- sleep is a stop, wake a start -------------------------------------------------------------
 

@@ -15,7 +15,6 @@ ending that process.)
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Sequence
 from typing import ClassVar
@@ -121,16 +120,5 @@ class VLLMBackend(ServerBackend):
 
     def busy(self, timeout: float) -> bool:
         """Running or waiting requests, from vLLM's Prometheus ``/metrics``."""
-        try:
-            status, body = http.request("GET", f"{self.url}/metrics", api_key=self.api_key, timeout=timeout)
-        except OSError:
-            return False
-        if status != 200 or not isinstance(body, str):
-            return False
-        for line in body.splitlines():
-            name = line.partition("{")[0].partition(" ")[0]
-            if name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
-                with contextlib.suppress(ValueError):
-                    if float(line.rsplit(" ", 1)[1]) > 0:
-                        return True
-        return False
+        names = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+        return http.metrics_busy(self.url, names, api_key=self.api_key, timeout=timeout)
