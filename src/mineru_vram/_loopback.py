@@ -7,6 +7,7 @@ It speaks the part of SGLang's HTTP API that MinerU's VLM http-client
 ``GET /health``, ``/health_generate``       200 when serving (no key needed, as in SGLang)
 ``GET /v1/models``                          the one served model (MinerU requires exactly one)
 ``POST /v1/chat/completions``               one image plus a prompt in, the model's text out
+                                            (``n=1`` only; ``stream=True`` answers as events)
 ``GET /v1/loads``                           running and waiting requests (the idle check)
 ``GET /model_info``, ``GET /server_info``   what the server runs with
 =========================================== =================================================
@@ -40,6 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 __all__ = [
     "ChatRequest",
     "Completer",
+    "Completion",
     "HttpError",
     "LoopbackServer",
     "Request",
@@ -91,6 +93,7 @@ class Response:
     status: int = 200
     body: Any = None  # dict/list -> JSON, str -> text/plain, None -> "null" JSON like FastAPI
     headers: dict[str, str] = field(default_factory=dict)
+    content_type: str | None = None  # overrides the one the body's type implies
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,27 @@ class ChatRequest:
     model: str
 
 
-class Completer(Protocol):
-    """Turns one chat request into the model's text."""
+@dataclass(frozen=True)
+class Completion:
+    """The model's answer with what OpenAI clients read beside the text.
 
-    def complete(self, request: ChatRequest) -> str: ...
+    Attributes:
+        text: the generated text.
+        prompt_tokens: tokens the model read (image tokens included).
+        completion_tokens: tokens it generated, up to and including the end token.
+        finish_reason: ``"stop"`` (the model ended) or ``"length"`` (cut at the token limit).
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"
+
+
+class Completer(Protocol):
+    """Turns one chat request into the model's text: a plain string (no token counts) or a :class:`Completion`."""
+
+    def complete(self, request: ChatRequest) -> str | Completion: ...
 
 
 Route = Callable[[Request], Response]
@@ -166,16 +186,47 @@ def _decode_data_url(url: str) -> bytes:
         raise HttpError(400, f"image data URL is not valid base64: {exc}") from None
 
 
-def chat_response(text: str, *, model: str) -> dict[str, Any]:
-    """An OpenAI ``chat.completion`` body with ``text`` as the one choice."""
-    return {
+def _usage(answer: Completion) -> dict[str, int]:
+    total = answer.prompt_tokens + answer.completion_tokens
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens, "total_tokens": total}
+
+
+def chat_response(answer: str | Completion, *, model: str) -> dict[str, Any]:
+    """An OpenAI ``chat.completion`` body with ``answer`` as the one choice.
+
+    ``usage`` is there only where the completer counted tokens: a made-up count would mislead
+    a client that budgets by it.
+    """
+    text = answer.text if isinstance(answer, Completion) else answer
+    reason = answer.finish_reason if isinstance(answer, Completion) else "stop"
+    body: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 0, "completion_tokens": len(text.split()), "total_tokens": len(text.split())},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
     }
+    if isinstance(answer, Completion):
+        body["usage"] = _usage(answer)
+    return body
+
+
+def chat_stream(answer: str | Completion, *, model: str, include_usage: bool) -> str:
+    """The same answer as OpenAI's server-sent events: one content chunk, the finish chunk, ``[DONE]``.
+
+    The text is complete before the first event (the model is not streamed token by token);
+    clients that ask for ``stream=True`` get the protocol they speak, with the same text.
+    """
+    whole = chat_response(answer, model=model)
+    head = {k: whole[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    choice = whole["choices"][0]
+    events = [
+        {**head, "choices": [{"index": 0, "delta": dict(choice["message"]), "finish_reason": None}]},
+        {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]},
+    ]
+    if include_usage and "usage" in whole:
+        events.append({**head, "choices": [], "usage": whole["usage"]})
+    return "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
 
 
 class LoopbackServer:
@@ -274,15 +325,25 @@ class LoopbackServer:
         )
 
     def _chat(self, request: Request) -> Response:
-        chat = parse_chat_request(request.json())
+        payload = request.json()
+        chat = parse_chat_request(payload)
+        n = payload.get("n")
+        if n is not None and n != 1:
+            raise HttpError(400, f"n={n!r}: this server returns one choice per request (n=1)")
+        stream = bool(payload.get("stream"))
+        options = payload.get("stream_options") or {}
         with self._count_lock:
             self.running += 1
         try:
-            text = self.completer.complete(chat)
+            answer = self.completer.complete(chat)
         finally:
             with self._count_lock:
                 self.running -= 1
-        return Response(body=chat_response(text, model=self.model_id))
+        if stream:
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            events = chat_stream(answer, model=self.model_id, include_usage=include_usage)
+            return Response(body=events, content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return Response(body=chat_response(answer, model=self.model_id))
 
     def _loads(self, request: Request) -> Response:
         load = {"dp_rank": 0, "num_running_reqs": self.running, "num_waiting_reqs": 0}
@@ -387,6 +448,7 @@ def _handler_for(owner: LoopbackServer) -> type[BaseHTTPRequestHandler]:
             else:
                 payload = str(response.body).encode()
                 ctype = "text/plain; charset=utf-8"
+            ctype = response.content_type or ctype
             self.send_response(response.status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(payload)))

@@ -37,7 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._loopback import ChatRequest, HttpError, LoopbackServer, Request, Response
+from ._adapter.vlm import CountedText
+from ._loopback import ChatRequest, Completion, HttpError, LoopbackServer, Request, Response
 from ._probe import MIB
 
 __all__ = ["main"]
@@ -118,12 +119,15 @@ class _Server:
             self.http.routes[(method, "/release_memory_occupation")] = self._release
             self.http.routes[(method, "/resume_memory_occupation")] = self._resume
 
-    def complete(self, request: ChatRequest) -> str:
+    def complete(self, request: ChatRequest) -> str | Completion:
         sampling = dict(request.sampling)
         cap = self.args.max_new_tokens
         if cap is not None:
             sampling["max_new_tokens"] = min(int(sampling.get("max_new_tokens") or cap), cap)
-        return self.batcher.submit(request.image, request.prompt, sampling)
+        text = self.batcher.submit(request.image, request.prompt, sampling)
+        if isinstance(text, CountedText):
+            return Completion(str(text), text.prompt_tokens, text.completion_tokens, text.finish_reason)
+        return text
 
     def _release(self, request: Request) -> Response:
         if self.http.running:

@@ -885,8 +885,28 @@ def test_transformers_engine_for_real_on_cpu(random_models_dir: Path, random_vlm
         assert server.is_running()
         assert engine.sleep().note.startswith("the transformers engine runs on CPU")
         assert engine.wake().action == "wake"
+        _openai_client_against(engine)
         pids = engine._backend.pids()
     finally:
         engine.stop()
     assert engine.state is EngineState.STOPPED
     assert all_gone(pids)
+
+
+def _openai_client_against(engine: ResidentEngine) -> None:
+    """The real openai client against the real model: token counts, the limit, streaming, n."""
+    openai = pytest.importorskip("openai", reason="the openai client is not installed")
+    key = engine.vlm_config()["api_key"]
+    with openai.OpenAI(base_url=f"{engine.url}/v1", api_key=key, max_retries=0, timeout=120) as client:
+        ask = {"model": engine.status().model, "messages": [{"role": "user", "content": "Text Recognition:"}]}
+        cut = client.chat.completions.create(**ask, max_tokens=3, temperature=0)
+        # Random weights rarely say the end token within three tokens; where they do, it is "stop".
+        assert cut.usage.completion_tokens <= 3
+        assert cut.choices[0].finish_reason == ("length" if cut.usage.completion_tokens == 3 else "stop")
+        assert cut.usage.prompt_tokens > len(ask["messages"][0]["content"].split()), "the chat template's tokens"
+        assert cut.usage.total_tokens == cut.usage.prompt_tokens + cut.usage.completion_tokens
+        streamed = client.chat.completions.create(**ask, max_tokens=3, temperature=0, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert text == cut.choices[0].message.content, "greedy decoding: the same text either way"
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(**ask, n=2)

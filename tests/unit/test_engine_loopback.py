@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from mineru_vram._engine import http
-from mineru_vram._loopback import ChatRequest, HttpError, LoopbackServer, parse_chat_request
+from mineru_vram._loopback import ChatRequest, Completion, HttpError, LoopbackServer, parse_chat_request
 from mineru_vram.testing._standin import STANDIN_LAYOUT, STANDIN_TEXT, StandinLauncher, _parse_args, canned_completion
 
 
@@ -213,3 +213,69 @@ def test_a_memory_call_that_gets_no_answer_fails_within_its_bound_and_names_it()
         backend = AttachBackend(EngineSettings.resolve(engine="attach", url=url))
         with pytest.raises(EngineError, match=r"POST /release_memory_occupation .* got no answer \(bound 0.3 s\)"):
             backend.release(0.3)
+
+
+# --- what the real openai client reads ----------------------------------------------------------
+
+
+class CountingCompleter:
+    """Answers with counted tokens; a prompt of "long" is cut at the limit."""
+
+    def complete(self, request: ChatRequest) -> Completion:
+        limit = int(request.sampling.get("max_new_tokens") or 100)
+        if request.prompt == "long":
+            return Completion("a b c", prompt_tokens=7, completion_tokens=limit, finish_reason="length")
+        return Completion("done", prompt_tokens=5, completion_tokens=2)
+
+
+@pytest.fixture
+def openai_client() -> Iterator[Any]:
+    openai = pytest.importorskip("openai", reason="the openai client is not installed")
+    srv = LoopbackServer(CountingCompleter(), model_id="tiny-vlm", api_key="sekret").start()
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="sekret", max_retries=0, timeout=10)
+    yield client
+    client.close()
+    srv.shutdown()
+
+
+def test_the_openai_client_reads_usage_and_the_finish_reason(openai_client: Any) -> None:
+    done = openai_client.chat.completions.create(model="tiny-vlm", messages=[{"role": "user", "content": "x"}])
+    assert done.choices[0].message.content == "done"
+    assert done.choices[0].finish_reason == "stop"
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (5, 2, 7)
+    cut = openai_client.chat.completions.create(
+        model="tiny-vlm", messages=[{"role": "user", "content": "long"}], max_tokens=3
+    )
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.usage.completion_tokens == 3
+
+
+def test_stream_true_gets_events_with_the_same_text(openai_client: Any) -> None:
+    chunks = list(
+        openai_client.chat.completions.create(
+            model="tiny-vlm",
+            messages=[{"role": "user", "content": "long"}],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "a b c"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, "length"]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+def test_more_than_one_choice_is_refused(openai_client: Any) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="n=2"):
+        openai_client.chat.completions.create(model="tiny-vlm", messages=[{"role": "user", "content": "x"}], n=2)
+
+
+def test_a_plain_text_completer_reports_no_made_up_usage(server: tuple[LoopbackServer, EchoCompleter]) -> None:
+    srv, _ = server
+    status, body = http.request("POST", f"{srv.url}/v1/chat/completions", api_key="sekret", body=_chat("hi"))
+    assert status == 200
+    assert "usage" not in body

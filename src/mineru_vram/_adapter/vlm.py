@@ -56,9 +56,14 @@ class TransformersVlm:
         self._client: Any = predictor.client  # mineru_vl_utils' TransformersVlmClient
         self._client.use_tqdm = False  # no progress bar per batch in a server
         self.batch_size = max(1, int(getattr(self._client, "batch_size", 1) or 1))
+        _count_tokens(self._client)
 
     def predict(self, images: list[bytes | None], prompts: list[str], sampling: list[dict[str, Any]]) -> list[str]:
-        """Run one batch: each image with its prompt and sampling parameters."""
+        """Run one batch: each image with its prompt and sampling parameters.
+
+        Each answer is a :class:`CountedText`: the text, with the tokens the model read and
+        wrote and whether it stopped or was cut at the token limit.
+        """
         from mineru_vl_utils.vlm_client.base_client import SamplingParams
 
         params = [SamplingParams(**s) for s in sampling]
@@ -213,3 +218,68 @@ def release_local_vlm(owner: int, keys: list[tuple[Any, ...]], tracker: AliveTra
     released = len(victims)
     victims.clear()
     return released
+
+
+class CountedText(str):
+    """A generated text that knows its token counts (the model's own, not a re-tokenisation).
+
+    A ``str`` subclass so that it passes through MinerU's client unchanged; ``prompt_tokens``,
+    ``completion_tokens`` and ``finish_reason`` (``"stop"`` or ``"length"``) are read from the
+    tensors ``generate`` took and returned.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def _count_tokens(client: Any) -> None:
+    """Make MinerU's ``TransformersVlmClient`` return :class:`CountedText` answers.
+
+    ``_predict_one_batch`` (mineru_vl_utils/vlm_client/transformers_client.py) runs one
+    ``model.generate`` per batch and decodes it in the batch's order; both are wrapped on this
+    client object only (no class is patched), and the counts of the one generate call are
+    paired with the decoded texts of the same call.
+    """
+    model = client.model
+    generate = model.generate
+    one_batch = client._predict_one_batch
+    counts: list[list[tuple[int, int, str]]] = []
+
+    def counted_generate(*args: Any, **kwargs: Any) -> Any:
+        output = generate(*args, **kwargs)
+        counts.append(_generation_counts(model, kwargs, output))
+        return output
+
+    def counted_batch(*args: Any, **kwargs: Any) -> list[str]:
+        counts.clear()
+        texts = one_batch(*args, **kwargs)
+        rows = counts[-1] if counts else []
+        if len(rows) != len(texts):
+            return list(texts)
+        answers: list[str] = []
+        for text, (prompt, completion, reason) in zip(texts, rows, strict=True):
+            answer = CountedText(text)
+            answer.prompt_tokens, answer.completion_tokens, answer.finish_reason = prompt, completion, reason
+            answers.append(answer)
+        return answers
+
+    model.generate = counted_generate
+    client._predict_one_batch = counted_batch
+
+
+def _generation_counts(model: Any, inputs: dict[str, Any], output: Any) -> list[tuple[int, int, str]]:
+    """Per row of one ``generate`` call: (prompt tokens, generated tokens up to the end token, finish reason)."""
+    input_ids = inputs.get("input_ids")
+    if input_ids is None or not hasattr(output, "shape"):
+        return []
+    mask = inputs.get("attention_mask")
+    width = int(input_ids.shape[1])
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ends = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    rows = []
+    for i, row in enumerate(output[:, width:].tolist()):
+        prompt = int(mask[i].sum()) if mask is not None else width
+        stop = next((j for j, token in enumerate(row) if token in ends), None)
+        rows.append((prompt, len(row) if stop is None else stop + 1, "length" if stop is None else "stop"))
+    return rows
