@@ -65,12 +65,21 @@ def _cards() -> list[int]:
 
 
 def _used(cards: list[int]) -> dict[str, float | None]:
-    from mineru_vram import vram_snapshot
+    """Used MiB per physical card, by NVML index.
 
+    NVML numbers cards physically and ignores ``CUDA_VISIBLE_DEVICES``; reading them through a
+    ``cuda:N`` ordinal (run E3 did) maps ``cuda:2`` under ``CUDA_VISIBLE_DEVICES=2,3`` to no card.
+    """
+    from mineru_vram._probe import MIB, _nvml
+
+    nvml = _nvml()
     out: dict[str, float | None] = {}
     for card in cards:
-        info = vram_snapshot(f"cuda:{card}").device_info
-        out[str(card)] = None if info is None else round(info.used_mib, 1)
+        try:
+            info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(card)) if nvml else None
+        except Exception:
+            info = None
+        out[str(card)] = None if info is None else round(info.used / MIB, 1)
     return out
 
 
@@ -296,8 +305,6 @@ def main() -> None:
         _loop_child(args.loop_child)
         return
 
-    import mineru_vram as mv
-
     cards = [] if args.device == "cpu" else _cards()
     if args.device != "cpu" and len(cards) < 2 and "ray_2gpu" in args.phases:
         sys.exit(f"NVML sees {len(cards)} GPU(s); the 2-GPU phase needs two (or pass --device cpu)")
@@ -317,7 +324,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": args.device,
-        "cards": [str(mv.vram_snapshot(f"cuda:{c}")) for c in cards],
+        "cards": {str(c): _used([c])[str(c)] for c in cards},
         "backend": args.backend,
         "docs": args.docs,
         "documents": "corpus, first page" if args.corpus else "generated one-page text PDFs",
