@@ -249,3 +249,26 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         rel = page.relative_to(REPO_ROOT / "docs").with_suffix("")
         expected = "index.html" if rel.as_posix() == "index" else f"{rel.as_posix()}/index.html"
         assert expected in built, f"docs/{page.relative_to(REPO_ROOT / 'docs')} was not built"
+
+
+def test_the_readme_first_screen_is_honest_about_install_and_models() -> None:
+    from mineru_vram._adapter import tier_model_status
+
+    head = "\n".join((REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines()[:30])
+    assert "not on PyPI yet" in head, "the package is not published: the first screen says so"
+    assert "git+" in head
+    assert "pip install -e ." in head
+    assert "pip install mineru-vram\n" not in head
+    assert "~/.mineru/models" in head
+    assert "mineru-vram models download" in head
+    stated = re.search(r"about ([\d.]+) GB, into", head)
+    assert stated, "the download's size is stated"
+    [repo] = tier_model_status("basic", models_dir=None, small_backend="torch")
+    assert float(stated.group(1)) == pytest.approx(repo["download_gb"], abs=0.05), "README's size is the code's"
+
+
+def test_dev_without_a_command_says_what_it_does() -> None:
+    run = subprocess.run(["bash", str(REPO_ROOT / "dev"), "help"], capture_output=True, text=True, check=False)
+    assert run.returncode == 2
+    for word in ("./dev demo", "./dev test", "./dev lint", "./dev ci", "MINERU_VRAM_TORCH=cpu"):
+        assert word in run.stdout

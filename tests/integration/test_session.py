@@ -278,6 +278,19 @@ def test_second_in_process_session_with_other_settings_is_refused(other: dict[st
         assert second.state is mv.SessionState.CLOSED
 
 
+def test_flash_on_a_scanned_page_without_the_ocr_models_is_models_not_available(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    # flash needs no model for a text page, but MinerU quietly needs its OCR models for a scanned one.
+    with mv.ModelSession("flash", device="cpu", models_dir=tmp_path, trust_env=False) as s:
+        with pytest.raises(mv.ModelsNotAvailableError) as err:
+            s.parse(corpus_dir / "small_ocr.pdf", pages=[1])
+        assert err.value.missing == ["MinerU-4_models_torch"]
+        assert str(err.value.document).endswith("small_ocr.pdf")
+        assert "mineru-vram models download" in str(err.value)
+        assert s.parse(make_pdf(1)).page_count == 1, "the session stays usable for text pages"
+
+
 def test_a_cuda_device_that_is_not_there_is_refused_before_any_work() -> None:
     missing = [f"cuda:{nvml_device_count()}"]  # one past the last device NVML sees
     if nvml_device_count() == 0:

@@ -99,3 +99,21 @@ def test_nvml_process_lists_are_merged_by_pid_keeping_the_larger_figure(monkeypa
     monkeypatch.setattr(_probe, "_nvml", lambda: nvml)
     used = {int(p.pid): p.usedGpuMemory / _probe.MIB for p in _probe._running_processes(object())}
     assert used == {10: 500, 11: 1800, 12: 900, 13: 40}
+
+
+def test_a_torch_built_without_cuda_is_named_for_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A GPU that NVML sees, with a CPU-only torch in the process (MINERU_VRAM_TORCH=cpu set-ups):
+    # NVML's side is stood in for, torch's build is the fact under test.
+    from types import SimpleNamespace
+
+    from mineru_vram import _probe
+
+    monkeypatch.setattr(_probe, "_nvml", object)
+    monkeypatch.setattr(_probe, "_nvml_handle", lambda index: object())
+    cpu_torch = SimpleNamespace(__version__="2.9.0+cpu", version=SimpleNamespace(cuda=None))
+    monkeypatch.setitem(sys.modules, "torch", cpu_torch)
+    assert _probe.cuda_device_problem("cuda:0") == "the torch in this process (2.9.0+cpu) is built without CUDA"
+    cuda_torch = SimpleNamespace(__version__="2.9.0", version=SimpleNamespace(cuda="12.8"))
+    monkeypatch.setitem(sys.modules, "torch", cuda_torch)
+    assert _probe.cuda_device_problem("cuda:0") is None
+    assert _probe.cuda_device_problem("cpu") is None

@@ -248,3 +248,16 @@ def test_malloc_trim_returns_a_fragmented_heap_to_the_os() -> None:
     if not got["trimmed"] and got["before"] - got["after"] < 1:
         pytest.skip("this libc has no malloc_trim (musl?)")
     assert got["before"] - got["after"] > 100, got
+
+
+def test_isolated_sessions_bound_the_workers_memory_at_half_the_host_by_default() -> None:
+    import psutil
+
+    session = mv.ModelSession("flash", device="cpu", isolation="process", trust_env=False)
+    assert session.settings.worker_memory_mib == "auto"
+    total_mib = psutil.virtual_memory().total / 2**20
+    assert runner.WorkerRunner(session.settings)._memory_limit_mib() == pytest.approx(total_mib / 2)
+    lifted = mv.ModelSession("flash", device="cpu", isolation="process", worker_memory_mib=None, trust_env=False)
+    assert runner.WorkerRunner(lifted.settings)._memory_limit_mib() is None
+    fixed = mv.ModelSession("flash", device="cpu", isolation="process", worker_memory_mib=4096, trust_env=False)
+    assert runner.WorkerRunner(fixed.settings)._memory_limit_mib() == 4096.0
