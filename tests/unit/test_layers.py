@@ -123,3 +123,64 @@ def test_file_locks_live_in_the_files_layer() -> None:
 def test_no_module_outgrows_800_lines() -> None:
     sizes = {module: len((PACKAGE / module).read_text().splitlines()) for module, _ in _modules()}
     assert {m: n for m, n in sizes.items() if n > 800} == {}
+
+
+def _part(module: str) -> str:
+    """The library's part a module belongs to: ``mineru_vram._engine.backends.x`` -> ``_engine``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _is_module(package: list[str], name: str) -> bool:
+    """Whether ``package.name`` is a module or package (not a name a package re-exports)."""
+    folder = PACKAGE.joinpath(*package[1:])
+    return (folder / name).is_dir() or (folder / f"{name}.py").is_file()
+
+
+def _module_level_targets(module: str, is_package: bool, tree: ast.Module) -> Iterator[str]:
+    """What ``module`` imports from this package when it is imported (function-level imports left out)."""
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            here = module.split(".") if is_package else module.split(".")[:-1]
+            base = here[: len(here) - (node.level - 1)]
+            yield ".".join(base + ([node.module] if node.module else []))
+            if not node.module:
+                yield from (".".join([*base, alias.name]) for alias in node.names if _is_module(base, alias.name))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mineru_vram"):
+            yield str(node.module)
+            if node.module == "mineru_vram":
+                yield from (f"mineru_vram.{a.name}" for a in node.names if _is_module(["mineru_vram"], a.name))
+        elif isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names if alias.name.startswith("mineru_vram"))
+
+
+def test_no_import_cycle_between_the_librarys_parts() -> None:
+    graph: dict[str, set[str]] = {}
+    for rel, tree in _modules():
+        path = Path(rel)
+        is_package = path.name == "__init__.py"
+        module = ".".join(["mineru_vram", *path.parent.parts] + ([] if is_package else [path.stem]))
+        for target in _module_level_targets(module, is_package, tree):
+            a, b = _part(module), _part(target)
+            if "__init__" not in (a, b) and a != b:
+                graph.setdefault(a, set()).add(b)
+    assert graph, "the check sees imports between parts"
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt)
+        state[node] = 2
+        stack.pop()
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert cycles == []
