@@ -129,6 +129,7 @@ def test_parse_corpus_pdfs_with_pages(tmp_path: Path, corpus_dir: Path) -> None:
     assert any((out / "test" / "images").iterdir()), "test.pdf has figures: images/ should not be empty"
 
 
+@pytest.mark.slow
 def test_parse_pipeline_on_random_models_releases_them(tmp_path: Path, random_models_dir: Path) -> None:
     (tmp_path / "page.pdf").write_bytes(make_pdf(1, table=False))
     proc = run_cli(

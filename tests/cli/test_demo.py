@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_parses_a_generated_pdf_and_prints_a_clean_receipt(random_models_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "MINERU_VRAM_DEVICE": "cpu"}
     proc = subprocess.run(

@@ -168,6 +168,7 @@ def _folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(SCRIPT_TIMEOUT + 60)
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.id)
 def test_example_runs_as_a_script(example: Example, tmp_path: Path, example_env: dict[str, str]) -> None:

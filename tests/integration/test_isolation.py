@@ -473,6 +473,7 @@ def _real_or_generated() -> tuple[str, bytes]:
     return "generated.pdf", make_pdf(1)
 
 
+@pytest.mark.slow
 def test_isolated_results_equal_in_process_results(random_models_dir: Path) -> None:
     # One document: each side pays a model load and MinerU's lazy loads on its first page.
     name, data = _real_or_generated()

@@ -160,6 +160,7 @@ def test_the_committed_notebook_is_the_guides() -> None:
     assert not any("<!--" in c.source for c in nb.cells), "the guide's test markers are not part of the notebook"
 
 
+@pytest.mark.slow
 def test_every_cell_of_the_guide_runs_in_a_kernel_and_renders(folder: Path, kernel_env: dict[str, str]) -> None:
     nb = _make_notebook().build()
 

@@ -117,6 +117,7 @@ def test_flash_on_the_corpus_with_two_actors_and_a_bad_document(
     assert {row["pid"] for row in rows} <= {actor.pid for actor in summary.actors}
 
 
+@pytest.mark.slow
 def test_pipeline_on_random_models_with_two_actors(local_ray: Any, random_models_dir: Path) -> None:
     pdfs = [make_pdf(1, paragraphs=(f"Report {i}", f"Line one of report {i}.")) for i in range(3)]
     report = JobReport()

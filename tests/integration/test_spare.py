@@ -35,6 +35,7 @@ def _session(models: Path, **kw: object) -> mv.ModelSession:
     )  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_the_next_isolated_session_takes_the_spare_and_parses_as_a_cold_one(random_models_dir: Path) -> None:
     with _session(random_models_dir) as cold:
         expected = cold.parse(PDF, name="a.pdf")

@@ -23,6 +23,7 @@ def _session(models: Path, **kw: object) -> mv.ModelSession:
     return mv.ModelSession("pipeline", device="cpu", models_dir=models, trust_env=False, **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_a_parked_session_is_restored_and_parses_as_a_cold_one(random_models_dir: Path) -> None:
     with _session(random_models_dir) as cold:
         expected = cold.parse(PDF, name="a.pdf")

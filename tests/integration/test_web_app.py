@@ -414,6 +414,7 @@ def standin_model(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
     start_server: Callable[..., WebServer], standin_model: Path
