@@ -261,8 +261,10 @@ def holders_text(info: DeviceMemory | None, *, gib: bool = False, most: int = 5)
 # --- the runtime folder ---------------------------------------------------------------------
 
 
-def default_runtime_dir(configured: str | os.PathLike[str] | None = None) -> Path:
+def default_runtime_dir(configured: str | os.PathLike[str] | None = None, *, trust_env: bool = True) -> Path:
     """Where the ledger lives: argument > ``MINERU_VRAM_RUNTIME_DIR`` > ``$XDG_RUNTIME_DIR/mineru-vram`` > tmp.
+
+    ``trust_env=False`` skips ``MINERU_VRAM_RUNTIME_DIR`` (as a session with that setting does).
 
     Every process of a user that should see the others' reservations must resolve
     the same folder; the default does, for processes of one user on one machine.
@@ -274,7 +276,7 @@ def default_runtime_dir(configured: str | os.PathLike[str] | None = None) -> Pat
 
     if configured is not None:
         return Path(configured)
-    env = getenv("MINERU_VRAM_RUNTIME_DIR")
+    env = getenv("MINERU_VRAM_RUNTIME_DIR") if trust_env else None
     if env:
         return Path(env)
     xdg = getenv("XDG_RUNTIME_DIR")
@@ -329,13 +331,14 @@ class Ledger:
 
     Args:
         root: the runtime folder (default :func:`default_runtime_dir`).
+        trust_env: read ``MINERU_VRAM_RUNTIME_DIR`` where ``root`` is not given.
     """
 
     # How long admission waits for another process's brief hold on a device's ledger.
     LOCK_TIMEOUT = 60.0
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.runtime_dir = default_runtime_dir(root)
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, trust_env: bool = True) -> None:
+        self.runtime_dir = default_runtime_dir(root, trust_env=trust_env)
         self.root = self.runtime_dir / "ledger"
 
     def _folder(self, key: str) -> Path:

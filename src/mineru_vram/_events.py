@@ -67,10 +67,14 @@ def subscribe(callback: Callback) -> Callable[[], None]:
     return unsubscribe
 
 
-def emit(event: str, **info: Any) -> None:
-    """Tell listeners that ``event`` happened now. Never raises."""
+def emit(event: str, /, *, trust_env: bool = True, **info: Any) -> None:
+    """Tell listeners that ``event`` happened now. Never raises.
+
+    ``trust_env=False`` (a session's setting) leaves out the events file that
+    ``MINERU_VRAM_EVENTS_FILE`` names; listeners in this process still hear it.
+    """
     subscribers = _subscribers
-    path = getenv(ENV_EVENTS_FILE)
+    path = getenv(ENV_EVENTS_FILE) if trust_env else None
     if not subscribers and not path:
         return
     record: Event = {"event": event, "time": time.time(), "pid": os.getpid(), **info}

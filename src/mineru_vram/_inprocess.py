@@ -57,6 +57,9 @@ class SessionSettings:
     worker_start_timeout: float = 300.0
     release_timeout: float = 10.0
     runtime_dir: str | None = None
+    # False: MINERU_VRAM_* variables are not read, also where the session reads them late
+    # (the ledger's folder, the timeline's events file).
+    trust_env: bool = True
     # MINERU_VIRTUAL_VRAM_SIZE from the admitted budget (set inside the session only).
     virtual_vram_gb: int | None = None
     # One retry on smaller batches after a CUDA out-of-memory error.

@@ -224,6 +224,7 @@ class ModelSession:
             recycle_above_mib=recycle_above_mib,
             worker_start_timeout=worker_start_timeout,
             runtime_dir=env.get("runtime_dir"),
+            trust_env=trust_env,
             oom_retry=oom_retry,
             keep_warm=keep_warm,
             allow_download=allow_download,
@@ -277,6 +278,10 @@ class ModelSession:
             f"isolation={self.settings.isolation!r}, state={self._state.value})"
         )
 
+    def _emit(self, event: str, **info: Any) -> None:
+        """A timeline phase event (to the events file only where this session trusts the environment)."""
+        _emit_phase(event, trust_env=self.settings.trust_env, **info)
+
     def _phase_info(self) -> dict[str, Any]:
         # What each timeline phase event carries; ``session`` pairs starts with ends.
         return {
@@ -324,23 +329,23 @@ class ModelSession:
                     self.budget,
                     self.settings.device,
                     what=f"ModelSession({self.backend})",
-                    ledger=Ledger(self.settings.runtime_dir),
+                    ledger=Ledger(self.settings.runtime_dir, trust_env=self.settings.trust_env),
                 )
                 if self.reservation.virtual_vram_gb is not None:
                     self.settings = dataclasses.replace(self.settings, virtual_vram_gb=self.reservation.virtual_vram_gb)
-            _emit_phase("load.start", **self._phase_info())
+            self._emit("load.start", **self._phase_info())
             runner = _make_runner(self.settings)
             runner.open()
             worker_pid = getattr(runner, "pid", None)
             if self.reservation is not None and worker_pid is not None:
                 self.reservation.set_pids([os.getpid(), worker_pid])  # the worker spends the reservation
         except BaseException as exc:
-            _emit_phase("load.end", ok=False, error=_error_text(exc), **self._phase_info())
+            self._emit("load.end", ok=False, error=_error_text(exc), **self._phase_info())
             self._state = SessionState.CLOSED
             if self.reservation is not None:
                 self.reservation.release()
             raise
-        _emit_phase("load.end", ok=True, **self._phase_info())
+        self._emit("load.end", ok=True, **self._phase_info())
         self._runner = runner
         self._finalizer = weakref.finalize(self, _abandon, runner, os.getpid())
         self._state = SessionState.OPENED
@@ -379,11 +384,11 @@ class ModelSession:
             self._releasing = True
         runner = self._runner
         assert runner is not None  # OPENED implies a runner
-        _emit_phase("release.start", **self._phase_info())
+        self._emit("release.start", **self._phase_info())
         try:
             report = runner.close()
         finally:
-            _emit_phase("release.end", **self._phase_info())
+            self._emit("release.end", **self._phase_info())
             if self._finalizer is not None:
                 self._finalizer.detach()
             if self.reservation is not None:
@@ -485,7 +490,7 @@ class ModelSession:
         t0 = time.perf_counter()
         # Timeline phases: parse.start / parse.end around the whole call.
         phase = {**self._phase_info(), "document": name or _display_name(source)}
-        _emit_phase("parse.start", **phase)
+        self._emit("parse.start", **phase)
         try:
             doc = self.load(source, name=name)
             mode = ocr_mode or self.ocr_mode
@@ -500,9 +505,9 @@ class ModelSession:
             else:
                 result = runner.parse(doc, options)
         except BaseException as exc:
-            _emit_phase("parse.end", ok=False, error=_error_text(exc), **phase)
+            self._emit("parse.end", ok=False, error=_error_text(exc), **phase)
             raise
-        _emit_phase("parse.end", ok=True, pages=result.page_count, **phase)
+        self._emit("parse.end", ok=True, pages=result.page_count, **phase)
         self.documents_parsed += 1
         return dataclasses.replace(result, seconds=time.perf_counter() - t0)
 

@@ -95,6 +95,26 @@ def test_events_file_is_read_late_and_appended(monkeypatch: pytest.MonkeyPatch, 
     assert [e["event"] for e in more] == ["parse.start"]
 
 
+def test_a_session_that_does_not_trust_the_environment_writes_no_events_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "events.jsonl"
+    monkeypatch.setenv(ENV_EVENTS_FILE, str(path))
+    heard: list[str] = []
+    unsubscribe = subscribe(lambda e: heard.append(e["event"]))
+    try:
+        with ModelSession("flash", device="cpu", trust_env=False) as s:
+            s.parse(make_pdf(1))
+        assert not path.exists(), "MINERU_VRAM_EVENTS_FILE was read although trust_env=False"
+        assert heard[:2] == ["load.start", "load.end"], "listeners in this process still hear the phases"
+        with ModelSession("flash", device="cpu") as s:
+            s.parse(make_pdf(1))
+    finally:
+        unsubscribe()
+    events, _ = read_events(path)
+    assert [e["event"] for e in events][:2] == ["load.start", "load.end"]
+
+
 # --- Timeline in this process -----------------------------------------------------------------
 
 

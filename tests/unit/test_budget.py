@@ -18,6 +18,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -386,3 +387,28 @@ def test_ledger_folders_are_private(ledger: Ledger) -> None:
         assert files
         assert all(stat.S_IMODE(f.stat().st_mode) == 0o700 for f in folders)
         assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+
+
+def test_trust_env_false_keeps_the_ledger_out_of_the_environments_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mineru_vram import _session
+
+    monkeypatch.setenv("MINERU_VRAM_RUNTIME_DIR", str(tmp_path / "from-env"))
+    assert Ledger().runtime_dir == tmp_path / "from-env"
+    assert Ledger(trust_env=False).runtime_dir != tmp_path / "from-env"
+    assert Ledger(tmp_path / "given", trust_env=False).runtime_dir == tmp_path / "given"
+    made: list[Path] = []
+
+    class Recording(Ledger):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self.runtime_dir)
+
+    monkeypatch.setattr(_session, "Ledger", Recording)
+    for trust in (False, True):
+        budget = VramBudget(8 * GIB, probe=StandInDevice(free_mib=1 * GIB), timeout=0.1, poll_interval=0.05)
+        with pytest.raises(mv.AdmissionTimeoutError):
+            mv.ModelSession("flash", device="cuda:0", budget=budget, trust_env=trust).open()
+    assert made[0] != tmp_path / "from-env"
+    assert made[1] == tmp_path / "from-env"
