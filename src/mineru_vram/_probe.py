@@ -118,7 +118,7 @@ def _nvml_handle(cuda_index: int) -> Any | None:
         entry = visible[cuda_index]
         if entry.isdigit():
             return nvml.nvmlDeviceGetHandleByIndex(int(entry))
-        return nvml.nvmlDeviceGetHandleByUUID(entry if entry.startswith("GPU-") else f"GPU-{entry}")
+        return nvml.nvmlDeviceGetHandleByUUID(entry if entry.startswith(("GPU-", "MIG-")) else f"GPU-{entry}")
     except Exception:
         return None
 

@@ -117,3 +117,24 @@ def test_a_torch_built_without_cuda_is_named_for_a_cuda_device(monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "torch", cuda_torch)
     assert _probe.cuda_device_problem("cuda:0") is None
     assert _probe.cuda_device_problem("cpu") is None
+
+
+def test_cuda_visible_devices_by_uuid_maps_to_nvmls_card(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The context-floor child and every probe map cuda:N through here; a UUID in
+    # CUDA_VISIBLE_DEVICES once made the floor silently None. NVML is stood in for.
+    from types import SimpleNamespace
+
+    from mineru_vram import _probe
+
+    asked: list[tuple[str, object]] = []
+    nvml = SimpleNamespace(
+        nvmlDeviceGetHandleByIndex=lambda i: asked.append(("index", i)) or f"card{i}",
+        nvmlDeviceGetHandleByUUID=lambda u: asked.append(("uuid", u)) or f"card-{u}",
+    )
+    monkeypatch.setattr(_probe, "_nvml", lambda: nvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8c3f1a2b-0000-1111-2222-333344445555,3,MIG-1234")
+    assert _probe._nvml_handle(0) == "card-GPU-8c3f1a2b-0000-1111-2222-333344445555"
+    assert _probe._nvml_handle(1) == "card3"
+    assert _probe._nvml_handle(2) == "card-MIG-1234"
+    assert _probe._nvml_handle(3) is None, "past the visible list: no card"
+    assert asked == [("uuid", "GPU-8c3f1a2b-0000-1111-2222-333344445555"), ("index", 3), ("uuid", "MIG-1234")]
