@@ -494,6 +494,7 @@ def test_isolated_results_equal_in_process_results(random_models_dir: Path) -> N
     assert report.worker["exitcode"] == 0
 
 
+@pytest.mark.slow
 def test_worker_sigkill_mid_parse_raises_crashed_and_the_next_parse_works(random_models_dir: Path) -> None:
     long_doc = make_pdf(2)
     with mv.ModelSession(

@@ -391,6 +391,7 @@ PARSE_SCRIPT = """
 """
 
 
+@pytest.mark.slow
 def test_mineru_parse_through_http_client_is_repeatable(
     llama_server: Server, random_models_dir: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
@@ -420,6 +421,7 @@ INPROCESS_PARSE_SCRIPT = """
 """
 
 
+@pytest.mark.slow
 def test_mineru_parse_with_llama_cpp_finds_the_folder_under_base_dir(
     gguf_dir: Path, random_models_dir: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:

@@ -193,6 +193,7 @@ def test_the_receipt_counts_an_engine_kept_alive_and_sessions_share_one(llama_mo
     assert _live_engines() == []
 
 
+@pytest.mark.slow
 def test_an_isolated_session_runs_the_engine_in_its_worker(
     llama_models_dir: Path, corpus_dir: Path, observed: Observed
 ) -> None:

@@ -164,6 +164,7 @@ def test_parse_test_pdf_exercises_layout_ocr_formula_and_tables(
     print(f"\ntest.pdf parsed in {doc['seconds']:.1f} s on CPU; models: {sorted(loaded)}")
 
 
+@pytest.mark.slow
 def test_parse_generated_pdf_without_the_corpus(random_models_dir: Path, tmp_path: Path) -> None:
     """Without the corpus (a fresh clone): every model, tables included, loads and runs."""
     from mineru_vram.testing import make_pdf

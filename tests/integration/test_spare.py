@@ -62,6 +62,7 @@ def test_the_next_isolated_session_takes_the_spare_and_parses_as_a_cold_one(rand
     assert len(spare_pool().spares()) == 1, "a new spare for the session after"
 
 
+@pytest.mark.slow
 def test_a_spare_that_dies_is_replaced(random_models_dir: Path) -> None:
     with _session(random_models_dir):
         pass
