@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist each worker gets its share of the cores for torch's and OpenMP's threads
+# (MinerU reads OMP_NUM_THREADS; the workers, scripts and servers the tests start inherit it).
+# Two workers with a full set of threads each oversubscribe a small machine: measured on two
+# cores, the slow step took 14 minutes that way. Set before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS_DIR = REPO_ROOT.parent / "shared" / "corpus"
@@ -17,8 +26,6 @@ def _private_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
 
     Set in the environment, so the workers and servers the tests start share it.
     """
-    import os
-
     if os.environ.get("MINERU_VRAM_RUNTIME_DIR"):
         yield
         return

@@ -358,7 +358,8 @@ def test_release_report_renders(session: mv.ModelSession) -> None:
 
 
 @pytest.mark.slow
-def test_twenty_cycles_do_not_grow_live_tensors_or_rss(random_models_dir: Path) -> None:
+@pytest.mark.timeout(900)
+def test_ten_cycles_do_not_grow_live_tensors_or_rss(random_models_dir: Path) -> None:
     torch = pytest.importorskip("torch")
     doc = make_pdf(1)
 
@@ -376,12 +377,12 @@ def test_twenty_cycles_do_not_grow_live_tensors_or_rss(random_models_dir: Path) 
         with mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir) as s:
             s.parse(doc)
     tensors0, rss0 = census(), rss_mib()
-    for _ in range(20):
+    for _ in range(10):
         with mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir) as s:
             s.parse(doc)
         assert s.release_report is not None
         assert s.release_report.models_alive == []
     tensors1, rss1 = census(), rss_mib()
     assert tensors1 - tensors0 <= 0, f"live tensors grew from {tensors0} to {tensors1}"
-    # RSS tolerance: glibc keeps freed arenas; 20 loads of ~200 MB of weights must not accumulate.
-    assert rss1 - rss0 < 300, f"RSS grew {rss1 - rss0:.0f} MiB over 20 cycles"
+    # RSS tolerance: glibc keeps freed arenas; 10 loads of ~200 MB of weights must not accumulate.
+    assert rss1 - rss0 < 300, f"RSS grew {rss1 - rss0:.0f} MiB over 10 cycles"
