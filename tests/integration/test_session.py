@@ -358,6 +358,7 @@ def test_release_report_renders(session: mv.ModelSession) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.first
 @pytest.mark.timeout(900)
 def test_ten_cycles_do_not_grow_live_tensors_or_rss(random_models_dir: Path) -> None:
     torch = pytest.importorskip("torch")
