@@ -14,7 +14,7 @@ It speaks the part of SGLang's HTTP API that MinerU's VLM http-client
 
 Two users: the transformers engine serves MinerU's in-process transformers
 model through it, so MinerU's http-client is the one parse path for every
-engine; and the SGLang stand-in (``_standin.py``) adds SGLang's memory endpoints
+engine; and the SGLang stand-in (``testing/_standin.py``) adds SGLang's memory endpoints
 and fault injection on top of it for tests. Every endpoint except the health
 probes requires ``Authorization: Bearer <api key>`` when a key is set, as
 SGLang's ``decide_request_auth`` does. The key is checked from the headers alone,
