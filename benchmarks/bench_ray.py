@@ -21,7 +21,8 @@ and so does the loop's process, so both parse under the same thread count.
 
 The JSON says: per phase the rate, errors, documents lost or duplicated (Ray), the job
 summary (per-GPU peak, back at baseline, release receipts), each card's memory by NVML
-before and after the phase; then ``ratio_2gpu_vs_1gpu`` (target at least 1.9),
+before and after the phase (read until it is back, up to ``--settle-timeout``, naming the
+processes that still hold it if it is not); then ``ratio_2gpu_vs_1gpu`` (target at least 1.9),
 ``ray_1gpu_vs_loop`` (target at least 0.95) and whether every card is back at its
 baseline and no document was lost.
 
@@ -112,12 +113,59 @@ class CardSampler:
             self._thread.join()
 
 
-def _cards_phase(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, Any]:
-    back = {
-        card: None if before[card] is None or after[card] is None else after[card] <= before[card] + TOLERANCE_MIB  # type: ignore[operator]
-        for card in before
+def _holders(cards: list[int]) -> dict[str, list[tuple[int, float, str]]]:
+    """The processes NVML lists on each card, as (pid, MiB, command line)."""
+    import psutil
+
+    from mineru_vram._probe import _device_memory, _nvml
+
+    nvml = _nvml()
+    out: dict[str, list[tuple[int, float, str]]] = {}
+    for card in cards:
+        try:
+            info = _device_memory(nvml.nvmlDeviceGetHandleByIndex(card), card) if nvml else None
+        except Exception:
+            info = None
+        rows = []
+        for proc in info.processes if info else ():
+            try:
+                cmd = " ".join(psutil.Process(proc.pid).cmdline())[:160]
+            except psutil.Error:
+                cmd = proc.name
+            rows.append((proc.pid, round(proc.used_mib, 1), cmd))
+        out[str(card)] = rows
+    return out
+
+
+def _cards_phase(cards: list[int], before: dict[str, float | None], wait: float) -> dict[str, Any]:
+    """Each card after a phase: read until every card is back within the tolerance (at most ``wait`` s).
+
+    The driver frees a process's memory a little after the process is gone, and Ray's actor
+    processes exit a little after the pool shuts down, so one reading at the phase's end can
+    still show them. Cards not back name the processes NVML lists on them.
+    """
+    from mineru_vram._probe import poll_until
+
+    def back(reading: dict[str, float | None]) -> dict[str, bool | None]:
+        out: dict[str, bool | None] = {}
+        for card, base in before.items():
+            now = reading[card]
+            out[card] = None if base is None or now is None else now <= base + TOLERANCE_MIB
+        return out
+
+    def all_back() -> bool:
+        return all(b is not False for b in back(_used(cards)).values())
+
+    met, waited = poll_until(all_back, timeout=wait, interval=0.2)
+    after = _used(cards)
+    holders = _holders(cards)
+    return {
+        "before_mib": before,
+        "after_mib": after,
+        "back_at_baseline": back(after),
+        "seconds_to_baseline": round(waited, 2) if met else None,
+        "holders_after": holders,
     }
-    return {"before_mib": before, "after_mib": after, "back_at_baseline": back}
 
 
 def _steady(spans: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
@@ -299,6 +347,9 @@ def main() -> None:
     ap.add_argument("--cpus-per-actor", type=int, default=None, help="default: the machine's CPUs / 2")
     ap.add_argument("--docs-per-block", type=int, default=1, help="documents per Ray block (unit of work and retry)")
     ap.add_argument("--phases", default="loop,ray_1gpu,ray_2gpu")
+    ap.add_argument(
+        "--settle-timeout", type=float, default=60.0, help="seconds a card may take to come back after a phase"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.loop_child:
@@ -358,13 +409,13 @@ def main() -> None:
             else:
                 sys.exit(f"unknown phase {phase}")
             sampler.phase = "idle"
-            result[phase]["cards"] = _cards_phase(before, _used(cards))
+            result[phase]["cards"] = _cards_phase(cards, before, args.settle_timeout)
             result[phase]["cards"]["peak_mib"] = sampler.peaks.get(phase, {})
         if ray_started:
             import ray
 
             ray.shutdown()
-    result["baseline_after_mib"] = _used(cards)
+    result["after_shutdown"] = _cards_phase(cards, result["baseline_mib"], args.settle_timeout)
     # Compared without each worker's first document (see _steady); the full-window rates are in each phase.
     rate = {p: (result.get(p) or {}).get("steady_docs_per_s") for p in ("loop", "ray_1gpu", "ray_2gpu")}
     if rate["ray_1gpu"] and rate["ray_2gpu"]:
@@ -373,6 +424,7 @@ def main() -> None:
         result["ray_1gpu_vs_loop"] = round(rate["ray_1gpu"] / rate["loop"], 4)
     ray_phases = [p for p in ("ray_1gpu", "ray_2gpu") if p in result]
     backs = [b for p in phases if p in result for b in result[p]["cards"]["back_at_baseline"].values()]
+    backs += list(result["after_shutdown"]["back_at_baseline"].values())
     result["targets"] = {
         "two_gpus_at_least_1_9x": None if "ratio_2gpu_vs_1gpu" not in result else result["ratio_2gpu_vs_1gpu"] >= 1.9,
         "ray_within_5pct_of_loop": None if "ray_1gpu_vs_loop" not in result else result["ray_1gpu_vs_loop"] >= 0.95,

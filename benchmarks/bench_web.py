@@ -307,6 +307,7 @@ def main() -> None:
         }
         receipt = server.receipt()
         result["receipt"] = receipt
+        result["device_back_s"] = _wait_for_baseline(args.device, baseline)
         after = mv.vram_snapshot(args.device)
         if not args.no_loop_after:
             with tl.phase("loop_after"):
@@ -348,6 +349,27 @@ def main() -> None:
     text = json.dumps(result, indent=2, default=str)
     out_path.write_text(text, encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "receipt"}, indent=2, default=str))
+
+
+def _wait_for_baseline(device: str, baseline: Any, timeout: float = 60.0) -> float | None:
+    """Seconds until the device is back within the tolerance of ``baseline`` (``None``: not within ``timeout``).
+
+    The driver frees an exited process's memory a little after the exit, so a reading taken at
+    the moment the server is gone can still show its worker or its context.
+    """
+    import mineru_vram as mv
+    from mineru_vram._probe import poll_until
+
+    if baseline.device_info is None:
+        return None
+    limit = baseline.device_info.used_mib + MIB_TOLERANCE_AFTER
+
+    def back() -> bool:
+        info = mv.vram_snapshot(device).device_info
+        return info is not None and info.used_mib <= limit
+
+    met, waited = poll_until(back, timeout=timeout, interval=0.1)
+    return round(waited, 3) if met else None
 
 
 def _after_shutdown(args: Any, baseline: Any, after: Any, receipt: dict[str, Any] | None) -> dict[str, Any]:

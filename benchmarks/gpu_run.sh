@@ -54,6 +54,12 @@ for arg in "$@"; do
                --cold-docs ${LLAMA_COLD:-2} ${LLAMA_ARGS:-} --out $R/llama.json 2>$R/llama.err | tail -40 ;;
     ray) $T python3 benchmarks/bench_ray.py --models-dir $MODELS --docs ${RAY_DOCS:-200} ${RAY_ARGS:-} \
                --out $R/ray.json 2>$R/ray.err | tail -60 ;;
+    ray2) # The two-GPU phase on the cards and cores of RAY2_GPUS / RAY2_CPUS (wider than this lane's),
+          # once the GPU tests, which may share one of those cards, are done.
+          for i in $(seq 1 ${RAY2_WAIT:-300}); do pgrep -f "pytest.*tests/gpu" >/dev/null || break; sleep 1; done
+          pin=(); [ -n "${RAY2_CPUS:-}" ] && pin=(taskset -c "$RAY2_CPUS")
+          CUDA_VISIBLE_DEVICES=${RAY2_GPUS:-0,1} $T "${pin[@]}" python3 benchmarks/bench_ray.py --models-dir $MODELS \
+               --docs ${RAY_DOCS:-200} --phases ray_2gpu ${RAY2_ARGS:-} --out $R/ray2.json 2>$R/ray2.err | tail -60 ;;
     web) for shape in ${WEB_SHAPES:-isolated session}; do
            $T python3 benchmarks/bench_web.py --models-dir $MODELS --corpus $CORPUS --shape $shape \
                --requests ${WEB_REQUESTS:-1000} --loop-requests ${WEB_LOOP:-200} --max-pages ${MAXPAGES:-1} \

@@ -78,3 +78,61 @@ def test_the_summary_is_ok_only_when_every_gpu_is_back_and_no_actor_is_left() ->
     died = _summary(back=True, status="died")
     assert died.ok
     assert died.deaths == 1
+
+
+class _Reading:
+    def __init__(self, used_mib: float) -> None:
+        self.used_mib = used_mib
+
+
+def test_settle_waits_for_the_processes_then_for_each_card_to_come_back() -> None:
+    # The driver frees a dead process's memory a little later: a card read once at the exit still
+    # shows it. settle() keeps reading until the card is within tolerance of its baseline.
+    from mineru_vram._ray.report import settle
+
+    alive = iter([[7], [7], [], [], [], []])
+    used = iter([1313.0, 1313.0, 620.0, 620.0])
+    left, back = settle(
+        lambda: next(alive, []),
+        lambda: {"0": _Reading(next(used, 620.0))},
+        {"0": 615.0},
+        tolerance=64.0,
+        timeout=5.0,
+        interval=0.0,
+    )
+    assert left == []
+    assert set(back) == {"0"} and back["0"] >= 0.0
+
+
+def test_settle_gives_up_at_its_bound_and_says_which_cards_did_not_come_back() -> None:
+    from mineru_vram._ray.report import settle
+
+    left, back = settle(
+        lambda: [],
+        lambda: {"0": _Reading(620.0), "1": _Reading(1313.0)},
+        {"0": 615.0, "1": 615.0},
+        tolerance=64.0,
+        timeout=0.2,
+        interval=0.01,
+    )
+    assert left == [] and set(back) == {"0"}, "card 1 never came back, so it has no time"
+    left, _ = settle(lambda: [42], lambda: {}, {}, tolerance=0.0, timeout=0.1, interval=0.01)
+    assert left == [42], "a process still alive at the bound is returned"
+
+
+def test_a_card_not_back_names_the_processes_that_hold_it() -> None:
+    gpu = ray_module.GpuRecord(
+        key="10.0.0.1/GPU0",
+        baseline_mib=615.0,
+        peak_mib=9000.0,
+        after_mib=1313.0,
+        back_at_baseline=False,
+        actors=1,
+        holders=((4242, 698.0, "ray::IDLE"),),
+    )
+    actor = ray_module.ActorRecord(
+        actor_id="a" * 32, pid=123, node="10.0.0.1", gpu="0", device="cuda:0", status="closed", documents=10
+    )
+    text = str(ray_module.JobSummary(documents=10, failed=0, seconds=5.0, actors=(actor,), gpus=(gpu,)))
+    assert "NOT back at baseline" in text
+    assert "held by pid 4242 (698 MiB): ray::IDLE" in text

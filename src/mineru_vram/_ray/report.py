@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,6 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mineru_vram import ReleaseReport
-from mineru_vram._probe import MIB
 
 __all__ = ["ActorRecord", "GpuRecord", "JobReport", "JobSummary"]
 
@@ -41,8 +41,16 @@ _Collector: Any = ray.remote(num_cpus=0)(_CollectorActor)
 
 
 @ray.remote(num_cpus=0)
-def _node_probe(pids: list[int], gpus: list[str], wait: float) -> tuple[list[int], dict[str, float]]:
-    """On one node: wait up to ``wait`` s for ``pids`` to exit; then each GPU's used memory by NVML."""
+def _node_probe(
+    pids: list[int], gpus: list[str], wait: float, baselines: dict[str, float] | None = None, tolerance: float = 0.0
+) -> tuple[list[int], dict[str, dict[str, Any]]]:
+    """On one node: wait for ``pids`` to exit and each GPU to come back, within ``wait`` s in all.
+
+    Returns the pids still alive and, per GPU (Ray's id, read as an NVML index, as
+    ``vram_snapshot`` reads such entries), its used MiB, the seconds it took to come back
+    within ``tolerance`` of ``baselines[gpu]`` after the processes were gone, and the
+    processes NVML lists on it at the end (so memory still held names its holder).
+    """
     import psutil
 
     def alive(pid: int) -> bool:
@@ -51,26 +59,76 @@ def _node_probe(pids: list[int], gpus: list[str], wait: float) -> tuple[list[int
         except psutil.Error:
             return False
 
-    deadline = time.monotonic() + wait
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    used: dict[str, float] = {}
-    if gpus:
-        try:
-            import pynvml
+    from mineru_vram._probe import _device_memory, _nvml
 
-            pynvml.nvmlInit()
+    nvml = _nvml() if gpus else None
+
+    def read() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for gpu in gpus:
             try:
-                # Ray's GPU ids are the CUDA_VISIBLE_DEVICES entries it gives actors, read
-                # here as NVML indices (as vram_snapshot reads such entries).
-                for gpu in gpus:
-                    handle = pynvml.nvmlDeviceGetHandleByIndex(int(gpu))
-                    used[gpu] = float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / MIB
-            finally:
-                pynvml.nvmlShutdown()
-        except Exception:
-            pass
-    return [p for p in pids if alive(p)], used
+                info = _device_memory(nvml.nvmlDeviceGetHandleByIndex(int(gpu)), int(gpu)) if nvml else None
+            except Exception:
+                info = None
+            if info is not None:
+                out[gpu] = info
+        return out
+
+    left, settled = settle(
+        lambda: [p for p in pids if alive(p)], read, baselines or {}, tolerance=tolerance, timeout=wait
+    )
+    used = {
+        gpu: {
+            "used_mib": info.used_mib,
+            "seconds_to_baseline": settled.get(gpu),
+            "holders": [(p.pid, round(p.used_mib, 1), _command_line(p.pid) or p.name) for p in info.processes],
+        }
+        for gpu, info in read().items()
+    }
+    return left, used
+
+
+def settle(
+    alive: Callable[[], list[int]],
+    read: Callable[[], Mapping[str, Any]],
+    baselines: Mapping[str, float],
+    *,
+    tolerance: float,
+    timeout: float,
+    interval: float = 0.1,
+) -> tuple[list[int], dict[str, float]]:
+    """Wait until no process of ``alive()`` is left and every device ``read()`` returns
+    (objects with ``used_mib``) is within ``tolerance`` of its baseline, or ``timeout`` passes.
+
+    The driver frees a process's memory a little after the process is gone, so one reading
+    at the moment of exit can still show it. Returns the processes still alive and, for each
+    device that came back, the seconds from the processes' exit to its return.
+    """
+    start = time.monotonic()
+    gone_at: float | None = None
+    back: dict[str, float] = {}
+    while True:
+        left = alive()
+        now = time.monotonic()
+        if not left:
+            gone_at = now if gone_at is None else gone_at
+            for gpu, info in read().items():
+                if gpu not in back and gpu in baselines and info.used_mib <= baselines[gpu] + tolerance:
+                    back[gpu] = round(now - gone_at, 3)
+            if all(gpu in back for gpu in baselines):
+                return [], back
+        if now - start >= timeout:
+            return left, back
+        time.sleep(interval)
+
+
+def _command_line(pid: int) -> str:
+    try:
+        import psutil
+
+        return " ".join(psutil.Process(pid).cmdline())[:200]
+    except Exception:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -119,6 +177,10 @@ class GpuRecord:
         back_at_baseline: ``after_mib`` within the tolerance of ``baseline_mib``
             (``None`` where there is nothing to measure: a CPU, no NVML).
         actors: actor processes that ran on it.
+        seconds_to_baseline: from the last of its actors' exit to its memory being back
+            (``None`` where it did not come back or there is nothing to measure).
+        holders: the processes NVML listed on it at the end, as (pid, MiB, command line);
+            where it is not back at baseline, these hold the memory.
     """
 
     key: str
@@ -127,6 +189,8 @@ class GpuRecord:
     after_mib: float | None
     back_at_baseline: bool | None
     actors: int
+    seconds_to_baseline: float | None = None
+    holders: tuple[tuple[int, float, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,6 +248,8 @@ class JobSummary:
                     f"  {g.key}: baseline {_mib(g.baseline_mib)}, peak {_mib(g.peak_mib)}, after {_mib(g.after_mib)}"
                     f" ({'back at baseline' if g.back_at_baseline else 'NOT back at baseline'}); {g.actors} actor(s)"
                 )
+                if not g.back_at_baseline:
+                    lines += [f"    held by pid {pid} ({mib:.0f} MiB): {cmd}" for pid, mib, cmd in g.holders]
         for a in self.actors:
             lines.append(
                 f"  actor {a.actor_id[:8]} pid {a.pid} on {a.node} {a.device}: {a.status}, "
@@ -296,27 +362,37 @@ class JobReport:
         )
 
     def _gpu_records(self, by_device: dict[str, list[dict[str, Any]]], wait: float) -> list[GpuRecord]:
-        # After the job: one probe per node waits for the job's processes there to exit,
-        # then reads each GPU's memory, so a CUDA context still held shows as not at baseline.
-        nodes: dict[str, tuple[set[int], set[str]]] = {}
-        for rows in by_device.values():
+        # After the job: one probe per node waits for the job's processes there to exit and
+        # its GPUs to come back, then reads each GPU, so a CUDA context still held (and its
+        # holder) shows.
+        nodes: dict[str, tuple[set[int], dict[str, float]]] = {}
+        baselines: dict[str, float | None] = {}
+        for key, rows in by_device.items():
+            readings = [r["baseline_device_mib"] for r in rows if r.get("baseline_device_mib") is not None]
+            baselines[key] = min(readings) if readings else None
             for r in rows:
-                pids, gpus = nodes.setdefault(r["node_id"], (set(), set()))
+                pids, gpus = nodes.setdefault(r["node_id"], (set(), {}))
                 pids.add(r["pid"])
-                gpus.update(g for g in r["gpu"].split(",") if g)
-        after: dict[tuple[str, str], float] = {}
+                for g in filter(None, r["gpu"].split(",")):
+                    base = baselines[key]
+                    gpus[g] = min(gpus.get(g, math.inf), math.inf if base is None else base)
+        after: dict[tuple[str, str], dict[str, Any]] = {}
         for node_id, (pids, gpus) in nodes.items():
-            _, used = ray.get(_probe_on(node_id).remote(sorted(pids), sorted(gpus), wait))
-            after.update({(node_id, g): mib for g, mib in used.items()})
+            known = {g: b for g, b in gpus.items() if b != math.inf}
+            _, used = ray.get(
+                _probe_on(node_id).remote(sorted(pids), sorted(gpus), wait, known, self.tolerance_mib),
+                timeout=wait + 60,
+            )
+            after.update({(node_id, g): reading for g, reading in used.items()})
         records = []
         for key, rows in sorted(by_device.items()):
-            baselines = [r["baseline_device_mib"] for r in rows if r.get("baseline_device_mib") is not None]
             peaks = [r["peak_device_mib"] for r in rows if r.get("peak_device_mib") is not None]
             gpu_ids = rows[0]["gpu"].split(",") if rows[0]["gpu"] else []
             readings = [after[(rows[0]["node_id"], g)] for g in gpu_ids if (rows[0]["node_id"], g) in after]
-            baseline = min(baselines) if baselines else None
-            after_mib = max(readings) if readings else None
+            baseline = baselines[key]
+            after_mib = max(r["used_mib"] for r in readings) if readings else None
             back = None if baseline is None or after_mib is None else after_mib <= baseline + self.tolerance_mib
+            settled = [r["seconds_to_baseline"] for r in readings]
             records.append(
                 GpuRecord(
                     key=key,
@@ -325,6 +401,8 @@ class JobReport:
                     after_mib=after_mib,
                     back_at_baseline=back,
                     actors=len(rows),
+                    seconds_to_baseline=max(settled) if back and settled and None not in settled else None,
+                    holders=tuple(tuple(h) for r in readings for h in r["holders"]),  # type: ignore[misc]
                 )
             )
         return records
