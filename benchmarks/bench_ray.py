@@ -6,7 +6,9 @@ between them (this script only reads NVML; it never creates a CUDA context):
 1. ``loop``: a child process opens ``ModelSession`` on the first card and parses the
    documents one after another (the baseline: no Ray);
 2. ``ray_1gpu``: ``parse_dataset`` with one actor (``num_gpus=1``) on a local Ray;
-3. ``ray_2gpu``: the same with two actors, one per card.
+3. ``ray_2gpu``: the same with two actors, one per card;
+4. ``loop_after`` (when named in ``--phases``): the loop again; the Ray-against-loop ratio then
+   uses the two loops' mean, so the machine's drift over the run is not counted as Ray's cost.
 
 Every phase parses the same ``--docs`` one-page documents (generated text PDFs, or
 ``--corpus`` PDFs cycled and cut to their first page), with ``preload="all"`` so that no
@@ -391,7 +393,7 @@ def main() -> None:
             before = _used(cards)
             sampler.phase = phase
             print(f"=== {phase} ({len(rows)} documents) {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
-            if phase == "loop":
+            if phase in ("loop", "loop_after"):
                 result[phase] = _loop(args, rows, pages, Path(tmp))
             elif phase in ("ray_1gpu", "ray_2gpu"):
                 if not ray_started:
@@ -418,6 +420,10 @@ def main() -> None:
     result["after_shutdown"] = _cards_phase(cards, result["baseline_mib"], args.settle_timeout)
     # Compared without each worker's first document (see _steady); the full-window rates are in each phase.
     rate = {p: (result.get(p) or {}).get("steady_docs_per_s") for p in ("loop", "ray_1gpu", "ray_2gpu")}
+    if rate["loop"] and (result.get("loop_after") or {}).get("steady_docs_per_s"):
+        # A loop before and after the Ray phases: their mean tells the machine's drift from Ray's cost.
+        rate["loop"] = statistics.fmean([rate["loop"], result["loop_after"]["steady_docs_per_s"]])
+        result["loop_mean_docs_per_s"] = round(rate["loop"], 4)
     if rate["ray_1gpu"] and rate["ray_2gpu"]:
         result["ratio_2gpu_vs_1gpu"] = round(rate["ray_2gpu"] / rate["ray_1gpu"], 4)
     if rate["ray_1gpu"] and rate["loop"]:
