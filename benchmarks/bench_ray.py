@@ -283,7 +283,9 @@ def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path
 # --- phases 2 and 3: parse_dataset ---------------------------------------------------------------
 
 
-def _ray_phase(args: Any, rows: list[dict[str, str]], pages: str | None, actors: int) -> dict[str, Any]:
+def _ray_phase(
+    args: Any, rows: list[dict[str, str]], pages: str | None, actors: int, cpus: int | None = None
+) -> dict[str, Any]:
     import ray
 
     from mineru_vram.ray import JobReport, parse_dataset
@@ -296,7 +298,7 @@ def _ray_phase(args: Any, rows: list[dict[str, str]], pages: str | None, actors:
         backend=args.backend,
         concurrency=actors,
         num_gpus=num_gpus,
-        num_cpus=args.cpus_per_actor,
+        num_cpus=cpus or args.cpus_per_actor,
         pages=pages,
         session_options={"models_dir": args.models_dir, "preload": "all", "trust_env": False},
         report=report,
@@ -395,7 +397,7 @@ def main() -> None:
             print(f"=== {phase} ({len(rows)} documents) {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
             if phase in ("loop", "loop_after"):
                 result[phase] = _loop(args, rows, pages, Path(tmp))
-            elif phase in ("ray_1gpu", "ray_2gpu"):
+            elif phase.split("/")[0] in ("ray_1gpu", "ray_2gpu"):
                 if not ray_started:
                     import ray
 
@@ -407,7 +409,11 @@ def main() -> None:
                         object_store_memory=1024**3,
                     )
                     ray_started = True
-                result[phase] = _ray_phase(args, rows, pages, actors=1 if phase == "ray_1gpu" else 2)
+                # "ray_1gpu/15": the phase with 15 CPUs per actor (Ray sets its OMP_NUM_THREADS to that)
+                name, _, cpus = phase.partition("/")
+                actors = 1 if name == "ray_1gpu" else 2
+                result[phase] = _ray_phase(args, rows, pages, actors=actors, cpus=int(cpus) if cpus else None)
+                result[phase]["cpus_per_actor"] = int(cpus) if cpus else args.cpus_per_actor
             else:
                 sys.exit(f"unknown phase {phase}")
             sampler.phase = "idle"
