@@ -189,6 +189,12 @@ def _steady(spans: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
     }
 
 
+def _median_timings(timings: list[dict[str, float]]) -> dict[str, float]:
+    """Each phase of the parse (``ParseResult.timings``: MinerU's run, the conversion) at its median."""
+    keys = sorted({k for t in timings for k in t})
+    return {k: round(statistics.median(t[k] for t in timings if k in t), 4) for k in keys}
+
+
 # --- documents ---------------------------------------------------------------------------------
 
 
@@ -229,11 +235,11 @@ def _loop_child(config_path: str) -> None:
     t0 = time.perf_counter()
     session.open()
     load_s = time.perf_counter() - t0
-    spans, errors = [], 0
+    spans, errors, timings = [], 0, []
     for row in cfg["rows"]:
         start = time.time()
         try:
-            session.parse(row["path"], pages=cfg["pages"], name=row["name"])
+            timings.append(dict(session.parse(row["path"], pages=cfg["pages"], name=row["name"]).timings))
         except Exception:
             errors += 1
         spans.append((start, time.time()))
@@ -250,6 +256,7 @@ def _loop_child(config_path: str) -> None:
                 "window_s": round(window, 3),
                 "docs_per_s": round(len(cfg["rows"]) / window, 4) if window else None,
                 "median_doc_s": round(statistics.median(per_doc), 4) if per_doc else None,
+                "median_timings_s": _median_timings(timings),
                 "release": str(session.release_report),
                 "release_ok": session.release_report.ok if session.release_report else None,
             }
@@ -329,6 +336,7 @@ def _ray_phase(
         "wall_s": round(wall, 3),
         "wall_docs_per_s": round(len(rows) / wall, 4),
         "median_doc_s": round(statistics.median(row["seconds"] for row in out), 4) if out else None,
+        "median_timings_s": _median_timings([json.loads(row["timings"]) for row in out if row["error_type"] is None]),
         "docs_per_actor": dict(collections.Counter(f"{row['node']}:{row['pid']}/gpu{row['gpu']}" for row in out)),
         "summary": str(summary),
         "summary_ok": summary.ok,
