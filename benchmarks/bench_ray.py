@@ -28,10 +28,16 @@ processes that still hold it if it is not); then ``ratio_2gpu_vs_1gpu`` (target 
 ``ray_1gpu_vs_loop`` (target at least 0.95) and whether every card is back at its
 baseline and no document was lost.
 
+With ``--profile DIR``, ``py-spy`` samples each phase's parsing process (the loop's child, the
+first Ray actor) for ``--profile-seconds`` and the JSON gets each function's share of the samples,
+overall and inside ``ModelSession.parse``: where a document's time goes on each side.
+
 Usage (GPU machine with two cards; random-weight models are written if missing):
 
     python benchmarks/bench_ray.py --models-dir /tmp/mv-models --docs 200 --out ray.json
     python benchmarks/bench_ray.py --docs 4 --device cpu        # CPU smoke run (1 then 2 CPU actors)
+    python benchmarks/bench_ray.py --docs 80 --phases loop,ray_1gpu,loop_after --cpus-per-actor 16 \
+        --profile /tmp/prof --py-spy /tmp/site/bin/py-spy --out ray.json   # one GPU, with profiles
 """
 
 from __future__ import annotations
@@ -221,6 +227,88 @@ def _documents(args: Any, folder: Path) -> tuple[list[dict[str, str]], str | Non
     return rows, None
 
 
+# --- profiles (py-spy), optional ---------------------------------------------------------------
+
+
+class _Profile:
+    """``py-spy record`` of one process for ``--profile-seconds``, summed up by function.
+
+    The loop's process and a Ray actor are sampled the same way (wall clock, idle threads
+    included, so waits on the GPU show), so the two summaries say where a document's time
+    goes on each side.
+    """
+
+    def __init__(self, args: Any, name: str) -> None:
+        self.args = args
+        self.path = Path(args.profile) / f"{name}.txt" if args.profile else None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, pid: int) -> None:
+        if self.path is None or self.proc is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [self.args.py_spy, "record", "--pid", str(pid), "--duration", str(self.args.profile_seconds)]
+        argv += ["--rate", "100", "--idle", "--nonblocking", "--format", "raw", "--output", str(self.path)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start_later(self, pid: int, delay: float) -> None:
+        if self.path is not None:
+            threading.Timer(delay, self.start, args=(pid,)).start()
+
+    def finish(self) -> dict[str, Any] | None:
+        if self.proc is None or self.path is None:
+            return None
+        try:
+            _, err = self.proc.communicate(timeout=self.args.profile_seconds + 60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return {"error": "py-spy did not finish"}
+        if not self.path.is_file():
+            return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}"}
+        return _profile_summary(self.path.read_text(encoding="utf-8", errors="replace"))
+
+
+def _profile_summary(raw: str, top: int = 25) -> dict[str, Any]:
+    """Collapsed stacks ("thread;frame;... count") to each function's share of the samples.
+
+    ``inclusive``/``leaf`` count every thread; ``in_parse``/``in_parse_leaf`` only the stacks
+    inside ``ModelSession.parse``, as shares of those: where a document's time goes.
+    """
+    counts: dict[str, collections.Counter[str]] = {k: collections.Counter() for k in ("all", "leaf", "parse", "pleaf")}
+    totals = {"all": 0, "parse": 0}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        # "func (path/to/file.py:123)" -> "func (file.py)": lines of one function add up
+        frames = [_frame(f) for f in stack.split(";")[1:]]  # the first is the process or thread
+        parts = ("all", "parse") if "ModelSession.parse (_session.py)" in frames else ("all",)
+        for part in parts:
+            totals[part] += n
+            for frame in set(frames):
+                counts[part][frame] += n
+            if frames:
+                counts["leaf" if part == "all" else "pleaf"][frames[-1]] += n
+
+    def share(part: str, total: int) -> list[tuple[str, float]]:
+        return [(f, round(n / total, 4)) for f, n in counts[part].most_common(top)] if total else []
+
+    return {
+        "samples": totals["all"],
+        "parse_samples": totals["parse"],
+        "in_parse": share("parse", totals["parse"]),
+        "in_parse_leaf": share("pleaf", totals["parse"]),
+        "inclusive": share("all", totals["all"]),
+        "leaf": share("leaf", totals["all"]),
+    }
+
+
+def _frame(frame: str) -> str:
+    name, _, where = frame.partition(" (")
+    return f"{name} ({Path(where.rstrip(')').rsplit(':', 1)[0]).name})" if where else name
+
+
 # --- phase 1: the plain loop, in a child process -------------------------------------------------
 
 
@@ -264,7 +352,7 @@ def _loop_child(config_path: str) -> None:
     )
 
 
-def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path) -> dict[str, Any]:
+def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path, name: str) -> dict[str, Any]:
     config = folder / "loop.json"
     device = "cpu" if args.device == "cpu" else "cuda:0"
     config.write_text(
@@ -276,14 +364,23 @@ def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path
     if device != "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "0"  # one card, as a Ray actor with num_gpus=1 sees it
     t0 = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, __file__, "--loop-child", str(config)], capture_output=True, text=True, env=env, check=False
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--loop-child", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
+    profile = _Profile(args, name)
+    profile.start_later(child.pid, args.profile_delay)  # once the models are loaded
+    stdout, stderr = child.communicate()
     wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        return {"error": f"loop child exited {done.returncode}", "stderr": done.stderr[-3000:]}
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if child.returncode != 0:
+        return {"error": f"loop child exited {child.returncode}", "stderr": stderr[-3000:]}
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     result["wall_s"] = round(wall, 3)
+    if (summary := profile.finish()) is not None:
+        result["profile"] = summary
     return result
 
 
@@ -291,7 +388,7 @@ def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path
 
 
 def _ray_phase(
-    args: Any, rows: list[dict[str, str]], pages: str | None, actors: int, cpus: int | None = None
+    args: Any, rows: list[dict[str, str]], pages: str | None, actors: int, cpus: int | None = None, name: str = "ray"
 ) -> dict[str, Any]:
     import ray
 
@@ -311,8 +408,13 @@ def _ray_phase(
         report=report,
     )
     t0 = time.perf_counter()
-    out = list(ds.iter_rows())
+    profile = _Profile(args, name)
+    out = []
+    for row in ds.iter_rows():
+        profile.start(row["pid"])  # the first row: the actor has loaded and parses (one actor is profiled)
+        out.append(row)
     wall = time.perf_counter() - t0
+    profiled = profile.finish()
     summary = report.summary(timeout=120)
     names = collections.Counter(row["name"] for row in out)
     expected = {row["name"] for row in rows}
@@ -343,6 +445,7 @@ def _ray_phase(
         "gpus": [dataclasses.asdict(g) for g in summary.gpus],
         "actor_load_s": [round(a.load_seconds, 3) for a in summary.actors],
         "receipts": [str(a.receipt) for a in summary.actors],
+        **({"profile": profiled} if profiled is not None else {}),
     }
 
 
@@ -362,6 +465,10 @@ def main() -> None:
     ap.add_argument(
         "--settle-timeout", type=float, default=60.0, help="seconds a card may take to come back after a phase"
     )
+    ap.add_argument("--profile", default=None, help="a folder: py-spy each phase's parsing process into it")
+    ap.add_argument("--profile-seconds", type=int, default=30)
+    ap.add_argument("--profile-delay", type=float, default=30.0, help="seconds before the loop's profile starts")
+    ap.add_argument("--py-spy", default="py-spy", help="the py-spy program")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.loop_child:
@@ -404,7 +511,7 @@ def main() -> None:
             sampler.phase = phase
             print(f"=== {phase} ({len(rows)} documents) {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
             if phase in ("loop", "loop_after"):
-                result[phase] = _loop(args, rows, pages, Path(tmp))
+                result[phase] = _loop(args, rows, pages, Path(tmp), phase)
             elif phase.split("/")[0] in ("ray_1gpu", "ray_2gpu"):
                 if not ray_started:
                     import ray
@@ -420,7 +527,9 @@ def main() -> None:
                 # "ray_1gpu/15": the phase with 15 CPUs per actor (Ray sets its OMP_NUM_THREADS to that)
                 name, _, cpus = phase.partition("/")
                 actors = 1 if name == "ray_1gpu" else 2
-                result[phase] = _ray_phase(args, rows, pages, actors=actors, cpus=int(cpus) if cpus else None)
+                result[phase] = _ray_phase(
+                    args, rows, pages, actors=actors, cpus=int(cpus) if cpus else None, name=phase.replace("/", "-")
+                )
                 result[phase]["cpus_per_actor"] = int(cpus) if cpus else args.cpus_per_actor
             else:
                 sys.exit(f"unknown phase {phase}")
