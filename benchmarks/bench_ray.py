@@ -318,7 +318,12 @@ def _loop_child(config_path: str) -> None:
 
     cfg = json.loads(Path(config_path).read_text())
     session = ModelSession(
-        cfg["backend"], device=cfg["device"], models_dir=cfg["models_dir"], preload="all", trust_env=False
+        cfg["backend"],
+        device=cfg["device"],
+        models_dir=cfg["models_dir"],
+        preload="all",
+        gc_freeze=cfg["gc_freeze"],
+        trust_env=False,
     )
     t0 = time.perf_counter()
     session.open()
@@ -357,7 +362,14 @@ def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path
     device = "cpu" if args.device == "cpu" else "cuda:0"
     config.write_text(
         json.dumps(
-            {"backend": args.backend, "device": device, "models_dir": args.models_dir, "rows": rows, "pages": pages}
+            {
+                "backend": args.backend,
+                "device": device,
+                "models_dir": args.models_dir,
+                "rows": rows,
+                "pages": pages,
+                "gc_freeze": args.gc_freeze == "on",
+            }
         )
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(args.cpus_per_actor))
@@ -404,7 +416,12 @@ def _ray_phase(
         num_gpus=num_gpus,
         num_cpus=cpus or args.cpus_per_actor,
         pages=pages,
-        session_options={"models_dir": args.models_dir, "preload": "all", "trust_env": False},
+        session_options={
+            "models_dir": args.models_dir,
+            "preload": "all",
+            "gc_freeze": args.gc_freeze == "on",
+            "trust_env": False,
+        },
         report=report,
     )
     t0 = time.perf_counter()
@@ -465,6 +482,12 @@ def main() -> None:
     ap.add_argument(
         "--settle-timeout", type=float, default=60.0, help="seconds a card may take to come back after a phase"
     )
+    ap.add_argument(
+        "--gc-freeze",
+        choices=("on", "off"),
+        default="on",
+        help="the sessions' gc_freeze, the same on both sides (Ray actors default to on, your process to off)",
+    )
     ap.add_argument("--profile", default=None, help="a folder: py-spy each phase's parsing process into it")
     ap.add_argument("--profile-seconds", type=int, default=30)
     ap.add_argument("--profile-delay", type=float, default=30.0, help="seconds before the loop's profile starts")
@@ -500,6 +523,7 @@ def main() -> None:
         "documents": "corpus, first page" if args.corpus else "generated one-page text PDFs",
         "cpus_per_actor": args.cpus_per_actor,
         "docs_per_block": args.docs_per_block,
+        "gc_freeze": args.gc_freeze,
         "models_ready_s": round(models_s, 3),
         "baseline_mib": _used(cards),
     }

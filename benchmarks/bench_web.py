@@ -64,7 +64,10 @@ def loop_child(args: Any) -> None:
 
     docs, pages = _documents(args)
     t0 = time.perf_counter()
-    with mv.ModelSession(args.backend, device=args.device, models_dir=args.models_dir) as session:
+    # The loop's session freezes the collector as the shape's does (the isolated worker does by default).
+    with mv.ModelSession(
+        args.backend, device=args.device, models_dir=args.models_dir, gc_freeze=args.shape == "isolated"
+    ) as session:
         opened = time.perf_counter() - t0
         for doc in docs:
             session.parse(doc, pages=pages[doc])
@@ -121,7 +124,7 @@ _CHILD = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0]
 
 def _child_args(args: Any) -> list[str]:
     out = [str(Path(__file__).resolve()), "--loop-child", "--corpus", args.corpus, "--backend", args.backend]
-    out += ["--device", args.device, "--loop-requests", str(args.loop_requests)]
+    out += ["--device", args.device, "--loop-requests", str(args.loop_requests), "--shape", args.shape]
     if args.models_dir:
         out += ["--models-dir", args.models_dir]
     if args.max_pages is not None:

@@ -387,3 +387,39 @@ def test_ten_cycles_do_not_grow_live_tensors_or_rss(random_models_dir: Path) -> 
     assert tensors1 - tensors0 <= 0, f"live tensors grew from {tensors0} to {tensors1}"
     # RSS tolerance: glibc keeps freed arenas; 10 loads of ~200 MB of weights must not accumulate.
     assert rss1 - rss0 < 300, f"RSS grew {rss1 - rss0:.0f} MiB over 10 cycles"
+
+
+def test_gc_freeze_is_off_in_your_process_unless_asked_and_undone_before_release() -> None:
+    gc.unfreeze()
+    with mv.ModelSession("flash", device="cpu", trust_env=False) as s:
+        assert not s.settings.gc_freeze
+        assert gc.get_freeze_count() == 0, "the user's process is not frozen by default"
+    assert mv.ModelSession("flash", device="cpu", isolation="process", trust_env=False).settings.gc_freeze, (
+        "on by default in the worker, the library's own process"
+    )
+    with mv.ModelSession("flash", device="cpu", gc_freeze=True, trust_env=False) as s:
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000, "the loaded stack left the collector's generations"
+        assert s.parse(make_pdf(1, paragraphs=("Frozen", "A page parsed while frozen."))).markdown
+        assert gc.get_freeze_count() > frozen // 2, "still frozen while the session is open"
+    assert gc.get_freeze_count() == 0, "unfrozen before release"
+    report = s.release_report
+    assert report is not None
+    assert report.ok
+    assert "gc.unfreeze" in [name for name, _ in report.steps]
+
+
+@pytest.mark.slow
+def test_frozen_models_are_still_released(random_models_dir: Path) -> None:
+    # A frozen object is never collected by gc.collect(); the release must unfreeze first, or
+    # models held in reference cycles would stay alive (and on the GPU).
+    gc.unfreeze()
+    with mv.ModelSession("pipeline", device="cpu", models_dir=random_models_dir, gc_freeze=True, trust_env=False) as s:
+        assert gc.get_freeze_count() > 100_000
+        s.parse(make_pdf(1, paragraphs=("Frozen models", "They are released all the same.")))
+    report = s.release_report
+    assert report is not None
+    assert report.models_released > 0
+    assert report.models_alive == []
+    assert report.ok
+    assert gc.get_freeze_count() == 0

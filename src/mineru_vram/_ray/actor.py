@@ -133,6 +133,7 @@ class _SessionOwner:
     ) -> None:
         self.where = _where()
         options = dict(session_options or {})
+        options.setdefault("gc_freeze", True)  # the actor's process is ours, as an isolated worker's is
         device = _device_for(self.where["gpu"], options)
         options.pop("device", None)
         self.pages = pages
