@@ -79,17 +79,9 @@ def _used(cards: list[int]) -> dict[str, float | None]:
     NVML numbers cards physically and ignores ``CUDA_VISIBLE_DEVICES``; reading them through a
     ``cuda:N`` ordinal (run E3 did) maps ``cuda:2`` under ``CUDA_VISIBLE_DEVICES=2,3`` to no card.
     """
-    from mineru_vram._probe import MIB, _nvml
+    from mineru_vram._probe import card_memory
 
-    nvml = _nvml()
-    out: dict[str, float | None] = {}
-    for card in cards:
-        try:
-            info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(card)) if nvml else None
-        except Exception:
-            info = None
-        out[str(card)] = None if info is None else round(info.used / MIB, 1)
-    return out
+    return {str(card): None if (info := card_memory(card)) is None else round(info.used_mib, 1) for card in cards}
 
 
 class CardSampler:
@@ -123,26 +115,9 @@ class CardSampler:
 
 def _holders(cards: list[int]) -> dict[str, list[tuple[int, float, str]]]:
     """The processes NVML lists on each card, as (pid, MiB, command line)."""
-    import psutil
+    from mineru_vram._probe import card_memory, holders
 
-    from mineru_vram._probe import _device_memory, _nvml
-
-    nvml = _nvml()
-    out: dict[str, list[tuple[int, float, str]]] = {}
-    for card in cards:
-        try:
-            info = _device_memory(nvml.nvmlDeviceGetHandleByIndex(card), card) if nvml else None
-        except Exception:
-            info = None
-        rows = []
-        for proc in info.processes if info else ():
-            try:
-                cmd = " ".join(psutil.Process(proc.pid).cmdline())[:160]
-            except psutil.Error:
-                cmd = proc.name
-            rows.append((proc.pid, round(proc.used_mib, 1), cmd))
-        out[str(card)] = rows
-    return out
+    return {str(card): holders(info) if (info := card_memory(card)) else [] for card in cards}
 
 
 def _cards_phase(cards: list[int], before: dict[str, float | None], wait: float) -> dict[str, Any]:

@@ -280,6 +280,36 @@ def _process_name(pid: int) -> str:
         return ""
 
 
+def card_memory(nvml_index: int) -> DeviceMemory | None:
+    """One card by its NVML index (physical numbering: ``CUDA_VISIBLE_DEVICES`` does not apply).
+
+    For readers that watch whole cards from outside the processes that use them (a Ray
+    node's probe, a benchmark's driver); ``None`` where NVML cannot tell.
+    """
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        handle = nvml.nvmlDeviceGetHandleByIndex(nvml_index)
+    except Exception:
+        return None
+    return _device_memory(handle, nvml_index)
+
+
+def holders(info: DeviceMemory, width: int = 200) -> list[tuple[int, float, str]]:
+    """The processes NVML lists on a card, as (pid, MiB, command line or name): who holds its memory."""
+    import psutil
+
+    out = []
+    for proc in info.processes:
+        try:
+            command = " ".join(psutil.Process(proc.pid).cmdline())[:width]
+        except psutil.Error:
+            command = ""
+        out.append((proc.pid, round(proc.used_mib, 1), command or proc.name))
+    return out
+
+
 def process_memory_mib(device: str = "cuda:0", pid: int | None = None) -> float | None:
     """NVML's figure for one process on one device, in MiB.
 

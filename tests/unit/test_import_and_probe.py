@@ -138,3 +138,25 @@ def test_cuda_visible_devices_by_uuid_maps_to_nvmls_card(monkeypatch: pytest.Mon
     assert _probe._nvml_handle(2) == "card-MIG-1234"
     assert _probe._nvml_handle(3) is None, "past the visible list: no card"
     assert asked == [("uuid", "GPU-8c3f1a2b-0000-1111-2222-333344445555"), ("index", 3), ("uuid", "MIG-1234")]
+
+
+def test_holders_name_each_process_on_a_card_by_its_command_line() -> None:
+    import os
+
+    from mineru_vram._probe import DeviceMemory, ProcessMemory, holders
+
+    card = DeviceMemory(
+        index=0,
+        name="stand-in card",
+        total_mib=1000.0,
+        used_mib=700.0,
+        free_mib=300.0,
+        processes=(ProcessMemory(pid=os.getpid(), used_mib=692.04, name="python"),),
+    )
+    [(pid, mib, command)] = holders(card)
+    assert pid == os.getpid()
+    assert mib == 692.0
+    assert "pytest" in command or "python" in command
+    ghost = ProcessMemory(pid=2**22 + 7, used_mib=5.0, name="ghost")
+    gone = DeviceMemory(index=0, name="x", total_mib=1.0, used_mib=1.0, free_mib=0.0, processes=(ghost,))
+    assert holders(gone) == [(2**22 + 7, 5.0, "ghost")], "a process that is gone keeps the name NVML gave"

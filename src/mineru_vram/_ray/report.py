@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,30 +58,17 @@ def _node_probe(
         except psutil.Error:
             return False
 
-    from mineru_vram._probe import _device_memory, _nvml
-
-    nvml = _nvml() if gpus else None
+    from mineru_vram._probe import card_memory, holders
 
     def read() -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for gpu in gpus:
-            try:
-                info = _device_memory(nvml.nvmlDeviceGetHandleByIndex(int(gpu)), int(gpu)) if nvml else None
-            except Exception:
-                info = None
-            if info is not None:
-                out[gpu] = info
-        return out
+        cards = {gpu: card_memory(int(gpu)) for gpu in gpus}
+        return {gpu: info for gpu, info in cards.items() if info is not None}
 
     left, settled = settle(
         lambda: [p for p in pids if alive(p)], read, baselines or {}, tolerance=tolerance, timeout=wait
     )
     used = {
-        gpu: {
-            "used_mib": info.used_mib,
-            "seconds_to_baseline": settled.get(gpu),
-            "holders": [(p.pid, round(p.used_mib, 1), _command_line(p.pid) or p.name) for p in info.processes],
-        }
+        gpu: {"used_mib": info.used_mib, "seconds_to_baseline": settled.get(gpu), "holders": holders(info)}
         for gpu, info in read().items()
     }
     return left, used
@@ -120,15 +106,6 @@ def settle(
         if now - start >= timeout:
             return left, back
         time.sleep(interval)
-
-
-def _command_line(pid: int) -> str:
-    try:
-        import psutil
-
-        return " ".join(psutil.Process(pid).cmdline())[:200]
-    except Exception:
-        return ""
 
 
 @dataclass(frozen=True)
@@ -365,20 +342,20 @@ class JobReport:
         # After the job: one probe per node waits for the job's processes there to exit and
         # its GPUs to come back, then reads each GPU, so a CUDA context still held (and its
         # holder) shows.
-        nodes: dict[str, tuple[set[int], dict[str, float]]] = {}
+        nodes: dict[str, tuple[set[int], set[str], dict[str, float]]] = {}
         baselines: dict[str, float | None] = {}
         for key, rows in by_device.items():
             readings = [r["baseline_device_mib"] for r in rows if r.get("baseline_device_mib") is not None]
-            baselines[key] = min(readings) if readings else None
+            base = baselines[key] = min(readings) if readings else None
             for r in rows:
-                pids, gpus = nodes.setdefault(r["node_id"], (set(), {}))
+                pids, gpus, known = nodes.setdefault(r["node_id"], (set(), set(), {}))
                 pids.add(r["pid"])
                 for g in filter(None, r["gpu"].split(",")):
-                    base = baselines[key]
-                    gpus[g] = min(gpus.get(g, math.inf), math.inf if base is None else base)
+                    gpus.add(g)
+                    if base is not None:
+                        known[g] = min(known.get(g, base), base)
         after: dict[tuple[str, str], dict[str, Any]] = {}
-        for node_id, (pids, gpus) in nodes.items():
-            known = {g: b for g, b in gpus.items() if b != math.inf}
+        for node_id, (pids, gpus, known) in nodes.items():
             _, used = ray.get(
                 _probe_on(node_id).remote(sorted(pids), sorted(gpus), wait, known, self.tolerance_mib),
                 timeout=wait + 60,
