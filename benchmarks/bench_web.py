@@ -358,21 +358,15 @@ def _wait_for_baseline(device: str, baseline: Any, timeout: float = 60.0) -> flo
     """Seconds until the device is back within the tolerance of ``baseline`` (``None``: not within ``timeout``).
 
     The driver frees an exited process's memory a little after the exit, so a reading taken at
-    the moment the server is gone can still show its worker or its context.
+    the moment the server is gone can still show its worker or its context. The wait is the
+    isolated session's own (``wait_device_back``), with the server's processes already gone.
     """
-    import mineru_vram as mv
-    from mineru_vram._probe import poll_until
+    from mineru_vram._worker.device import wait_device_back
 
-    if baseline.device_info is None:
-        return None
-    limit = baseline.device_info.used_mib + MIB_TOLERANCE_AFTER
-
-    def back() -> bool:
-        info = mv.vram_snapshot(device).device_info
-        return info is not None and info.used_mib <= limit
-
-    met, waited = poll_until(back, timeout=timeout, interval=0.1)
-    return round(waited, 3) if met else None
+    met, _, seconds, _ = wait_device_back(
+        device, baseline.device_info, (), tolerance_mib=MIB_TOLERANCE_AFTER, timeout=timeout
+    )
+    return None if not met or seconds is None else round(seconds, 3)
 
 
 def _after_shutdown(args: Any, baseline: Any, after: Any, receipt: dict[str, Any] | None) -> dict[str, Any]:
