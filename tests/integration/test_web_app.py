@@ -185,6 +185,22 @@ def _by_id(events: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]
     return out
 
 
+def _ended_events(server: WebServer, count: int, timeout: float = 10.0) -> dict[str, dict[str, dict[str, Any]]]:
+    """The ``/parse`` events once ``count`` requests have their ``end`` (at most ``timeout`` s).
+
+    The recorder writes a request's ``end`` when the app returns, which is after the client has
+    the response: read at once, the last requests' ends may not be written yet.
+    """
+    events: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def ended() -> bool:
+        events.update(_by_id(server.events()))
+        return sum("end" in e for e in events.values()) >= count
+
+    wait_for(ended, timeout=timeout, interval=0.05)
+    return events
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -252,7 +268,7 @@ def test_32_clients_get_every_request_answered_and_none_lost(
             assert o.body["detail"]["error"] == u.error, (u.name, o.body)
             message = o.body["detail"]["message"]
             assert message.startswith(u.name) or "pages=" in message, message
-    events = _by_id(server.events())
+    events = _ended_events(server, len(outcomes))
     assert set(events) == {o.id for o in outcomes}
     assert all(e["end"]["status"] == next(o.status for o in outcomes if o.id == i) for i, e in events.items())
     # The models were shared by every request: one session parsed them all, and it still serves.
