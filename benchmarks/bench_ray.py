@@ -44,9 +44,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -303,14 +306,20 @@ def _loop_child(config_path: str) -> None:
     t0 = time.perf_counter()
     session.open()
     load_s = time.perf_counter() - t0
+    # "loop_thread": each parse in one worker thread, as Ray Data's wrapper runs a callable class
+    # (the models loaded on the main thread, the parses on another): the thread's share of Ray's cost.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if cfg.get("thread") else None
     spans, errors, timings = [], 0, []
     for row in cfg["rows"]:
         start = time.time()
         try:
-            timings.append(dict(session.parse(row["path"], pages=cfg["pages"], name=row["name"]).timings))
+            call = functools.partial(session.parse, row["path"], pages=cfg["pages"], name=row["name"])
+            timings.append(dict((pool.submit(call).result() if pool else call()).timings))
         except Exception:
             errors += 1
         spans.append((start, time.time()))
+    if pool is not None:
+        pool.shutdown()
     session.close()
     per_doc = [end - start for start, end in spans]
     window = spans[-1][1] - spans[0][0] if spans else 0.0
@@ -344,6 +353,7 @@ def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path
                 "rows": rows,
                 "pages": pages,
                 "gc_freeze": args.gc_freeze == "on",
+                "thread": name == "loop_thread",
             }
         )
     )
@@ -509,9 +519,9 @@ def main() -> None:
             before = _used(cards)
             sampler.phase = phase
             print(f"=== {phase} ({len(rows)} documents) {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
-            if phase in ("loop", "loop_after"):
+            if phase in ("loop", "loop_thread", "loop_after"):
                 result[phase] = _loop(args, rows, pages, Path(tmp), phase)
-            elif phase.split("/")[0] in ("ray_1gpu", "ray_2gpu"):
+            elif re.split(r"[/@]", phase)[0] in ("ray_1gpu", "ray_2gpu"):
                 if not ray_started:
                     import ray
 
@@ -523,12 +533,18 @@ def main() -> None:
                         object_store_memory=1024**3,
                     )
                     ray_started = True
-                # "ray_1gpu/15": the phase with 15 CPUs per actor (Ray sets its OMP_NUM_THREADS to that)
-                name, _, cpus = phase.partition("/")
+                # "ray_1gpu/15": the phase with 15 CPUs per actor (Ray sets its OMP_NUM_THREADS to that);
+                # "ray_1gpu@open": each call on the thread that opened the session, not in Ray Data's pool
+                import mineru_vram.ray
+
+                spec, _, where = phase.partition("@")
+                name, _, cpus = spec.partition("/")
                 actors = 1 if name == "ray_1gpu" else 2
+                mineru_vram.ray._PARSE_ON_OPEN_THREAD = where == "open"
                 result[phase] = _ray_phase(
-                    args, rows, pages, actors=actors, cpus=int(cpus) if cpus else None, name=phase.replace("/", "-")
+                    args, rows, pages, actors=actors, cpus=int(cpus) if cpus else None, name=re.sub(r"[/@]", "-", phase)
                 )
+                result[phase]["parse_thread"] = "open" if where == "open" else "ray_data_pool"
                 result[phase]["cpus_per_actor"] = int(cpus) if cpus else args.cpus_per_actor
             else:
                 sys.exit(f"unknown phase {phase}")
@@ -550,6 +566,14 @@ def main() -> None:
         result["ratio_2gpu_vs_1gpu"] = round(rate["ray_2gpu"] / rate["ray_1gpu"], 4)
     if rate["ray_1gpu"] and rate["loop"]:
         result["ray_1gpu_vs_loop"] = round(rate["ray_1gpu"] / rate["loop"], 4)
+    if rate["loop"]:
+        # every one-GPU variant against the loop (the threads, the CPUs per actor)
+        result["vs_loop"] = {
+            p: round(r / rate["loop"], 4)
+            for p in phases
+            if p not in ("loop", "loop_after") and not p.startswith("ray_2gpu")
+            if (r := (result.get(p) or {}).get("steady_docs_per_s"))
+        }
     ray_phases = [p for p in ("ray_1gpu", "ray_2gpu") if p in result]
     backs = [b for p in phases if p in result for b in result[p]["cards"]["back_at_baseline"].values()]
     backs += list(result["after_shutdown"]["back_at_baseline"].values())

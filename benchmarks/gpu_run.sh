@@ -60,6 +60,8 @@ for arg in "$@"; do
           pin=(); [ -n "${RAY2_CPUS:-}" ] && pin=(taskset -c "$RAY2_CPUS")
           CUDA_VISIBLE_DEVICES=${RAY2_GPUS:-0,1} $T "${pin[@]}" python3 benchmarks/bench_ray.py --models-dir $MODELS \
                --docs ${RAY_DOCS:-200} --phases ray_2gpu ${RAY2_ARGS:-} --out $R/ray2.json 2>$R/ray2.err | tail -60 ;;
+    gc) $T python3 benchmarks/bench_gc.py --models-dir $MODELS --corpus $CORPUS --device cuda:0 --pages ${GC_PAGES:-20} \
+               --rounds ${GC_ROUNDS:-2} --out $R/gc.json 2>$R/gc.err | tail -30 ;;
     web) for shape in ${WEB_SHAPES:-isolated session}; do
            $T python3 benchmarks/bench_web.py --models-dir $MODELS --corpus $CORPUS --shape $shape \
                --requests ${WEB_REQUESTS:-1000} --loop-requests ${WEB_LOOP:-200} --max-pages ${MAXPAGES:-1} \

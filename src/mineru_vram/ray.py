@@ -147,10 +147,7 @@ def parse_dataset(
     if concurrency is None:
         gpus = cluster_gpus()
         concurrency = max(1, int(gpus // num_gpus)) if num_gpus and gpus else 1
-    if isinstance(concurrency, tuple):
-        compute = ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
-    else:
-        compute = ray.data.ActorPoolStrategy(size=concurrency)
+    compute = _actor_pool(concurrency)
     remote_args = dict(ray_remote_args or {})
     if max_restarts is not None:
         remote_args["max_restarts"] = max_restarts
@@ -174,6 +171,23 @@ def parse_dataset(
         num_cpus=num_cpus,
         **remote_args,
     )
+
+
+# Where an actor runs each call: True, on the thread that opened the session (Ray Data's
+# ``enable_true_multi_threading`` with one call at a time); False, in Ray Data's default
+# one-thread pool beside it. A benchmark switch (benchmarks/bench_ray.py), not an API.
+_PARSE_ON_OPEN_THREAD = False
+
+
+def _actor_pool(concurrency: int | tuple[int, int]) -> Any:
+    size = (
+        {"min_size": concurrency[0], "max_size": concurrency[1]}
+        if isinstance(concurrency, tuple)
+        else {"size": concurrency}
+    )
+    if _PARSE_ON_OPEN_THREAD:
+        return ray.data.ActorPoolStrategy(**size, enable_true_multi_threading=True)
+    return ray.data.ActorPoolStrategy(**size)
 
 
 def parser_actor(
