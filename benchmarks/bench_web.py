@@ -45,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,17 @@ def _child_args(args: Any) -> list[str]:
 # --- the service ---------------------------------------------------------------------------------------
 
 
-async def _drive(url: str, plan: list[tuple[Path, str | None]], clients: int, payloads: dict[Path, bytes]) -> Any:
-    """``clients`` concurrent clients share ``plan``; returns (first send, last answer, records)."""
+async def _drive(
+    url: str,
+    plan: list[tuple[Path, str | None]],
+    clients: int,
+    payloads: dict[Path, bytes],
+    progress: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> Any:
+    """``clients`` concurrent clients share ``plan``; returns (first send, last answer, records).
+
+    ``progress`` is called with the records so far after each answer.
+    """
     import httpx
 
     todo = iter(plan)
@@ -156,10 +166,40 @@ async def _drive(url: str, plan: list[tuple[Path, str | None]], clients: int, pa
                 records.append(
                     {"done": time.perf_counter(), "seconds": time.perf_counter() - t, "status": answer.status_code}
                 )
+                if progress is not None:
+                    progress(records)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     return t0, time.perf_counter(), records
+
+
+def _progress(args: Any, tl: Any, t0: float) -> Callable[[list[dict[str, Any]]], None]:
+    """A line on stderr every ``--progress-every`` answers: a run cut off (a lent machine taken back)
+    still tells how far it got and what the memory did on the way."""
+    me = os.getpid()
+
+    def report(records: list[dict[str, Any]]) -> None:
+        n = len(records)
+        if not args.progress_every or (n % args.progress_every and n != args.requests):
+            return
+        elapsed = time.perf_counter() - t0
+        bad = sum(1 for r in records if r["status"] != 200)
+        last = tl.samples[-1] if tl.samples else None
+        memory = (
+            ""
+            if last is None
+            else f"; device {last.device_used_mib} MiB, server GPU {last.gpu_mib} MiB, "
+            f"server RSS {last.rss_mib - last.rss_by_pid.get(me, 0.0):.1f} MiB"
+        )
+        print(
+            f"progress {time.strftime('%H:%M:%S')}: {n}/{args.requests} answered, {bad} not 200, "
+            f"{elapsed:.1f} s, {n / elapsed:.3f} requests/s{memory}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return report
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -226,6 +266,9 @@ def main() -> None:
     ap.add_argument("--hz", type=float, default=10.0, help="timeline samples per second")
     ap.add_argument("--growth-tolerance-mib", type=float, default=64.0)
     ap.add_argument("--no-loop-after", action="store_true")
+    ap.add_argument(
+        "--progress-every", type=int, default=50, help="a progress line on stderr every N answers (0: none)"
+    )
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds any one phase may take")
     ap.add_argument("--out", default="bench_web.json")
     ap.add_argument("--loop-child", action="store_true", help=argparse.SUPPRESS)
@@ -287,7 +330,9 @@ def main() -> None:
                 asyncio.run(_drive(server.url, warm, 1, payloads))
             plan = [(docs[i % len(docs)], pages[docs[i % len(docs)]]) for i in range(args.requests)]
             with tl.phase("service"):
-                t_first, t_last, records = asyncio.run(_drive(server.url, plan, args.clients, payloads))
+                t_first, t_last, records = asyncio.run(
+                    _drive(server.url, plan, args.clients, payloads, _progress(args, tl, time.perf_counter()))
+                )
             with tl.phase("shutdown"):
                 code = server.terminate(args.timeout)
         finally:

@@ -5,6 +5,10 @@
 # results back:
 #   bash benchmarks/gpu_background.sh start "<lane>" "<lane>" ...   # after gpu_setup.sh; returns at once
 #   bash benchmarks/gpu_background.sh wait 570                      # until done or 570 s; results to $OUT
+# The background run lives only as long as the machine: it goes back 30 s after a call ends and after
+# 30 minutes held (at the end of the call then in flight), whatever runs. So the wait calls must follow
+# one another at once, and set-up plus the run must end inside those 30 minutes; run H lost two
+# 1,000-request web runs to a few minutes' pause between calls and to the 30-minute mark.
 set -u
 case ${1:-} in
   start)
