@@ -138,3 +138,15 @@ def test_a_card_not_back_names_the_processes_that_hold_it() -> None:
     text = str(ray_module.JobSummary(documents=10, failed=0, seconds=5.0, actors=(actor,), gpus=(gpu,)))
     assert "NOT back at baseline" in text
     assert "held by pid 4242 (698 MiB): ray::IDLE" in text
+
+
+@pytest.mark.parametrize("on_open_thread", [False, True])
+def test_the_actor_pool_runs_one_call_at_a_time_on_the_thread_asked_for(
+    monkeypatch: pytest.MonkeyPatch, on_open_thread: bool
+) -> None:
+    # bench_ray's "@open" phases flip this switch; the pool's size and one call at a time stay.
+    monkeypatch.setattr(ray_module, "_PARSE_ON_OPEN_THREAD", on_open_thread)
+    pool = ray_module._actor_pool((1, 3))
+    assert (pool.min_size, pool.max_size) == (1, 3)
+    assert pool.max_concurrent_calls_per_actor is None  # Ray's default: one call at a time
+    assert bool(getattr(pool, "_enable_true_multi_threading", False)) is on_open_thread
