@@ -180,14 +180,14 @@ _PARSE_ON_OPEN_THREAD = False
 
 
 def _actor_pool(concurrency: int | tuple[int, int]) -> Any:
-    size = (
+    options: dict[str, Any] = (
         {"min_size": concurrency[0], "max_size": concurrency[1]}
         if isinstance(concurrency, tuple)
         else {"size": concurrency}
     )
     if _PARSE_ON_OPEN_THREAD:
-        return ray.data.ActorPoolStrategy(**size, enable_true_multi_threading=True)
-    return ray.data.ActorPoolStrategy(**size)
+        options["enable_true_multi_threading"] = True
+    return ray.data.ActorPoolStrategy(**options)
 
 
 def parser_actor(

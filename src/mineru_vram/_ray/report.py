@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ class ActorRecord:
         load_seconds: time to open the session.
         peak_process_mib: the process's peak GPU memory by NVML (sampled).
         receipt: the session's :class:`~mineru_vram.ReleaseReport` (``closed`` only).
+        node_id: Ray's id of the node (several nodes can share an address: containers on
+            one host's network, a test cluster on one machine).
     """
 
     actor_id: str
@@ -139,6 +142,7 @@ class ActorRecord:
     load_seconds: float = 0.0
     peak_process_mib: float | None = None
     receipt: ReleaseReport | None = None
+    node_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,8 @@ class GpuRecord:
     """One GPU (or one node's CPU) of the job.
 
     Attributes:
-        key: ``"<node>/GPU<id>"`` (``"<node>/cpu"`` for CPU actors).
+        key: ``"<node>/GPU<id>"`` (``"<node>/cpu"`` for CPU actors); where nodes share an
+            address, ``"<node>#<first 8 of the node id>/GPU<id>"``, so two nodes' cards stay apart.
         baseline_mib: device memory used before the job's first session on it loaded
             (NVML, the lowest reading of the actors that opened there).
         peak_mib: the highest device memory used while the job ran (sampled).
@@ -227,9 +232,13 @@ class JobSummary:
                 )
                 if not g.back_at_baseline:
                     lines += [f"    held by pid {pid} ({mib:.0f} MiB): {cmd}" for pid, mib, cmd in g.holders]
+        # how many nodes each address has: an actor's node is named where the address is ambiguous
+        shared = collections.Counter(node for node, _ in {(a.node, a.node_id) for a in self.actors})
         for a in self.actors:
             lines.append(
-                f"  actor {a.actor_id[:8]} pid {a.pid} on {a.node} {a.device}: {a.status}, "
+                f"  actor {a.actor_id[:8]} pid {a.pid} on {a.node}"
+                + (f" (node {a.node_id[:8]})" if a.node_id and shared.get(a.node, 0) > 1 else "")
+                + f" {a.device}: {a.status}, "
                 f"{a.documents} documents, loaded in {a.load_seconds:.1f} s"
                 + ("" if a.receipt is None else f"; receipt {'ok' if a.receipt.ok else 'NOT OK'}")
             )
@@ -255,7 +264,10 @@ class JobReport:
     """
 
     def __init__(self, *, tolerance_mib: float = 64.0) -> None:
-        self.collector = _Collector.remote()
+        # On this process's node, so that it lives as long as the driver does: placed anywhere,
+        # it could die with a worker node that leaves mid-job and take every actor's figures along.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.collector = _Collector.options(scheduling_strategy=here).remote()
         self.tolerance_mib = tolerance_mib
 
     def summary(self, *, timeout: float = 60.0, grace: float = 10.0) -> JobSummary:
@@ -292,8 +304,9 @@ class JobReport:
             by_node.setdefault(state[key]["info"]["node_id"], []).append(key[1])
         alive: set[int] = set()
         for node_id, pids in by_node.items():
-            still, _ = ray.get(_probe_on(node_id).remote(pids, [], 0.0))
-            alive.update(still)
+            probed = _probe(node_id, pids, [], 0.0)
+            if probed is not None:  # a node that left the cluster took its processes with it
+                alive.update(probed[0])
         return {key for key in keys if key[1] not in alive}
 
     def _summarise(
@@ -304,6 +317,9 @@ class JobReport:
         documents = failed = 0
         first: float | None = None
         last: float | None = None
+        node_ids: dict[str, set[str]] = {}  # address -> the nodes there
+        for entry in state.values():
+            node_ids.setdefault(entry["info"]["node"], set()).add(entry["info"]["node_id"])
         for key, entry in sorted(state.items(), key=lambda kv: kv[1]["info"]["started"]):
             info, progress = entry["info"], entry["progress"]
             status = "closed" if entry["closed"] else ("died" if key in dead else "running")
@@ -320,6 +336,7 @@ class JobReport:
                     load_seconds=info["load_seconds"],
                     peak_process_mib=progress.get("peak_process_mib"),
                     receipt=entry["receipt"],
+                    node_id=info["node_id"],
                 )
             )
             documents += progress.get("documents", 0)
@@ -327,21 +344,32 @@ class JobReport:
             if progress.get("first_start") is not None:
                 first = progress["first_start"] if first is None else min(first, progress["first_start"])
                 last = progress["last_end"] if last is None else max(last, progress["last_end"])
-            device_key = f"{info['node']}/" + (f"GPU{info['gpu']}" if info["gpu"] else "cpu")
+            node = info["node"] if len(node_ids[info["node"]]) == 1 else f"{info['node']}#{info['node_id'][:8]}"
+            device_key = f"{node}/" + (f"GPU{info['gpu']}" if info["gpu"] else "cpu")
             by_device.setdefault(device_key, []).append({**info, **progress})
-        gpus = self._gpu_records(by_device, wait)
+        gpus, lost = self._gpu_records(by_device, wait)
+        addresses = {entry["info"]["node_id"]: entry["info"]["node"] for entry in state.values()}
+        notes = tuple(
+            f"node {node_id[:8]} ({addresses[node_id]}) left the cluster during the job: its actors died with it "
+            "and its devices could not be read after"
+            for node_id in sorted(lost)
+        )
         return JobSummary(
             documents=documents,
             failed=failed,
             seconds=0.0 if first is None or last is None else last - first,
             actors=tuple(actors),
             gpus=tuple(gpus),
+            notes=notes,
         )
 
-    def _gpu_records(self, by_device: dict[str, list[dict[str, Any]]], wait: float) -> list[GpuRecord]:
-        # After the job: one probe per node waits for the job's processes there to exit and
-        # its GPUs to come back, then reads each GPU, so a CUDA context still held (and its
-        # holder) shows.
+    def _gpu_records(self, by_device: dict[str, list[dict[str, Any]]], wait: float) -> tuple[list[GpuRecord], set[str]]:
+        """Each device's record, and the nodes that could not be probed (gone from the cluster).
+
+        After the job, one probe per node waits for the job's processes there to exit and its
+        GPUs to come back, then reads each GPU, so a CUDA context still held (and its holder)
+        shows.
+        """
         nodes: dict[str, tuple[set[int], set[str], dict[str, float]]] = {}
         baselines: dict[str, float | None] = {}
         for key, rows in by_device.items():
@@ -355,12 +383,13 @@ class JobReport:
                     if base is not None:
                         known[g] = min(known.get(g, base), base)
         after: dict[tuple[str, str], dict[str, Any]] = {}
+        lost: set[str] = set()
         for node_id, (pids, gpus, known) in nodes.items():
-            _, used = ray.get(
-                _probe_on(node_id).remote(sorted(pids), sorted(gpus), wait, known, self.tolerance_mib),
-                timeout=wait + 60,
-            )
-            after.update({(node_id, g): reading for g, reading in used.items()})
+            probed = _probe(node_id, sorted(pids), sorted(gpus), wait, known, self.tolerance_mib)
+            if probed is None:
+                lost.add(node_id)
+                continue
+            after.update({(node_id, g): reading for g, reading in probed[1].items()})
         records = []
         for key, rows in sorted(by_device.items()):
             peaks = [r["peak_device_mib"] for r in rows if r.get("peak_device_mib") is not None]
@@ -382,7 +411,7 @@ class JobReport:
                     holders=tuple(tuple(h) for r in readings for h in r["holders"]),  # type: ignore[misc]
                 )
             )
-        return records
+        return records, lost
 
 
 def _latest_incarnations(state: Mapping[tuple[str, int], dict[str, Any]]) -> dict[str, tuple[str, int]]:
@@ -394,5 +423,17 @@ def _latest_incarnations(state: Mapping[tuple[str, int], dict[str, Any]]) -> dic
     return latest
 
 
-def _probe_on(node_id: str) -> Any:
-    return _node_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False))
+def _probe(node_id: str, pids: Sequence[int], gpus: Sequence[str], wait: float, *args: Any) -> Any:
+    """:func:`_node_probe` run on ``node_id``; ``None`` where that node has left the cluster.
+
+    Bounded: ``wait`` s for the probe's own wait, plus 60 s for Ray to place and run it.
+    """
+    if node_id not in {n["NodeID"] for n in ray.nodes() if n.get("Alive")}:  # type: ignore[no-untyped-call]
+        return None
+    strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+    try:
+        return ray.get(
+            _node_probe.options(scheduling_strategy=strategy).remote(pids, gpus, wait, *args), timeout=wait + 60
+        )
+    except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError):
+        return None  # the node left between the check and the probe
