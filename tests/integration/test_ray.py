@@ -14,7 +14,9 @@ import collections
 import contextlib
 import json
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,20 +41,27 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def _ray_owner() -> Iterator[None]:
-    """Shuts down the module's local Ray at the end, whichever test started it last."""
-    yield
+def ray_folder() -> Iterator[str]:
+    """The folder of the module's Ray sessions; shuts down its local Ray at the end, whichever test started it last.
+
+    A short private folder of /tmp (mkdtemp: mode 0700): Ray's sockets live under it, and
+    AF_UNIX paths end at 107 bytes, which pytest-xdist's temporary folders come within a byte of
+    (and pass with a second node's socket names).
+    """
+    folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    yield folder
     if ray.is_initialized():
         ray.shutdown()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
-def local_ray(_ray_owner: None, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def local_ray(ray_folder: str) -> Any:
     """A local Ray of two CPUs and no dashboard, started once for the module (again after a test shut it down)."""
-    return _start_ray(tmp_path_factory)
+    return _start_ray(ray_folder)
 
 
-def _start_ray(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def _start_ray(folder: str) -> Any:
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
@@ -60,7 +69,7 @@ def _start_ray(tmp_path_factory: pytest.TempPathFactory) -> Any:
             include_dashboard=False,
             log_to_driver=False,
             object_store_memory=256 * 1024 * 1024,
-            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+            _temp_dir=folder,
         )
     return ray
 
@@ -202,14 +211,13 @@ def test_an_online_actor_parses_requests_and_returns_its_receipt(local_ray: Any)
     assert all_gone([where["pid"]], timeout=30)
 
 
-@pytest.mark.usefixtures("_ray_owner")
-def test_nothing_is_left_running_after_shutdown(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+def test_nothing_is_left_running_after_shutdown(ray_folder: str, tmp_path: Path) -> None:
     # Processes this test process had before Ray started (multiprocessing's resource tracker,
     # started by an earlier test's parse) are not Ray's and live on.
     if ray.is_initialized():
         ray.shutdown()
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    _start_ray(tmp_path_factory)
+    _start_ray(ray_folder)
     # isolation="process": each actor's session runs in a mineru-vram worker process of its own.
     docs = _pdfs(tmp_path, 2)
     dataset = parse_dataset(docs, backend="flash", concurrency=1, session_options={"isolation": "process"})
@@ -245,9 +253,8 @@ def test_nothing_is_left_running_after_shutdown(tmp_path_factory: pytest.TempPat
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("_ray_owner")
 def test_a_cluster_of_two_nodes_loses_one_mid_job_and_every_document_comes_out_once(
-    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    ray_folder: str, tmp_path: Path
 ) -> None:
     # A real multi-node Ray: a head and a worker node (their own GCS and raylets, one CPU each, so
     # one actor lands on each), reached as docs/scale-out.md says, with ray.init(address=...).
@@ -261,7 +268,7 @@ def test_a_cluster_of_two_nodes_loses_one_mid_job_and_every_document_comes_out_o
     node_args = {"num_cpus": 1, "num_gpus": 0, "object_store_memory": 128 * 1024 * 1024}
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={**node_args, "include_dashboard": False, "temp_dir": str(tmp_path_factory.mktemp("ray"))},
+        head_node_args={**node_args, "include_dashboard": False, "temp_dir": ray_folder},
     )
     try:
         worker_node = cluster.add_node(**node_args)
