@@ -150,3 +150,19 @@ def test_the_actor_pool_runs_one_call_at_a_time_on_the_thread_asked_for(
     assert (pool.min_size, pool.max_size) == (1, 3)
     assert pool.max_concurrent_calls_per_actor is None  # Ray's default: one call at a time
     assert bool(getattr(pool, "_enable_true_multi_threading", False)) is on_open_thread
+
+
+def test_a_gpu_whose_node_left_is_reported_unread_and_named_in_a_note() -> None:
+    gpu = ray_module.GpuRecord(
+        key="10.0.0.2/GPU0", baseline_mib=500.0, peak_mib=9000.0, after_mib=None, back_at_baseline=None, actors=1
+    )
+    actor = ray_module.ActorRecord(
+        actor_id="b" * 32, pid=7, node="10.0.0.2", gpu="0", device="cuda:0", status="died", node_id="c" * 56
+    )
+    note = "node cccccccc (10.0.0.2) left the cluster during the job: its actors died with it"
+    summary = ray_module.JobSummary(documents=3, failed=0, seconds=1.0, actors=(actor,), gpus=(gpu,), notes=(note,))
+    text = str(summary)
+    assert "10.0.0.2/GPU0: baseline 500 MiB, peak 9000 MiB, not read after the job (see the notes)" in text
+    assert f"note: {note}" in text
+    assert "(node cccccccc)" not in text, "one node at that address: its address names it"
+    assert summary.ok, "an unread GPU of a node that left is not a failure; the note says why"

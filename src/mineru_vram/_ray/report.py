@@ -223,7 +223,12 @@ class JobSummary:
             + ("ok" if self.ok else "NOT OK")
         ]
         for g in self.gpus:
-            if g.back_at_baseline is None:
+            if g.back_at_baseline is None and g.baseline_mib is not None:  # a GPU whose node left
+                lines.append(
+                    f"  {g.key}: baseline {_mib(g.baseline_mib)}, peak {_mib(g.peak_mib)}, not read after the job"
+                    f" (see the notes); {g.actors} actor(s)"
+                )
+            elif g.back_at_baseline is None:
                 lines.append(f"  {g.key}: {g.actors} actor(s), no GPU memory to measure")
             else:
                 lines.append(
