@@ -173,10 +173,14 @@ async def _drive(
     return t0, time.perf_counter(), records
 
 
+def _server_rss_mib(sample: Any) -> float:
+    """The server's processes' host RSS in a timeline sample: this process is followed too and left out."""
+    return float(sample.rss_mib - sample.rss_by_pid.get(os.getpid(), 0.0))
+
+
 def _progress(args: Any, tl: Any, t0: float) -> Callable[[list[dict[str, Any]]], None]:
     """A line on stderr every ``--progress-every`` answers: a run cut off (a lent machine taken back)
     still tells how far it got and what the memory did on the way."""
-    me = os.getpid()
 
     def report(records: list[dict[str, Any]]) -> None:
         n = len(records)
@@ -189,7 +193,7 @@ def _progress(args: Any, tl: Any, t0: float) -> Callable[[list[dict[str, Any]]],
             ""
             if last is None
             else f"; device {last.device_used_mib} MiB, server GPU {last.gpu_mib} MiB, "
-            f"server RSS {last.rss_mib - last.rss_by_pid.get(me, 0.0):.1f} MiB"
+            f"server RSS {_server_rss_mib(last):.1f} MiB"
         )
         print(
             f"progress {time.strftime('%H:%M:%S')}: {n}/{args.requests} answered, {bad} not 200, "
@@ -364,11 +368,10 @@ def main() -> None:
     service_phase = next(p for p in tl.phases() if p.name == "service")
     offset = service_phase.start - t_first  # timeline seconds = perf_counter + offset
     done_at = [r["done"] + offset for r in records]
-    me = os.getpid()
     readings = {  # the server's processes (this one holds no GPU memory; its RSS is left out)
         "device_used_mib": lambda s: s.device_used_mib,
         "server_gpu_mib": lambda s: s.gpu_mib,
-        "server_rss_mib": lambda s: s.rss_mib - s.rss_by_pid.get(me, 0.0),
+        "server_rss_mib": _server_rss_mib,
     }
     result["memory"] = {
         name: _growth(tl.samples, service_phase, done_at, read, args.growth_tolerance_mib)

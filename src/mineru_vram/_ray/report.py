@@ -308,8 +308,9 @@ class JobReport:
         for key in keys:
             by_node.setdefault(state[key]["info"]["node_id"], []).append(key[1])
         alive: set[int] = set()
+        nodes = _alive_nodes()
         for node_id, pids in by_node.items():
-            probed = _probe(node_id, pids, [], 0.0)
+            probed = _probe(node_id, nodes, pids, [], 0.0)
             if probed is not None:  # a node that left the cluster took its processes with it
                 alive.update(probed[0])
         return {key for key in keys if key[1] not in alive}
@@ -322,9 +323,8 @@ class JobReport:
         documents = failed = 0
         first: float | None = None
         last: float | None = None
-        node_ids: dict[str, set[str]] = {}  # address -> the nodes there
-        for entry in state.values():
-            node_ids.setdefault(entry["info"]["node"], set()).add(entry["info"]["node_id"])
+        addresses = {entry["info"]["node_id"]: entry["info"]["node"] for entry in state.values()}
+        nodes_at = collections.Counter(addresses.values())  # an address of several nodes names each node
         for key, entry in sorted(state.items(), key=lambda kv: kv[1]["info"]["started"]):
             info, progress = entry["info"], entry["progress"]
             status = "closed" if entry["closed"] else ("died" if key in dead else "running")
@@ -349,11 +349,10 @@ class JobReport:
             if progress.get("first_start") is not None:
                 first = progress["first_start"] if first is None else min(first, progress["first_start"])
                 last = progress["last_end"] if last is None else max(last, progress["last_end"])
-            node = info["node"] if len(node_ids[info["node"]]) == 1 else f"{info['node']}#{info['node_id'][:8]}"
+            node = info["node"] if nodes_at[info["node"]] == 1 else f"{info['node']}#{info['node_id'][:8]}"
             device_key = f"{node}/" + (f"GPU{info['gpu']}" if info["gpu"] else "cpu")
             by_device.setdefault(device_key, []).append({**info, **progress})
         gpus, lost = self._gpu_records(by_device, wait)
-        addresses = {entry["info"]["node_id"]: entry["info"]["node"] for entry in state.values()}
         notes = tuple(
             f"node {node_id[:8]} ({addresses[node_id]}) left the cluster during the job: its actors died with it "
             "and its devices could not be read after"
@@ -389,8 +388,9 @@ class JobReport:
                         known[g] = min(known.get(g, base), base)
         after: dict[tuple[str, str], dict[str, Any]] = {}
         lost: set[str] = set()
+        alive = _alive_nodes()
         for node_id, (pids, gpus, known) in nodes.items():
-            probed = _probe(node_id, sorted(pids), sorted(gpus), wait, known, self.tolerance_mib)
+            probed = _probe(node_id, alive, sorted(pids), sorted(gpus), wait, known, self.tolerance_mib)
             if probed is None:
                 lost.add(node_id)
                 continue
@@ -428,12 +428,18 @@ def _latest_incarnations(state: Mapping[tuple[str, int], dict[str, Any]]) -> dic
     return latest
 
 
-def _probe(node_id: str, pids: Sequence[int], gpus: Sequence[str], wait: float, *args: Any) -> Any:
+def _alive_nodes() -> set[str]:
+    """The ids of the cluster's nodes that are alive now (one question to the GCS)."""
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}  # type: ignore[no-untyped-call]
+
+
+def _probe(node_id: str, alive: set[str], pids: Sequence[int], gpus: Sequence[str], wait: float, *args: Any) -> Any:
     """:func:`_node_probe` run on ``node_id``; ``None`` where that node has left the cluster.
 
-    Bounded: ``wait`` s for the probe's own wait, plus 60 s for Ray to place and run it.
+    ``alive``: :func:`_alive_nodes`, asked once by the caller for all its probes. Bounded:
+    ``wait`` s for the probe's own wait, plus 60 s for Ray to place and run it.
     """
-    if node_id not in {n["NodeID"] for n in ray.nodes() if n.get("Alive")}:  # type: ignore[no-untyped-call]
+    if node_id not in alive:
         return None
     strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
     try:
