@@ -171,10 +171,16 @@ def _steady(spans: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
     if not firsts or count == 0:
         return {"steady_docs": count, "steady_window_s": None, "steady_docs_per_s": None}
     window = max(ends) - min(firsts)
+    # the share of the window the workers spent inside parse: what is left is the harness's own
+    # cost between documents (Ray Data's scheduling and transfers, or the loop's bookkeeping),
+    # measured inside one phase and so untouched by the machine's drift between phases
+    busy = sum(end - start for s in spans.values() for start, end in sorted(s)[1:])
     return {
         "steady_docs": count,
         "steady_window_s": round(window, 3),
         "steady_docs_per_s": round(count / window, 4) if window > 0 else None,
+        "steady_busy_share": round(busy / (window * len(firsts)), 4) if window > 0 else None,
+        "steady_gap_s_per_doc": round((window * len(firsts) - busy) / count, 4),
     }
 
 
