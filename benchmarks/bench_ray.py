@@ -15,6 +15,13 @@ then alternate, each Ray phase is compared with the loops on either side of it, 
 the median of those pairs. On a shared machine the loops alone drifted by up to 30 % within a
 run (run H, docs/BENCHMARKS.md), more than the 5 % being judged; ``loop_spread`` says by how much.
 
+Variants of a Ray phase: ``ray_1gpu/15`` gives the actor 15 CPUs; ``ray_1gpu@pool`` runs each call
+in Ray Data's one-thread pool, its default for a callable class (``mineru_vram.ray`` runs them on
+the actor's task thread, ``@open``); ``ray_1gpu!0`` starts the actor at niceness 0 (Ray's workers
+run at 15). Each phase records the cores its processes kept busy (``cpu_cores``: the parsing
+process and its children, the driver, Ray's other processes), and the share of its window spent
+inside ``parse`` (``steady_busy_share``): figures that the drift between phases does not touch.
+
 Every phase parses the same ``--docs`` one-page documents (generated text PDFs, or
 ``--corpus`` PDFs cycled and cut to their first page), with ``preload="all"`` so that no
 model loads inside the timed window. Rates are documents over the parsing window (first
@@ -119,6 +126,101 @@ class CardSampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+
+
+class TreeCpu:
+    """CPU seconds used by this script's process tree per phase, process by process (psutil).
+
+    Ray's own processes (GCS, raylet, idle workers) and the driver's Ray Data executor share the
+    machine's cores with the actor's parse; the loop has none of them. Their CPU over a phase is
+    a measure of Ray's cost that the machine's drift between phases does not touch.
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.phase = "idle"
+        self.used: dict[str, dict[int, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+        self.parents: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.niceness: dict[int, int] = {}
+        self.started: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+        self._last: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-cpu", daemon=True)
+
+    def sample(self) -> None:
+        with self._lock:
+            self._sample()
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    total = times.user + times.system
+                    self.parents[proc.pid] = proc.ppid()
+                    self.names.setdefault(proc.pid, proc.name())
+                    self.niceness[proc.pid] = proc.nice()
+            except psutil.Error:
+                continue
+            self.used[self.phase][proc.pid] += total - self._last.get(proc.pid, 0.0)
+            self._last[proc.pid] = total
+
+    def enter(self, phase: str) -> None:
+        with self._lock:
+            self._sample()  # what ran so far goes to the phase that ends
+            if self.phase != "idle":
+                self.ended[self.phase] = time.time()
+            self.phase = phase
+            if phase != "idle":
+                self.started[phase] = time.time()
+
+    def cores(self, phase: str, parse_pids: set[int]) -> dict[str, Any] | None:
+        """Mean cores used over the phase: by the parsing processes (and their children), the driver, the rest.
+
+        ``others_top`` names the busiest of the rest (Ray's raylet, GCS, idle workers) by process name.
+        """
+        seconds = self.ended.get(phase, time.time()) - self.started.get(phase, time.time())
+        if seconds <= 0:
+            return None
+
+        def parse(pid: int) -> bool:
+            for _ in range(64):  # up the parent chain: MinerU's render workers count as the parse
+                if pid in parse_pids:
+                    return True
+                if (pid := self.parents.get(pid, 0)) <= 1:
+                    return False
+            return False
+
+        split = {"parse": 0.0, "driver": 0.0, "others": 0.0}
+        others: collections.Counter[str] = collections.Counter()
+        for pid, cpu in self.used.get(phase, {}).items():
+            kind = "parse" if parse(pid) else "driver" if pid == os.getpid() else "others"
+            split[kind] += cpu
+            if kind == "others":
+                others[self.names.get(pid, "?")] += cpu
+        return {
+            **{k: round(v / seconds, 3) for k, v in split.items()},
+            "others_top": {name: round(cpu / seconds, 3) for name, cpu in others.most_common(4)},
+            "parse_niceness": sorted({self.niceness[pid] for pid in parse_pids if pid in self.niceness}),
+        }
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> TreeCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _holders(cards: list[int]) -> dict[str, list[tuple[int, float, str]]]:
@@ -442,6 +544,7 @@ def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path
         return {"error": f"loop child exited {child.returncode}", "stderr": stderr[-3000:]}
     result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     result["wall_s"] = round(wall, 3)
+    result["pids"] = [child.pid]
     if (summary := profile.finish()) is not None:
         result["profile"] = summary
     return result
@@ -451,7 +554,13 @@ def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path
 
 
 def _ray_phase(
-    args: Any, rows: list[dict[str, str]], pages: str | None, actors: int, cpus: int | None = None, name: str = "ray"
+    args: Any,
+    rows: list[dict[str, str]],
+    pages: str | None,
+    actors: int,
+    cpus: int | None = None,
+    name: str = "ray",
+    niceness: int | None = None,
 ) -> dict[str, Any]:
     import ray
 
@@ -474,6 +583,10 @@ def _ray_phase(
             "trust_env": False,
         },
         report=report,
+        # the actors' niceness (Ray starts its workers at 15, a plain process runs at 0)
+        ray_remote_args=(
+            None if niceness is None else {"runtime_env": {"env_vars": {"RAY_worker_niceness": str(niceness)}}}
+        ),
     )
     t0 = time.perf_counter()
     profile = _Profile(args, name)
@@ -507,6 +620,7 @@ def _ray_phase(
         "wall_docs_per_s": round(len(rows) / wall, 4),
         "median_doc_s": round(statistics.median(row["seconds"] for row in out), 4) if out else None,
         "median_timings_s": _median_timings([json.loads(row["timings"]) for row in out if row["error_type"] is None]),
+        "pids": sorted({row["pid"] for row in out}),
         "docs_per_actor": dict(collections.Counter(f"{row['node']}:{row['pid']}/gpu{row['gpu']}" for row in out)),
         "summary": str(summary),
         "summary_ok": summary.ok,
@@ -578,16 +692,17 @@ def main() -> None:
         "models_ready_s": round(models_s, 3),
         "baseline_mib": _used(cards),
     }
-    with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp, CardSampler(cards) as sampler:
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp, CardSampler(cards) as sampler, TreeCpu() as cpu:
         rows, pages = _documents(args, Path(tmp))
         ray_started = False
         for phase in phases:
             before = _used(cards)
             sampler.phase = phase
+            cpu.enter(phase)
             print(f"=== {phase} ({len(rows)} documents) {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
             if _base(phase) in ("loop", "loop_thread", "loop_after"):
                 result[phase] = _loop(args, rows, pages, Path(tmp), phase.replace("#", "-"))
-            elif re.split(r"[/@]", _base(phase))[0] in ("ray_1gpu", "ray_2gpu"):
+            elif re.split(r"[/@!]", _base(phase))[0] in ("ray_1gpu", "ray_2gpu"):
                 if not ray_started:
                     import ray
 
@@ -600,26 +715,32 @@ def main() -> None:
                     )
                     ray_started = True
                 # "ray_1gpu/15": the phase with 15 CPUs per actor (Ray sets its OMP_NUM_THREADS to that);
-                # "ray_1gpu@open": each call on the thread that opened the session, not in Ray Data's pool
+                # "ray_1gpu@pool": each call in Ray Data's one-thread pool (its default for a callable
+                # class), not on the actor's task thread that opened the session (ours; "@open" says it);
+                # "ray_1gpu!0": the actors at niceness 0 (Ray's workers run at 15 unless told)
                 import mineru_vram.ray
 
-                spec, _, where = _base(phase).partition("@")
+                spec, _, nice = _base(phase).partition("!")
+                spec, _, where = spec.partition("@")
                 name, _, cpus = spec.partition("/")
                 actors = 1 if name == "ray_1gpu" else 2
-                mineru_vram.ray._PARSE_ON_OPEN_THREAD = where == "open"
+                mineru_vram.ray._PARSE_ON_OPEN_THREAD = where != "pool"
                 result[phase] = _ray_phase(
                     args,
                     rows,
                     pages,
                     actors=actors,
                     cpus=int(cpus) if cpus else None,
-                    name=re.sub(r"[/@#]", "-", phase),
+                    name=re.sub(r"[/@#!]", "-", phase),
+                    niceness=int(nice) if nice else None,
                 )
-                result[phase]["parse_thread"] = "open" if where == "open" else "ray_data_pool"
+                result[phase]["parse_thread"] = "ray_data_pool" if where == "pool" else "open"
                 result[phase]["cpus_per_actor"] = int(cpus) if cpus else args.cpus_per_actor
             else:
                 sys.exit(f"unknown phase {phase}")
             sampler.phase = "idle"
+            cpu.enter("idle")
+            result[phase]["cpu_cores"] = cpu.cores(phase, set(result[phase].get("pids", [])))
             result[phase]["cards"] = _cards_phase(cards, before, args.settle_timeout)
             result[phase]["cards"]["peak_mib"] = sampler.peaks.get(phase, {})
         if ray_started:

@@ -102,7 +102,8 @@ def parse_dataset(
     """Parse PDFs with a pool of Ray actors, one ModelSession each, into a Dataset of rows.
 
     Nothing runs until the Dataset is consumed (``take_all``, ``iter_rows``,
-    ``write_parquet``, ...); Ray shows the progress. Each document gives one row with
+    ``write_parquet``, ...); Ray shows the progress. Each actor parses one document at a
+    time on its task thread, the thread that opened its session. Each document gives one row with
     the columns of :data:`RESULT_SCHEMA` (``name``, ``markdown``, ``content_list`` as
     JSON text, ``page_count``, ``started``, ``seconds``, ``timings``, ``error_type`` and ``error``
     for a document that failed, and where it ran) plus the input's own columns.
@@ -173,10 +174,14 @@ def parse_dataset(
     )
 
 
-# Where an actor runs each call: True, on the thread that opened the session (Ray Data's
-# ``enable_true_multi_threading`` with one call at a time); False, in Ray Data's default
-# one-thread pool beside it. A benchmark switch (benchmarks/bench_ray.py), not an API.
-_PARSE_ON_OPEN_THREAD = False
+# Where an actor runs each call. True (the default): on the actor's task thread, the one that
+# opened the session (Ray Data's ``enable_true_multi_threading``; Ray's ``max_concurrency`` stays
+# 1, so still one call at a time). False: in the one-thread pool Ray Data puts beside it for a
+# callable class by default. In that pool MinerU's parse kept fewer cores busy (1.2-1.4 of 2,
+# against 1.6 on the task thread and 1.7 in a plain process) and ran 3-10 % slower than on the task
+# thread in every alternating pair measured (docs/BENCHMARKS.md, "Ray's thread"). Flipped only by
+# benchmarks/bench_ray.py's "@pool" phases, to measure it again; not an API.
+_PARSE_ON_OPEN_THREAD = True
 
 
 def _actor_pool(concurrency: int | tuple[int, int]) -> Any:

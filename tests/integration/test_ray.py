@@ -259,7 +259,8 @@ def test_a_cluster_of_two_nodes_loses_one_mid_job_and_every_document_comes_out_o
     # A real multi-node Ray: a head and a worker node (their own GCS and raylets, one CPU each, so
     # one actor lands on each), reached as docs/scale-out.md says, with ray.init(address=...).
     # Mid-job the worker node leaves the cluster (its raylet and processes are killed) and a new one
-    # joins, as an autoscaler would bring: its actor is restarted there and its documents retried.
+    # joins, as an autoscaler would bring: its actor is restarted (there, or on the head once the head is
+    # free) and its documents retried.
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
@@ -288,16 +289,21 @@ def test_a_cluster_of_two_nodes_loses_one_mid_job_and_every_document_comes_out_o
         assert all(row["error_type"] is None for row in rows), [row["error"] for row in rows if row["error"]]
 
         summary = report.summary()
-        assert len({a.node_id for a in summary.actors}) == 3, "the head, the node that left, its replacement"
         died = [a for a in summary.actors if a.status == "died"]
         assert len(died) == 1, str(summary)
-        assert [a.actor_id for a in summary.actors].count(died[0].actor_id) == 2, "restarted on the new node"
+        # Restarted on a node still there: the new one, or the head once the pool let its other actor go
+        # (Ray places the restart wherever a CPU is free; both happened here).
+        again = [a for a in summary.actors if a.actor_id == died[0].actor_id and a.status == "closed"]
+        assert len(again) == 1, str(summary)
+        assert again[0].node_id != died[0].node_id, str(summary)
+        nodes = {a.node_id for a in summary.actors}
+        assert len(nodes) in (2, 3), str(summary)
         assert all(a.receipt is not None and a.receipt.ok for a in summary.actors if a.status == "closed")
         assert summary.ok, str(summary)
         # The summary could not probe the node that left; it says so instead of failing.
         assert any(died[0].node_id[:8] in note and "left the cluster" in note for note in summary.notes)
-        # Three nodes share one address here: each device is keyed by its node too.
-        assert len({g.key for g in summary.gpus}) == 3
+        # The nodes share one address here: each device is keyed by its node too.
+        assert len({g.key for g in summary.gpus}) == len(nodes)
         assert f"(node {died[0].node_id[:8]})" in str(summary)
     finally:
         ray.shutdown()

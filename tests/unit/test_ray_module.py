@@ -144,12 +144,20 @@ def test_a_card_not_back_names_the_processes_that_hold_it() -> None:
 def test_the_actor_pool_runs_one_call_at_a_time_on_the_thread_asked_for(
     monkeypatch: pytest.MonkeyPatch, on_open_thread: bool
 ) -> None:
-    # bench_ray's "@open" phases flip this switch; the pool's size and one call at a time stay.
+    # bench_ray's "@pool" phases flip this switch; the pool's size and one call at a time stay.
     monkeypatch.setattr(ray_module, "_PARSE_ON_OPEN_THREAD", on_open_thread)
     pool = ray_module._actor_pool((1, 3))
     assert (pool.min_size, pool.max_size) == (1, 3)
     assert pool.max_concurrent_calls_per_actor is None  # Ray's default: one call at a time
     assert bool(getattr(pool, "_enable_true_multi_threading", False)) is on_open_thread
+
+
+def test_by_default_an_actor_parses_on_its_task_thread_one_call_at_a_time() -> None:
+    # Ray Data's own default runs a callable class in a pool thread, where the parse ran slower.
+    pool = ray_module._actor_pool(2)
+    assert (pool.min_size, pool.max_size) == (2, 2)
+    assert pool.enable_true_multi_threading is True
+    assert pool.max_concurrent_calls_per_actor is None  # Ray's max_concurrency 1: one call at a time
 
 
 def test_a_gpu_whose_node_left_is_reported_unread_and_named_in_a_note() -> None:

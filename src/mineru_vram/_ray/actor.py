@@ -269,7 +269,11 @@ class DocumentParser:
 
         ds.map_batches(DocumentParser, fn_constructor_kwargs={"backend": "pipeline"},
                        batch_format="pyarrow", batch_size=1, num_gpus=1,
-                       compute=ray.data.ActorPoolStrategy(size=2))
+                       compute=ray.data.ActorPoolStrategy(size=2, enable_true_multi_threading=True))
+
+    ``enable_true_multi_threading=True`` runs each call on the actor's task thread (still one at
+    a time), as :func:`~mineru_vram.ray.parse_dataset` does; in the pool thread Ray Data uses
+    otherwise, the parse measured 3-10 % slower (docs/BENCHMARKS.md).
 
     Each input row needs a ``path`` (readable on the actor's node) or ``bytes`` (the PDF;
     ``ray.data.read_binary_files(..., include_paths=True)`` makes both) and may carry a
