@@ -273,7 +273,7 @@ class DocumentParser:
 
     ``enable_true_multi_threading=True`` runs each call on the actor's task thread (still one at
     a time), as :func:`~mineru_vram.ray.parse_dataset` does; in the pool thread Ray Data uses
-    otherwise, the parse measured 3-10 % slower (docs/BENCHMARKS.md).
+    otherwise, the parse ran 3-10 % slower on 2 CPU cores (docs/BENCHMARKS.md, "Ray's thread").
 
     Each input row needs a ``path`` (readable on the actor's node) or ``bytes`` (the PDF;
     ``ray.data.read_binary_files(..., include_paths=True)`` makes both) and may carry a
