@@ -282,7 +282,7 @@ def _steady(spans: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
         "steady_window_s": round(window, 3),
         "steady_docs_per_s": round(count / window, 4) if window > 0 else None,
         "steady_busy_share": round(busy / (window * len(firsts)), 4) if window > 0 else None,
-        "steady_gap_s_per_doc": round((window * len(firsts) - busy) / count, 4),
+        "steady_gap_s_per_doc": round((window * len(firsts) - busy) / count, 4) if window > 0 else None,
     }
 
 

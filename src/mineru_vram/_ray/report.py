@@ -237,8 +237,8 @@ class JobSummary:
                 )
                 if not g.back_at_baseline:
                     lines += [f"    held by pid {pid} ({mib:.0f} MiB): {cmd}" for pid, mib, cmd in g.holders]
-        # how many nodes each address has: an actor's node is named where the address is ambiguous
-        shared = collections.Counter(node for node, _ in {(a.node, a.node_id) for a in self.actors})
+        # an actor's node is named where its address is ambiguous
+        shared = _nodes_per_address({a.node_id: a.node for a in self.actors})
         for a in self.actors:
             lines.append(
                 f"  actor {a.actor_id[:8]} pid {a.pid} on {a.node}"
@@ -324,7 +324,7 @@ class JobReport:
         first: float | None = None
         last: float | None = None
         addresses = {entry["info"]["node_id"]: entry["info"]["node"] for entry in state.values()}
-        nodes_at = collections.Counter(addresses.values())  # an address of several nodes names each node
+        nodes_at = _nodes_per_address(addresses)  # an address of several nodes names each node
         for key, entry in sorted(state.items(), key=lambda kv: kv[1]["info"]["started"]):
             info, progress = entry["info"], entry["progress"]
             status = "closed" if entry["closed"] else ("died" if key in dead else "running")
@@ -426,6 +426,15 @@ def _latest_incarnations(state: Mapping[tuple[str, int], dict[str, Any]]) -> dic
         if current is None or entry["info"]["started"] > state[current]["info"]["started"]:
             latest[key[0]] = key
     return latest
+
+
+def _nodes_per_address(addresses: Mapping[str, str]) -> collections.Counter[str]:
+    """How many nodes share each address (``addresses``: node id -> address).
+
+    Containers on one host's network and test clusters on one machine put several nodes at one
+    address; there a device or an actor is named by its node id too.
+    """
+    return collections.Counter(addresses.values())
 
 
 def _alive_nodes() -> set[str]:
