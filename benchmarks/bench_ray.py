@@ -438,18 +438,35 @@ def _comparisons(result: dict[str, Any], phases: list[str]) -> dict[str, Any]:
         }
     if one and two:
         out["ratio_2gpu_vs_1gpu"] = round(two / one, 4)
-    pairs = {}
+    # Each one-GPU phase, of any variant, against the nearest loop on either side of it.
+    pairs: dict[str, float] = {}
     for i, p in enumerate(phases):
-        if _base(p) != "ray_1gpu" or not rate[p]:
+        if re.split(r"[/@!]", _base(p))[0] != "ray_1gpu" or not rate[p]:
             continue
-        around = [
-            q for q in (phases[i - 1] if i else None, phases[i + 1] if i + 1 < len(phases) else None) if q in loops
-        ]
+        before = next((q for q in reversed(phases[:i]) if q in loops), None)
+        after = next((q for q in phases[i + 1 :] if q in loops), None)
+        around = [q for q in (before, after) if q]
         if around:
             pairs[p] = round(rate[p] / statistics.fmean(rate[q] for q in around), 4)
+    by_variant: dict[str, list[float]] = {}
+    for p, ratio in pairs.items():
+        by_variant.setdefault(_base(p), []).append(ratio)
     if pairs:
         out["ray_1gpu_vs_adjacent_loops"] = pairs
-        out["ray_1gpu_vs_loop"] = round(statistics.median(pairs.values()), 4)
+        out["variants_vs_adjacent_loops"] = {
+            v: {"median": round(statistics.median(r), 4), "min": min(r), "max": max(r), "phases": len(r)}
+            for v, r in by_variant.items()
+        }
+    # the paired phases: each document through both sides at the same moment (see _paired_phase)
+    paired = {
+        p: result[p]["ray_vs_loop"]
+        for p in phases
+        if _base(p).startswith("paired") and (result.get(p) or {}).get("ray_vs_loop")
+    }
+    if paired:
+        out["paired_ray_vs_loop"] = paired
+    if "ray_1gpu" in by_variant:  # the verdict: the default variant
+        out["ray_1gpu_vs_loop"] = round(statistics.median(by_variant["ray_1gpu"]), 4)
     elif one and loop:
         out["ray_1gpu_vs_loop"] = round(one / loop, 4)
     return out
@@ -474,6 +491,9 @@ def _loop_child(config_path: str) -> None:
     t0 = time.perf_counter()
     session.open()
     load_s = time.perf_counter() - t0
+    if cfg.get("serve"):
+        _serve_child(session, cfg, load_s)
+        return
     # "loop_thread": each parse in one worker thread, as Ray Data's wrapper runs a callable class
     # (the models loaded on the main thread, the parses on another): the thread's share of Ray's cost.
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if cfg.get("thread") else None
@@ -509,8 +529,26 @@ def _loop_child(config_path: str) -> None:
     )
 
 
-def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path, name: str) -> dict[str, Any]:
-    config = folder / "loop.json"
+def _serve_child(session: Any, cfg: dict[str, Any], load_s: float) -> None:
+    """The loop child of the ``paired`` phase: one document per line of stdin, one JSON line back."""
+    print(json.dumps({"ready": True, "load_s": round(load_s, 3)}), flush=True)
+    for line in sys.stdin:
+        row = json.loads(line)
+        start = time.time()
+        timings, error = {}, None
+        try:
+            timings = dict(session.parse(row["path"], pages=cfg["pages"], name=row["name"]).timings)
+        except Exception as exc:
+            error = type(exc).__name__
+        print(json.dumps({"error": error, "seconds": time.time() - start, "timings": timings}), flush=True)
+    session.close()
+    print(json.dumps({"release": str(session.release_report), "release_ok": session.release_report.ok}), flush=True)
+
+
+def _start_loop_child(
+    args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path, name: str, serve: bool = False
+) -> subprocess.Popen[str]:
+    config = folder / f"{name}.json"
     device = "cpu" if args.device == "cpu" else "cuda:0"
     config.write_text(
         json.dumps(
@@ -522,20 +560,27 @@ def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path
                 "pages": pages,
                 "gc_freeze": args.gc_freeze == "on",
                 "thread": _base(name) == "loop_thread",
+                "serve": serve,
             }
         )
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(args.cpus_per_actor))
     if device != "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "0"  # one card, as a Ray actor with num_gpus=1 sees it
+    with (folder / f"{name}.err").open("w") as err:  # the serving child's stderr; the loop's is read back
+        return subprocess.Popen(
+            [sys.executable, __file__, "--loop-child", str(config)],
+            stdin=subprocess.PIPE if serve else None,
+            stdout=subprocess.PIPE,
+            stderr=err if serve else subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+
+def _loop(args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path, name: str) -> dict[str, Any]:
     t0 = time.perf_counter()
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--loop-child", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    child = _start_loop_child(args, rows, pages, folder, name)
     profile = _Profile(args, name)
     profile.start_later(child.pid, args.profile_delay)  # once the models are loaded
     stdout, stderr = child.communicate()
@@ -631,6 +676,128 @@ def _ray_phase(
     }
 
 
+# --- the paired phase: the loop and a Ray actor, document by document -----------------------------
+
+
+def _paired_phase(
+    args: Any, rows: list[dict[str, str]], pages: str | None, folder: Path, name: str, niceness: int | None = None
+) -> dict[str, Any]:
+    """The loop's process and a Ray actor (:func:`mineru_vram.ray.parser_actor`) both hold their
+    models on the card; each document goes to one and then the other (the order alternating), so
+    both sides parse it within a second or two of each other and the machine's drift between
+    phases, which decides the phase-by-phase comparisons, falls out of the ratio. Each side is
+    timed from this driver (a line over a pipe; ``ray.get`` of ``parse.remote``): Ray's call
+    overhead is counted, Ray Data's streaming between documents is not (``steady_gap_s_per_doc``
+    of the Ray phases gives that).
+    """
+    import ray
+
+    from mineru_vram.ray import parser_actor
+
+    child = _start_loop_child(args, rows, pages, folder, name, serve=True)
+    actor = parser_actor(
+        args.backend,
+        num_gpus=0.0 if args.device == "cpu" else 1.0,
+        num_cpus=args.cpus_per_actor,
+        session_options={
+            "models_dir": args.models_dir,
+            "preload": "all",
+            "gc_freeze": args.gc_freeze == "on",
+            "trust_env": False,
+        },
+        **({} if niceness is None else {"runtime_env": {"env_vars": {"RAY_worker_niceness": str(niceness)}}}),
+    )
+    try:
+        assert child.stdin is not None and child.stdout is not None
+        ready = json.loads(child.stdout.readline() or "{}")
+        if not ready.get("ready"):
+            return {"error": f"the loop child did not start (see {folder / (name + '.err')})"}
+        where = ray.get(actor.where.remote(), timeout=300)
+
+        def loop_side(row: dict[str, str]) -> tuple[str | None, float, dict[str, float]]:
+            child.stdin.write(json.dumps(row) + "\n")
+            child.stdin.flush()
+            answer = json.loads(child.stdout.readline())
+            return answer["error"], answer["seconds"], answer["timings"]
+
+        def ray_side(row: dict[str, str]) -> tuple[str | None, float, dict[str, float]]:
+            answer = ray.get(actor.parse.remote(row["path"], name=row["name"], pages=pages), timeout=300)
+            return answer["error_type"], answer["seconds"], json.loads(answer["timings"])
+
+        sides = {"loop": loop_side, "ray": ray_side}
+        seconds: dict[str, list[float]] = {"loop": [], "ray": []}
+        inside: dict[str, list[float]] = {"loop": [], "ray": []}  # the time inside parse, as each side measured it
+        timings: dict[str, list[dict[str, float]]] = {"loop": [], "ray": []}
+        errors: collections.Counter[str] = collections.Counter()
+        for i, row in enumerate(rows):
+            for side in ("loop", "ray") if i % 2 == 0 else ("ray", "loop"):
+                t0 = time.perf_counter()
+                error, parse_s, parts = sides[side](row)
+                seconds[side].append(time.perf_counter() - t0)
+                inside[side].append(parse_s)
+                timings[side].append(parts)
+                errors[side] += error is not None
+        child.stdin.close()
+        loop_release = json.loads(child.stdout.readline() or "{}")
+        ray_receipt = ray.get(actor.close.remote(), timeout=120)
+    finally:
+        ray.kill(actor)
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+    # without each side's first document (its warm-up), as the phases' steady rates
+    loop_s, ray_s = seconds["loop"][1:], seconds["ray"][1:]
+    ratios = [a / b for a, b in zip(loop_s, ray_s)]  # > 1: Ray was faster on that document
+    return {
+        "docs": len(rows),
+        "errors": dict(errors),
+        "loop_seconds": round(sum(loop_s), 3),
+        "ray_seconds": round(sum(ray_s), 3),
+        # the verdict: Ray's rate over the loop's on the same documents at the same moments
+        "ray_vs_loop": round(sum(loop_s) / sum(ray_s), 4) if ray_s else None,
+        "per_doc_ratio_median": round(statistics.median(ratios), 4) if ratios else None,
+        "per_doc_ratio_ci95": _bootstrap_ci(ratios),
+        "median_doc_s": {k: round(statistics.median(v[1:]), 4) for k, v in seconds.items() if v[1:]},
+        # the driver's time less the time inside parse: pipe or Ray call, and the row's making
+        "outside_parse_ms_per_doc": {
+            k: round(1000 * (sum(seconds[k][1:]) - sum(inside[k][1:])) / len(seconds[k][1:]), 1)
+            for k in seconds
+            if seconds[k][1:]
+        },
+        "median_timings_s": {k: _median_timings(v[1:]) for k, v in timings.items()},
+        "ray_extra_ms_per_doc": round(1000 * (sum(ray_s) - sum(loop_s)) / len(ray_s), 1) if ray_s else None,
+        "loop_load_s": ready.get("load_s"),
+        "actor": {k: where.get(k) for k in ("node", "pid", "gpu", "device")},
+        "pids": [child.pid, where.get("pid")],
+        "loop_release": loop_release.get("release"),
+        "ray_receipt": str(ray_receipt),
+    }
+
+
+def _bootstrap_ci(ratios: list[float], rounds: int = 5000) -> list[float] | None:
+    """The 95 % interval of the mean of per-document ratios, by resampling the documents."""
+    if len(ratios) < 5:
+        return None
+    import random
+
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(ratios, k=len(ratios))) for _ in range(rounds))
+    return [round(means[int(0.025 * rounds)], 4), round(means[int(0.975 * rounds)], 4)]
+
+
+def _start_ray(args: Any, cards: list[int]) -> bool:
+    import ray
+
+    ray.init(
+        num_cpus=max(os.cpu_count() or 2, 2 * args.cpus_per_actor),
+        num_gpus=len(cards),
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=1024**3,
+    )
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loop-child", default=None, help=argparse.SUPPRESS)
@@ -702,18 +869,14 @@ def main() -> None:
             print(f"=== {phase} ({len(rows)} documents) {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
             if _base(phase) in ("loop", "loop_thread", "loop_after"):
                 result[phase] = _loop(args, rows, pages, Path(tmp), phase.replace("#", "-"))
+            elif _base(phase).partition("!")[0] == "paired":  # "paired!0": the actor at niceness 0
+                ray_started = ray_started or _start_ray(args, cards)
+                nice = _base(phase).partition("!")[2]
+                result[phase] = _paired_phase(
+                    args, rows, pages, Path(tmp), re.sub(r"[#!]", "-", phase), int(nice) if nice else None
+                )
             elif re.split(r"[/@!]", _base(phase))[0] in ("ray_1gpu", "ray_2gpu"):
-                if not ray_started:
-                    import ray
-
-                    ray.init(
-                        num_cpus=max(os.cpu_count() or 2, 2 * args.cpus_per_actor),
-                        num_gpus=len(cards),
-                        include_dashboard=False,
-                        log_to_driver=False,
-                        object_store_memory=1024**3,
-                    )
-                    ray_started = True
+                ray_started = ray_started or _start_ray(args, cards)
                 # "ray_1gpu/15": the phase with 15 CPUs per actor (Ray sets its OMP_NUM_THREADS to that);
                 # "ray_1gpu@pool": each call in Ray Data's one-thread pool (its default for a callable
                 # class), not on the actor's task thread that opened the session (ours; "@open" says it);
@@ -743,6 +906,10 @@ def main() -> None:
             result[phase]["cpu_cores"] = cpu.cores(phase, set(result[phase].get("pids", [])))
             result[phase]["cards"] = _cards_phase(cards, before, args.settle_timeout)
             result[phase]["cards"]["peak_mib"] = sampler.peaks.get(phase, {})
+            if args.out:  # a run cut off by its time limit still leaves the phases it finished
+                done = [p for p in phases if p in result]
+                partial = {**result, **_comparisons(result, done), "partial": done}
+                Path(args.out).write_text(json.dumps(partial, indent=2))
         if ray_started:
             import ray
 
@@ -755,6 +922,9 @@ def main() -> None:
     result["targets"] = {
         "two_gpus_at_least_1_9x": None if "ratio_2gpu_vs_1gpu" not in result else result["ratio_2gpu_vs_1gpu"] >= 1.9,
         "ray_within_5pct_of_loop": None if "ray_1gpu_vs_loop" not in result else result["ray_1gpu_vs_loop"] >= 0.95,
+        "paired_within_5pct_of_loop": (
+            None if "paired_ray_vs_loop" not in result else min(result["paired_ray_vs_loop"].values()) >= 0.95
+        ),
         "cards_back_at_baseline": None if not backs or None in backs else all(backs),
         "no_document_lost": all(result[p]["lost_count"] == 0 and not result[p]["duplicated"] for p in ray_phases),
     }
