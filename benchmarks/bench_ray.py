@@ -708,7 +708,8 @@ def _paired_phase(
         **({} if niceness is None else {"runtime_env": {"env_vars": {"RAY_worker_niceness": str(niceness)}}}),
     )
     try:
-        assert child.stdin is not None and child.stdout is not None
+        assert child.stdin is not None
+        assert child.stdout is not None
         ready = json.loads(child.stdout.readline() or "{}")
         if not ready.get("ready"):
             return {"error": f"the loop child did not start (see {folder / (name + '.err')})"}
@@ -747,7 +748,7 @@ def _paired_phase(
         child.wait()
     # without each side's first document (its warm-up), as the phases' steady rates
     loop_s, ray_s = seconds["loop"][1:], seconds["ray"][1:]
-    ratios = [a / b for a, b in zip(loop_s, ray_s)]  # > 1: Ray was faster on that document
+    ratios = [a / b for a, b in zip(loop_s, ray_s, strict=True)]  # > 1: Ray was faster on that document
     return {
         "docs": len(rows),
         "errors": dict(errors),
