@@ -15,6 +15,12 @@ then alternate, each Ray phase is compared with the loops on either side of it, 
 the median of those pairs. On a shared machine the loops alone drifted by up to 30 % within a
 run (run H, docs/BENCHMARKS.md), more than the 5 % being judged; ``loop_spread`` says by how much.
 
+``paired`` (``paired!0``: the actor at niceness 0) takes the drift out altogether: the loop's process and a Ray
+actor (``parser_actor``) both hold their models, and each document goes to one and then the other, the order
+alternating. ``ray_vs_loop`` is the loop's seconds over Ray's for the same documents, with a 95 % interval of the
+per-document ratios' mean; Ray's call is counted (``outside_parse_ms_per_doc``), Ray Data's streaming between
+documents is not (a Ray phase's ``steady_gap_s_per_doc`` gives that). Runs J and K in docs/BENCHMARKS.md.
+
 Variants of a Ray phase: ``ray_1gpu/15`` gives the actor 15 CPUs; ``ray_1gpu@pool`` runs each call
 in Ray Data's one-thread pool, its default for a callable class (``mineru_vram.ray`` runs them on
 the actor's task thread, ``@open``); ``ray_1gpu!0`` starts the actor at niceness 0 (Ray's workers
@@ -48,6 +54,7 @@ Usage (GPU machine with two cards; random-weight models are written if missing):
 
     python benchmarks/bench_ray.py --models-dir /tmp/mv-models --docs 200 --out ray.json
     python benchmarks/bench_ray.py --docs 4 --device cpu        # CPU smoke run (1 then 2 CPU actors)
+    python benchmarks/bench_ray.py --docs 50 --phases paired,paired#2 --cpus-per-actor 16 --out ray.json
     python benchmarks/bench_ray.py --docs 80 --phases loop,ray_1gpu,loop_after --cpus-per-actor 16 \
         --profile /tmp/prof --py-spy /tmp/site/bin/py-spy --out ray.json   # one GPU, with profiles
 """
