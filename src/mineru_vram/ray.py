@@ -179,7 +179,8 @@ def parse_dataset(
 # 1, so still one call at a time). False: in the one-thread pool Ray Data puts beside it for a
 # callable class by default. In that pool MinerU's parse kept fewer cores busy (1.2-1.4 of 2,
 # against 1.6 on the task thread and 1.7 in a plain process) and ran 3-10 % slower than on the task
-# thread in every alternating pair measured (docs/BENCHMARKS.md, "Ray's thread"). Flipped only by
+# thread in every alternating pair measured (docs/BENCHMARKS.md, "Ray's thread"); on an H200 host
+# it kept 1.4 cores busy against 1.6 and ran at 0.94 of the loop (run J). Flipped only by
 # benchmarks/bench_ray.py's "@pool" phases, to measure it again; not an API.
 _PARSE_ON_OPEN_THREAD = True
 

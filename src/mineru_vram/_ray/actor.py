@@ -273,7 +273,8 @@ class DocumentParser:
 
     ``enable_true_multi_threading=True`` runs each call on the actor's task thread (still one at
     a time), as :func:`~mineru_vram.ray.parse_dataset` does; in the pool thread Ray Data uses
-    otherwise, the parse ran 3-10 % slower on 2 CPU cores (docs/BENCHMARKS.md, "Ray's thread").
+    otherwise, the parse ran 3-10 % slower on 2 CPU cores and kept 1.4 cores busy against 1.6 on
+    an H200 host (docs/BENCHMARKS.md, "Ray's thread" and run J).
 
     Each input row needs a ``path`` (readable on the actor's node) or ``bytes`` (the PDF;
     ``ray.data.read_binary_files(..., include_paths=True)`` makes both) and may carry a
