@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -415,6 +416,16 @@ def _base(phase: str) -> str:
     return phase.partition("#")[0]
 
 
+def _kind(phase: str) -> str:
+    """A phase's kind without its variant: ``ray_1gpu@pool#2`` and ``ray_1gpu/15`` are ``ray_1gpu``."""
+    return re.split(r"[/@!]", _base(phase))[0]
+
+
+def _niceness_options(niceness: int | None) -> dict[str, Any]:
+    """Ray actor options that start the actor at ``niceness`` (Ray starts its workers at 15)."""
+    return {} if niceness is None else {"runtime_env": {"env_vars": {"RAY_worker_niceness": str(niceness)}}}
+
+
 def _comparisons(result: dict[str, Any], phases: list[str]) -> dict[str, Any]:
     """The rates compared, without each worker's first document (see _steady).
 
@@ -448,7 +459,7 @@ def _comparisons(result: dict[str, Any], phases: list[str]) -> dict[str, Any]:
     # Each one-GPU phase, of any variant, against the nearest loop on either side of it.
     pairs: dict[str, float] = {}
     for i, p in enumerate(phases):
-        if re.split(r"[/@!]", _base(p))[0] != "ray_1gpu" or not rate[p]:
+        if _kind(p) != "ray_1gpu" or not rate[p]:
             continue
         before = next((q for q in reversed(phases[:i]) if q in loops), None)
         after = next((q for q in phases[i + 1 :] if q in loops), None)
@@ -466,9 +477,7 @@ def _comparisons(result: dict[str, Any], phases: list[str]) -> dict[str, Any]:
         }
     # the paired phases: each document through both sides at the same moment (see _paired_phase)
     paired = {
-        p: result[p]["ray_vs_loop"]
-        for p in phases
-        if _base(p).startswith("paired") and (result.get(p) or {}).get("ray_vs_loop")
+        p: result[p]["ray_vs_loop"] for p in phases if _kind(p) == "paired" and (result.get(p) or {}).get("ray_vs_loop")
     }
     if paired:
         out["paired_ray_vs_loop"] = paired
@@ -574,12 +583,13 @@ def _start_loop_child(
     env = dict(os.environ, OMP_NUM_THREADS=str(args.cpus_per_actor))
     if device != "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "0"  # one card, as a Ray actor with num_gpus=1 sees it
-    with (folder / f"{name}.err").open("w") as err:  # the serving child's stderr; the loop's is read back
+    # the serving child's stderr goes to a file; the loop's is read back
+    with (folder / f"{name}.err").open("w") if serve else contextlib.nullcontext(subprocess.PIPE) as err:
         return subprocess.Popen(
             [sys.executable, __file__, "--loop-child", str(config)],
             stdin=subprocess.PIPE if serve else None,
             stdout=subprocess.PIPE,
-            stderr=err if serve else subprocess.PIPE,
+            stderr=err,
             text=True,
             env=env,
         )
@@ -635,10 +645,7 @@ def _ray_phase(
             "trust_env": False,
         },
         report=report,
-        # the actors' niceness (Ray starts its workers at 15, a plain process runs at 0)
-        ray_remote_args=(
-            None if niceness is None else {"runtime_env": {"env_vars": {"RAY_worker_niceness": str(niceness)}}}
-        ),
+        ray_remote_args=_niceness_options(niceness),  # a plain process runs at 0
     )
     t0 = time.perf_counter()
     profile = _Profile(args, name)
@@ -712,7 +719,7 @@ def _paired_phase(
             "gc_freeze": args.gc_freeze == "on",
             "trust_env": False,
         },
-        **({} if niceness is None else {"runtime_env": {"env_vars": {"RAY_worker_niceness": str(niceness)}}}),
+        **_niceness_options(niceness),
     )
     try:
         assert child.stdin is not None
@@ -877,13 +884,13 @@ def main() -> None:
             print(f"=== {phase} ({len(rows)} documents) {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
             if _base(phase) in ("loop", "loop_thread", "loop_after"):
                 result[phase] = _loop(args, rows, pages, Path(tmp), phase.replace("#", "-"))
-            elif _base(phase).partition("!")[0] == "paired":  # "paired!0": the actor at niceness 0
+            elif _kind(phase) == "paired":  # "paired!0": the actor at niceness 0
                 ray_started = ray_started or _start_ray(args, cards)
                 nice = _base(phase).partition("!")[2]
                 result[phase] = _paired_phase(
                     args, rows, pages, Path(tmp), re.sub(r"[#!]", "-", phase), int(nice) if nice else None
                 )
-            elif re.split(r"[/@!]", _base(phase))[0] in ("ray_1gpu", "ray_2gpu"):
+            elif _kind(phase) in ("ray_1gpu", "ray_2gpu"):
                 ray_started = ray_started or _start_ray(args, cards)
                 # "ray_1gpu/15": the phase with 15 CPUs per actor (Ray sets its OMP_NUM_THREADS to that);
                 # "ray_1gpu@pool": each call in Ray Data's one-thread pool (its default for a callable
